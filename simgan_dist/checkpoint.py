@@ -1,0 +1,110 @@
+"""The checkpoint folder every trainer writes and every consumer (refine, evaluate) reads.
+
+    config.yaml        the resolved Config of the run
+    refiner.pt         fp32 state_dict of the bare Refiner (all `refine` needs)
+    discriminator.pt   fp32 state_dict of the bare Discriminator
+    state.pt           optimizers, schedule counters, RNG states, history buffer
+
+Folders may be local or on object storage (`s3://…`); they are read with the same
+storage layer as the datasets.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from simgan_dist.config import Config, ConfigError, StorageConfig, config_from_dict
+from simgan_dist.models import Refiner, build_refiner
+
+CONFIG_FILE = "config.yaml"
+REFINER_FILE = "refiner.pt"
+DISCRIMINATOR_FILE = "discriminator.pt"
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete or not from this project."""
+
+
+def _fp32_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+            for k, v in module.state_dict().items()}
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def write_checkpoint(folder: str | Path, cfg: Config, refiner: nn.Module, disc: nn.Module,
+                     state: dict[str, Any] | None = None) -> Path:
+    """Write a local checkpoint folder; `config.yaml` goes last and marks it complete."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(_fp32_state(refiner), folder / REFINER_FILE)
+    _atomic_torch_save(_fp32_state(disc), folder / DISCRIMINATOR_FILE)
+    if state is not None:
+        _atomic_torch_save(state, folder / STATE_FILE)
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(cfg.to_yaml())
+    tmp.replace(folder / CONFIG_FILE)
+    return folder
+
+
+def _read_bytes(uri: str, name: str, storage: StorageConfig | None) -> bytes:
+    from simgan_dist.data.storage import open_input_file
+
+    try:
+        with open_input_file(f"{uri.rstrip('/')}/{name}", storage) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"{uri} is not a complete simgan_dist checkpoint: {name} is missing "
+            f"(expected {CONFIG_FILE}, {REFINER_FILE}, {DISCRIMINATOR_FILE})"
+        ) from exc
+
+
+def load_checkpoint_config(uri: str, storage: StorageConfig | None = None) -> Config:
+    text = _read_bytes(uri, CONFIG_FILE, storage).decode()
+    try:
+        return config_from_dict(yaml.safe_load(text))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{uri}/{CONFIG_FILE} is not a valid simgan_dist config: {exc}") from exc
+
+
+def load_refiner(uri: str, storage: StorageConfig | None = None,
+                 device: str | torch.device = "cpu") -> tuple[Refiner, Config]:
+    """Rebuild the trained refiner (eval mode) and the config it was trained with."""
+    cfg = load_checkpoint_config(uri, storage)
+    refiner = build_refiner(cfg.model)
+    state = torch.load(io.BytesIO(_read_bytes(uri, REFINER_FILE, storage)), map_location="cpu",
+                       weights_only=True)
+    try:
+        refiner.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{uri}/{REFINER_FILE} does not match the model in its config: {exc}") from exc
+    return refiner.to(device).eval(), cfg
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,134 @@
+"""`simgan-dist`: one command line for the pipeline data → train → tune → refine → evaluate.
+
+Each subcommand's handler lives in its stage module and is imported only when that
+subcommand runs, so `--help` stays instant (no Ray or DeepSpeed import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from simgan_dist.config import PRESETS, ConfigError, load_config
+
+EPILOG = """\
+pipeline:
+  simgan-dist simulate --out data/ --synthetic 20000 --real 5000 --real-test 2000
+  simgan-dist train --config jobs/configs/tiny.yaml --set data.synthetic=data/synthetic
+  simgan-dist refine --checkpoint runs/simgan/checkpoint_000003 --input data/synthetic --out data/refined
+  simgan-dist evaluate --synthetic data/synthetic --refined data/refined --real-test data/real_test --out report/
+
+Every command takes --preset/--config/--set; `simgan-dist config show` prints the result.
+Object storage: s3://bucket/prefix URIs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY (or storage.* in the config).
+"""
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "eye") -> None:
+    group = parser.add_argument_group("configuration")
+    group.add_argument(
+        "--preset", default=default_preset, choices=sorted(PRESETS),
+        help=f"starting point for the config (default: {default_preset})",
+    )
+    group.add_argument("--config", metavar="FILE", help="YAML file overlaid on the preset")
+    group.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simgan-dist",
+        description="Distributed SimGAN on Ray: refine labeled synthetic images to look real.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = commands.add_parser("config", help="show the resolved configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(show)
+    show.set_defaults(handler="simgan_dist.cli:show_config")
+
+    simulate = commands.add_parser(
+        "simulate", help="render a two-domain synthetic/real dataset into object storage",
+        description="Render labeled synthetic eyes, unlabeled real-looking eyes and a labeled "
+        "real test set (or hand depth maps with --kind hand), in parallel Ray tasks.",
+    )
+    simulate.add_argument("--out", required=True, metavar="URI", help="folder or s3://bucket/prefix")
+    simulate.add_argument("--synthetic", type=int, default=10000, metavar="N", help="synthetic images")
+    simulate.add_argument("--real", type=int, default=2000, metavar="M", help="unlabeled real images")
+    simulate.add_argument("--real-test", type=int, default=1000, metavar="K", help="labeled real test images")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--kind", choices=("eye", "hand"), default="eye")
+    simulate.add_argument("--rows-per-shard", type=int, default=50000, metavar="R")
+    _add_config_args(simulate)
+    simulate.set_defaults(handler="simgan_dist.data.simulate:cli_simulate")
+
+    ingest = commands.add_parser(
+        "ingest", help="convert a downloaded dataset into the Parquet contract",
+        description="Convert UnityEyes, MPIIGaze, Kaggle HDF5, NYU hand or an image folder. "
+        "Files that cannot be parsed go to a quarantine table with the reason.",
+    )
+    ingest.add_argument("format", choices=("unityeyes", "mpiigaze", "kaggle-h5", "nyu-hand", "folder"))
+    ingest.add_argument("src", metavar="SRC", help="the downloaded dataset (folder or file)")
+    ingest.add_argument("--out", required=True, metavar="URI")
+    ingest.add_argument("--labels", metavar="CSV", help="folder format: CSV with an id column and label columns")
+    ingest.add_argument("--rows-per-shard", type=int, default=50000, metavar="R")
+    _add_config_args(ingest)
+    ingest.set_defaults(handler="simgan_dist.data.ingest:cli_ingest")
+
+    train = commands.add_parser(
+        "train", help="train SimGAN (Ray Train + DeepSpeed, or --local for one process)",
+        description="Algorithm 1 of the paper. Without --local: a Ray TorchTrainer with "
+        "train.num_workers workers, DeepSpeed engines and a shared history buffer.",
+    )
+    train.add_argument("--local", action="store_true", help="single process, plain PyTorch, no Ray")
+    _add_config_args(train)
+    train.set_defaults(handler="simgan_dist.train:cli_train")
+
+    refine = commands.add_parser(
+        "refine", help="refine a whole synthetic corpus into object storage, exactly once",
+    )
+    refine.add_argument("--checkpoint", required=True, metavar="URI", help="a training checkpoint folder")
+    refine.add_argument("--input", required=True, metavar="URI", help="synthetic dataset")
+    refine.add_argument("--out", required=True, metavar="URI", help="where the refined dataset goes")
+    _add_config_args(refine)
+    refine.set_defaults(handler="simgan_dist.refine:cli_refine")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="gaze accuracy, label preservation and realism, with an HTML report",
+    )
+    evaluate.add_argument("--synthetic", required=True, metavar="URI")
+    evaluate.add_argument("--refined", required=True, metavar="URI")
+    evaluate.add_argument("--real-test", required=True, metavar="URI")
+    evaluate.add_argument("--real", metavar="URI", help="real images (labeled ones add a ceiling row)")
+    evaluate.add_argument("--run", metavar="DIR", help="training run folder, for loss curves")
+    evaluate.add_argument("--out", required=True, metavar="DIR")
+    _add_config_args(evaluate)
+    evaluate.set_defaults(handler="simgan_dist.evaluate:cli_evaluate")
+    return parser
+
+
+def show_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.preset, args.config, args.overrides)
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as exc:
+        print(f"simgan-dist: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""One typed config tree for every stage of the pipeline.
+
+A config starts from a preset (`eye`, `hand`, `tiny`), is overlaid with a YAML file
+and then with `--set section.key=value` overrides. Unknown keys and wrong types are
+errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+@dataclass
+class ModelConfig:
+    image_height: int = 35
+    image_width: int = 55
+    image_channels: int = 1
+    # "eye" or "hand": which of the paper's discriminator stacks to build.
+    architecture: str = "eye"
+    refiner_channels: int = 64
+    refiner_blocks: int = 4
+    refiner_kernel: int = 3
+    # Width multiplier for D's conv widths (1.0 = the paper's 96/64/32/32).
+    disc_width: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    lambda_reg: float = 1e-4
+    # ψ in λ·‖ψ(R(x)) − ψ(x)‖₁: "identity", "channel_mean" or "downsample".
+    psi: str = "identity"
+    psi_downsample: int = 4
+    # How the per-patch cross entropies are combined: "mean" or "sum".
+    adv_reduction: str = "mean"
+
+
+@dataclass
+class DataConfig:
+    synthetic: str = ""
+    real: str = ""
+    real_test: str = ""
+
+
+@dataclass
+class StorageConfig:
+    # Empty values fall back to the standard AWS environment variables.
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+
+
+@dataclass
+class TrainConfig:
+    name: str = "simgan"
+    storage_path: str = "runs"
+    num_workers: int = 1
+    use_gpu: bool = False
+    batch_size: int = 512
+    lr: float = 1e-3
+    k_g: int = 50
+    k_d: int = 1
+    pretrain_refiner_steps: int = 1000
+    pretrain_disc_steps: int = 200
+    iterations: int = 2000
+    buffer_size: int = 25600
+    buffer_shards: int = 4
+    zero_stage: int = 0
+    seed: int = 0
+    report_every: int = 10
+    checkpoint_every: int = 100
+    image_every: int = 100
+    max_failures: int = 2
+    channels_last: bool = True
+    # "auto": bf16 autocast on GPU, fp32 on CPU.
+    precision: str = "auto"
+
+
+@dataclass
+class RefineConfig:
+    batch_size: int = 4096
+    num_actors: int = 1
+    compile: bool = False
+    rows_per_shard: int = 100_000
+
+
+@dataclass
+class EvaluateConfig:
+    gaze_epochs: int = 20
+    gaze_batch_size: int = 256
+    gaze_lr: float = 1e-3
+    realism_samples: int = 2000
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    k_g: list[int] = field(default_factory=lambda: [2, 10, 50])
+    lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
+    lambda_reg: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Presets are overlays on the defaults, written in the same form a YAML file uses.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's eye experiment (UnityEyes → MPIIGaze), 35x55 gray.
+    "eye": {},
+    # The paper's hand experiment (NYU depth), 224x224 depth, 7x7 filters, 10 blocks.
+    "hand": {
+        "model": {
+            "image_height": 224,
+            "image_width": 224,
+            "architecture": "hand",
+            "refiner_kernel": 7,
+            "refiner_blocks": 10,
+        },
+        "train": {"k_g": 2, "pretrain_refiner_steps": 500, "batch_size": 64},
+    },
+    # A few channels and one block: CPU tests and the demo.
+    "tiny": {
+        "model": {"refiner_channels": 8, "refiner_blocks": 1, "disc_width": 0.25},
+        "train": {
+            "batch_size": 32,
+            "k_g": 2,
+            "pretrain_refiner_steps": 20,
+            "pretrain_disc_steps": 10,
+            "iterations": 40,
+            "buffer_size": 256,
+            "buffer_shards": 2,
+            "report_every": 10,
+            "checkpoint_every": 20,
+            "image_every": 20,
+        },
+        "refine": {"batch_size": 256, "rows_per_shard": 2000},
+        "evaluate": {"gaze_epochs": 3, "gaze_batch_size": 128, "realism_samples": 500},
+        "tune": {"num_samples": 2, "k_g": [1, 2], "lr": [1e-3], "lambda_reg": [1e-4]},
+    },
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got bool {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(section: Any, overlay: dict[str, Any], prefix: str) -> None:
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {overlay!r}")
+    hints = typing.get_type_hints(type(section))
+    for key, value in overlay.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"unknown config key '{path}' (known here: {known})")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, path)
+        else:
+            setattr(section, key, _coerce(value, hints[key], path))
+
+
+def _validate(cfg: Config) -> None:
+    choices = {
+        "model.architecture": (cfg.model.architecture, ("eye", "hand")),
+        "loss.psi": (cfg.loss.psi, ("identity", "channel_mean", "downsample")),
+        "loss.adv_reduction": (cfg.loss.adv_reduction, ("mean", "sum")),
+        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
+        "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.k_g": cfg.train.k_g,
+        "train.k_d": cfg.train.k_d,
+        "train.num_workers": cfg.train.num_workers,
+        "train.buffer_size": cfg.train.buffer_size,
+        "train.buffer_shards": cfg.train.buffer_shards,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.train.batch_size % 2:
+        raise ConfigError(f"train.batch_size: must be even (half real, half history), got {cfg.train.batch_size}")
+    if cfg.train.buffer_size < cfg.train.batch_size // 2:
+        raise ConfigError("train.buffer_size: must hold at least half a batch")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` → (["train", "lr"], 0.0001); values parse as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: key must look like section.key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads "1e-4" as a string; numbers written that way are common in overrides.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return parts, value
+
+
+def load_config(
+    preset: str = "eye",
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Preset, then YAML file, then `--set` overrides, each checked key by key."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    cfg = Config()
+    _apply(cfg, copy.deepcopy(PRESETS[preset]), "")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        file_preset = loaded.pop("preset", None) if isinstance(loaded, dict) else None
+        if file_preset is not None:
+            if file_preset not in PRESETS:
+                raise ConfigError(f"{path}: unknown preset {file_preset!r}: choose one of {sorted(PRESETS)}")
+            cfg = Config()
+            _apply(cfg, copy.deepcopy(PRESETS[file_preset]), "")
+        try:
+            _apply(cfg, loaded, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _apply(cfg, nested, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` (checkpoints, Ray workers)."""
+    cfg = Config()
+    _apply(cfg, copy.deepcopy(data), "")
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,497 @@
+"""The dataset contract: Parquet shards plus a manifest, one dataset per prefix.
+
+    <prefix>/part-00000.parquet, part-00001.parquet, ...   written first
+    <prefix>/manifest.json                                  written last
+
+A prefix without `manifest.json` is an unfinished write and every reader refuses it.
+Rows are ordinary Parquet (pandas, pyarrow, Spark and Ray read them as they are):
+
+    id        string, unique and stable
+    image     fixed_size_binary(H*W*C*itemsize): raw row-major HWC bytes, uint8 eyes,
+              uint16 depth — decoded with one np.frombuffer, no PNG per row
+    <label>   fixed_size_list<float32>[k] per label field (gaze [3], pupil_xy [2],
+              head_pose [3], joints_uvd [J, 3] flattened); unlabeled data has none
+    source    string, where the row came from
+
+The manifest records rows, shards (rows, bytes, sha256), image shape and dtype,
+label fields, source, kind and a free-form `extra` dict; readers check the files
+against it and fail with a message naming the shard or field that does not match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from simgan_dist.config import StorageConfig
+from simgan_dist.data import storage
+from simgan_dist.data.storage import StorageError
+
+FORMAT = "simgan_dist.dataset"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGE_DTYPES = ("uint8", "uint16")
+# Shards are cut into row groups so that readers can stream a big shard in pieces.
+ROW_GROUP_ROWS = 8192
+
+
+class DatasetError(ValueError):
+    """Data that does not match the contract or its manifest; the message names the URI and field."""
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+@dataclass
+class Layout:
+    """What every row of a dataset looks like: image shape/dtype and label shapes."""
+
+    image_shape: tuple[int, int, int]
+    image_dtype: str = "uint8"
+    label_fields: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(v) for v in self.image_shape)
+        self.label_fields = {name: tuple(int(v) for v in shape) for name, shape in self.label_fields.items()}
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise DatasetError(f"image_shape must be [H, W, C] with positive sizes, got {list(self.image_shape)}")
+        if self.image_dtype not in IMAGE_DTYPES:
+            raise DatasetError(f"image_dtype must be one of {IMAGE_DTYPES}, got {self.image_dtype!r}")
+        for name in self.label_fields:
+            if name in ("id", "image", "source"):
+                raise DatasetError(f"label field {name!r} clashes with a built-in column")
+
+    @property
+    def image_nbytes(self) -> int:
+        return math.prod(self.image_shape) * np.dtype(self.image_dtype).itemsize
+
+    def label_size(self, name: str) -> int:
+        return math.prod(self.label_fields[name])
+
+    @property
+    def columns(self) -> list[str]:
+        return ["id", "image", *self.label_fields, "source"]
+
+    def arrow_schema(self) -> pa.Schema:
+        fields = [pa.field("id", pa.string(), nullable=False),
+                  pa.field("image", pa.binary(self.image_nbytes), nullable=False)]
+        fields += [pa.field(name, pa.list_(pa.float32(), self.label_size(name)), nullable=False)
+                   for name in self.label_fields]
+        fields.append(pa.field("source", pa.string(), nullable=False))
+        # Plain Parquet readers learn the image layout from the file itself.
+        meta = {"simgan_dist": json.dumps({"image_shape": list(self.image_shape),
+                                           "image_dtype": self.image_dtype,
+                                           "label_fields": {k: list(v) for k, v in self.label_fields.items()}})}
+        return pa.schema(fields, metadata=meta)
+
+    def check_batch(self, batch: dict[str, Any], source: str) -> dict[str, np.ndarray]:
+        """Validate one batch of rows and normalise it to contiguous numpy arrays."""
+        unknown = set(batch) - set(self.columns)
+        if unknown:
+            raise DatasetError(f"unknown column(s) {sorted(unknown)}: this dataset has {self.columns}")
+        for name in ("id", "image", *self.label_fields):
+            if name not in batch:
+                raise DatasetError(f"batch is missing column {name!r}")
+        image = np.asarray(batch["image"])
+        n = len(image)
+        if image.ndim == 3 and self.image_shape[2] == 1:
+            image = image[..., None]
+        if image.shape[1:] != self.image_shape:
+            raise DatasetError(f"image: expected N x {list(self.image_shape)}, got shape {list(image.shape)}")
+        if image.dtype != np.dtype(self.image_dtype):
+            raise DatasetError(f"image: expected dtype {self.image_dtype}, got {image.dtype}")
+        ids = np.asarray(batch["id"], dtype=object)
+        if ids.shape != (n,):
+            raise DatasetError(f"id: expected {n} ids (one per image), got shape {list(ids.shape)}")
+        if not all(isinstance(i, str) and i for i in ids):
+            raise DatasetError("id: every id must be a non-empty string")
+        out = {"id": ids, "image": np.ascontiguousarray(image)}
+        for name, shape in self.label_fields.items():
+            values = np.asarray(batch[name])
+            if values.shape not in ((n, *shape), (n, math.prod(shape))):
+                raise DatasetError(f"{name}: expected shape {[n, *shape]}, got {list(values.shape)}")
+            values = np.ascontiguousarray(values.reshape(n, -1), dtype=np.float32)
+            if not np.isfinite(values).all():
+                raise DatasetError(f"{name}: labels contain NaN or infinity")
+            out[name] = values
+        sources = batch.get("source", source)
+        out["source"] = (np.full(n, sources, dtype=object) if isinstance(sources, str)
+                         else np.asarray(sources, dtype=object))
+        if out["source"].shape != (n,):
+            raise DatasetError(f"source: expected {n} values, got shape {list(out['source'].shape)}")
+        return out
+
+    def to_table(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        """Checked numpy columns (from `check_batch`) → an Arrow table in the contract's schema."""
+        n = len(rows["id"])
+        image = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(self.image_nbytes), n, [None, pa.py_buffer(rows["image"])])
+        arrays = [pa.array(rows["id"], pa.string()), image]
+        arrays += [pa.FixedSizeListArray.from_arrays(pa.array(rows[name].ravel()), self.label_size(name))
+                   for name in self.label_fields]
+        arrays.append(pa.array(rows["source"], pa.string()))
+        return pa.Table.from_arrays(arrays, schema=self.arrow_schema())
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the dataset prefix
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    rows: int
+    shards: list[ShardInfo]
+    image_shape: list[int]
+    image_dtype: str
+    label_fields: dict[str, list[int]]
+    kind: str
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tuple(self.image_shape), self.image_dtype, dict(self.label_fields))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, uri: str) -> Manifest:
+        where = storage.join(uri, MANIFEST_NAME)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise DatasetError(f"{where}: not a {FORMAT} manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"{where}: format_version {data.get('format_version')!r} is not supported "
+                               f"(this version reads {FORMAT_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(data) - {"extra", "created"}
+        if missing:
+            raise DatasetError(f"{where}: missing field(s) {sorted(missing)}")
+        unknown = set(data) - names
+        if unknown:
+            raise DatasetError(f"{where}: unknown field(s) {sorted(unknown)}")
+        try:
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            manifest = cls(**data)
+            manifest.layout  # noqa: B018 - validates shape, dtype and label names
+        except (TypeError, DatasetError) as exc:
+            raise DatasetError(f"{where}: {exc}") from exc
+        if sum(s.rows for s in manifest.shards) != manifest.rows:
+            raise DatasetError(f"{where}: rows={manifest.rows} but the shards hold "
+                               f"{sum(s.rows for s in manifest.shards)}")
+        return manifest
+
+
+def encode_shard(table: pa.Table) -> tuple[bytes, str]:
+    """A table → Parquet file bytes and their sha256."""
+    sink = io.BytesIO()
+    # zstd level 1: about as fast as snappy, and noisy real images still shrink a little.
+    pq.write_table(table, sink, compression="zstd", compression_level=1, row_group_size=ROW_GROUP_ROWS)
+    data = sink.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_shard(uri: str, index: int, layout: Layout, rows: dict[str, np.ndarray],
+                storage_cfg: StorageConfig | None = None) -> ShardInfo:
+    """Write checked rows as shard `index` of the dataset at `uri` (parallel writers call this)."""
+    data, digest = encode_shard(layout.to_table(rows))
+    name = shard_name(index)
+    storage.write_bytes_atomic(storage.join(uri, name), data, storage_cfg)
+    return ShardInfo(path=name, rows=len(rows["id"]), bytes=len(data), sha256=digest)
+
+
+def prepare_output(uri: str, storage_cfg: StorageConfig | None = None, overwrite: bool = False) -> None:
+    """Make `uri` ready for a new dataset: refuse (or, with overwrite, clear) an existing one.
+
+    The old manifest goes first, so a crash in between leaves an incomplete dataset,
+    never a manifest pointing at a mix of old and new shards.
+    """
+    storage.check_bucket(uri, storage_cfg)
+    names = storage.list_files(uri, storage_cfg)
+    if MANIFEST_NAME in names and not overwrite:
+        raise DatasetError(f"{uri}: already holds a dataset (manifest.json); choose another output "
+                           "or allow overwriting")
+    old = [n for n in names if n.startswith("part-") and n.endswith(".parquet")]
+    storage.delete_files(uri, [MANIFEST_NAME] * (MANIFEST_NAME in names) + old, storage_cfg)
+
+
+def write_manifest(uri: str, manifest: Manifest, storage_cfg: StorageConfig | None = None) -> None:
+    """The commit point of a dataset: call it after every shard is written."""
+    if not manifest.created:
+        manifest.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    storage.write_bytes_atomic(storage.join(uri, MANIFEST_NAME), manifest.to_json().encode(), storage_cfg)
+
+
+class DatasetWriter:
+    """Buffers rows into shards of `rows_per_shard` and writes the manifest on `close()`.
+
+        with DatasetWriter(uri, layout, kind="synthetic", source="simulate") as w:
+            w.write({"id": ids, "image": images, "gaze": gaze})
+
+    Leaving the `with` block by an exception writes no manifest: the prefix stays
+    visibly incomplete instead of looking like a smaller dataset.
+    """
+
+    def __init__(self, uri: str, layout: Layout, *, kind: str, source: str,
+                 extra: dict[str, Any] | None = None, rows_per_shard: int = 50_000,
+                 storage_cfg: StorageConfig | None = None, overwrite: bool = False):
+        if rows_per_shard < 1:
+            raise DatasetError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        self.uri, self.layout, self.kind, self.source = uri, layout, kind, source
+        self.extra = dict(extra or {})
+        self.rows_per_shard = rows_per_shard
+        self.storage_cfg = storage_cfg
+        self.shards: list[ShardInfo] = []
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._pending_rows = 0
+        self._ids: set[str] = set()
+        self._closed = False
+        prepare_output(uri, storage_cfg, overwrite)
+
+    def write(self, batch: dict[str, Any]) -> None:
+        if self._closed:
+            raise DatasetError(f"{self.uri}: writer is closed")
+        rows = self.layout.check_batch(batch, self.source)
+        ids = rows["id"]
+        new = set(ids)
+        if len(new) != len(ids) or not self._ids.isdisjoint(new):
+            seen: set[str] = set(self._ids)
+            dup = next(i for i in ids if i in seen or seen.add(i))
+            raise DatasetError(f"{self.uri}: id: duplicate id {dup!r}")
+        self._ids |= new
+        self._pending.append(rows)
+        self._pending_rows += len(ids)
+        while self._pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, n: int) -> None:
+        rows = {k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
+        head = {k: v[:n] for k, v in rows.items()}
+        tail = {k: v[n:] for k, v in rows.items()}
+        self._pending = [tail] if len(tail["id"]) else []
+        self._pending_rows = len(tail["id"])
+        self.shards.append(write_shard(self.uri, len(self.shards), self.layout, head, self.storage_cfg))
+
+    def close(self) -> Manifest:
+        if self._closed:
+            raise DatasetError(f"{self.uri}: writer is already closed")
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        self._closed = True
+        manifest = make_manifest(self.layout, self.shards, kind=self.kind, source=self.source, extra=self.extra)
+        write_manifest(self.uri, manifest, self.storage_cfg)
+        return manifest
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._closed:
+            self.close()
+
+
+def make_manifest(layout: Layout, shards: list[ShardInfo], *, kind: str, source: str,
+                  extra: dict[str, Any] | None = None) -> Manifest:
+    return Manifest(
+        rows=sum(s.rows for s in shards), shards=list(shards), image_shape=list(layout.image_shape),
+        image_dtype=layout.image_dtype, label_fields={k: list(v) for k, v in layout.label_fields.items()},
+        kind=kind, source=source, extra=dict(extra or {}),
+    )
+
+
+def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> Manifest:
+    """The dataset's manifest; a clear error when the prefix holds no finished dataset."""
+    try:
+        text = storage.read_bytes(storage.join(uri, MANIFEST_NAME), storage_cfg)
+    except StorageError as exc:
+        if "no such file" not in str(exc):
+            raise
+        storage.check_bucket(uri, storage_cfg)
+        shards = [n for n in storage.list_files(uri, storage_cfg) if n.endswith(".parquet")]
+        if shards:
+            raise DatasetError(f"{uri}: incomplete dataset: {len(shards)} shard(s) but no {MANIFEST_NAME} "
+                               "(the writer did not finish; write it again)") from None
+        raise DatasetError(f"{uri}: no dataset here (no {MANIFEST_NAME})") from None
+    return Manifest.from_json(text.decode(errors="replace"), uri)
+
+
+def shard_paths(uri: str, manifest: Manifest, storage_cfg: StorageConfig | None = None
+                ) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the in-filesystem paths of every shard, in manifest order."""
+    fs, base = storage.resolve(uri, storage_cfg)
+    return fs, [f"{base}/{s.path}" for s in manifest.shards]
+
+
+def _check_schema(schema: pa.Schema, layout: Layout, where: str) -> None:
+    expected = layout.arrow_schema()
+    for name in layout.columns:
+        if name not in schema.names:
+            raise DatasetError(f"{where}: column {name!r} is missing")
+        got, want = schema.field(name).type, expected.field(name).type
+        if got != want:
+            raise DatasetError(f"{where}: column {name!r} has type {got}, the manifest says {want}")
+
+
+def validate(uri: str, storage_cfg: StorageConfig | None = None, verify_checksums: bool = False) -> Manifest:
+    """Check every shard against the manifest: present, same size, row count and schema.
+
+    Sizes and Parquet footers cost one small request per shard; `verify_checksums`
+    reads every byte and compares sha256 as well.
+    """
+    manifest = read_manifest(uri, storage_cfg)
+    layout = manifest.layout
+    fs, paths = shard_paths(uri, manifest, storage_cfg)
+    try:
+        infos = fs.get_file_info(paths)
+    except OSError as exc:
+        raise storage.explain(exc, uri, "list the shards") from exc
+    for shard, info, path in zip(manifest.shards, infos, paths, strict=True):
+        where = storage.join(uri, shard.path)
+        if info.type != pafs.FileType.File:
+            raise DatasetError(f"{where}: shard listed in the manifest is missing")
+        if info.size != shard.bytes:
+            raise DatasetError(f"{where}: {info.size} bytes, the manifest says {shard.bytes} (corrupt or replaced)")
+        if verify_checksums:
+            _decode_shard(fs, path, shard, layout, where, columns=[])
+            continue
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DatasetError(f"{where}: not a readable Parquet file ({exc})") from exc
+        if meta.num_rows != shard.rows:
+            raise DatasetError(f"{where}: {meta.num_rows} rows, the manifest says {shard.rows}")
+        _check_schema(meta.schema.to_arrow_schema(), layout, where)
+    return manifest
+
+
+def _decode_shard(fs: pafs.FileSystem, path: str, shard: ShardInfo, layout: Layout, where: str,
+                  columns: list[str]) -> pa.Table:
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.readall()
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{where}: shard listed in the manifest is missing") from exc
+    except OSError as exc:
+        raise storage.explain(exc, where, "read") from exc
+    if len(data) != shard.bytes:
+        raise DatasetError(f"{where}: {len(data)} bytes, the manifest says {shard.bytes} (corrupt or replaced)")
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise DatasetError(f"{where}: sha256 does not match the manifest (corrupt shard)")
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        _check_schema(parquet.schema_arrow, layout, where)
+        table = parquet.read(columns=columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DatasetError(f"{where}: not a readable Parquet file ({exc})") from exc
+    if parquet.metadata.num_rows != shard.rows:
+        raise DatasetError(f"{where}: {parquet.metadata.num_rows} rows, the manifest says {shard.rows}")
+    return table
+
+
+def images_from_binary(column: Any, shape: tuple[int, ...] | list[int], dtype: str | np.dtype) -> np.ndarray:
+    """fixed_size_binary image bytes → an N×H×W×C array with one np.frombuffer.
+
+    Takes an Arrow (chunked) array, or the numpy object/bytes array that Ray Data
+    and pandas turn such a column into. A single Arrow chunk is decoded without a
+    copy (the result is then a read-only view of the Arrow buffer).
+    """
+    dtype = np.dtype(dtype)
+    width = math.prod(shape) * dtype.itemsize
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(column, pa.Array):
+        if not pa.types.is_fixed_size_binary(column.type) or column.type.byte_width != width:
+            raise DatasetError(f"image: expected fixed_size_binary({width}), got {column.type}")
+        if column.null_count:
+            raise DatasetError(f"image: {column.null_count} null image(s)")
+        data = column.buffers()[1]
+        flat = np.frombuffer(data, dtype=np.uint8, count=len(column) * width, offset=column.offset * width)
+    else:
+        column = np.asarray(column)
+        if column.dtype.kind == "S" and column.dtype.itemsize == width:
+            flat = column.view(np.uint8)  # fixed-width bytes: already one buffer
+        else:
+            if any(len(b) != width for b in column):
+                raise DatasetError(f"image: every value must be {width} bytes for shape {list(shape)} {dtype}")
+            flat = np.frombuffer(b"".join(column), dtype=np.uint8)
+    return flat.view(dtype).reshape(len(flat) // width, *shape)
+
+
+def labels_from_list(column: Any, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    """fixed_size_list<float32> labels (Arrow, or numpy rows of arrays) → float32 N×shape."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(column, pa.Array):
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        return values.astype(np.float32, copy=False).reshape(len(column), *shape)
+    column = np.asarray(column)
+    if column.dtype == object:
+        column = np.stack(column) if len(column) else np.zeros((0, math.prod(shape)), np.float32)
+    return column.astype(np.float32, copy=False).reshape(len(column), *shape)
+
+
+def decode_table(table: pa.Table, layout: Layout) -> dict[str, np.ndarray]:
+    """An Arrow table in the contract → numpy columns (images N×H×W×C, labels float32 N×shape)."""
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == "image":
+            out[name] = images_from_binary(column, layout.image_shape, layout.image_dtype)
+        elif name in layout.label_fields:
+            out[name] = labels_from_list(column, layout.label_fields[name])
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
+    return out
+
+
+def load_numpy(uri: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None,
+               limit: int | None = None) -> dict[str, np.ndarray]:
+    """Read a whole dataset (or its first `limit` rows) into memory, checking every shard.
+
+    For single-process users (local training, evaluation, tests); clusters stream
+    with `simgan_dist.data.pipeline.read_dataset`. Images come back N×H×W×C in
+    their stored dtype, labels float32 N×shape, `id`/`source` as object arrays.
+    """
+    manifest = read_manifest(uri, storage_cfg)
+    layout = manifest.layout
+    columns = list(layout.columns if columns is None else columns)
+    unknown = [c for c in columns if c not in layout.columns]
+    if unknown:
+        raise DatasetError(f"{uri}: no column(s) {unknown}; the dataset has {layout.columns}")
+    fs, paths = shard_paths(uri, manifest, storage_cfg)
+    want = manifest.rows if limit is None else min(limit, manifest.rows)
+    tables, got = [], 0
+    for shard, path in zip(manifest.shards, paths, strict=True):
+        if got >= want:
+            break
+        table = _decode_shard(fs, path, shard, layout, storage.join(uri, shard.path), columns)
+        tables.append(table.slice(0, want - got))
+        got += min(table.num_rows, want - got)
+    if not tables:
+        tables = [layout.arrow_schema().empty_table().select(columns)]
+    parts = [decode_table(t, layout) for t in tables]
+    return {name: np.concatenate([p[name] for p in parts]) for name in columns}

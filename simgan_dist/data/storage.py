@@ -1,0 +1,189 @@
+"""URIs → pyarrow filesystems, for local folders and S3-compatible object storage.
+
+`resolve("s3://bucket/prefix")` always builds an explicit `pyarrow.fs.S3FileSystem`
+(endpoint, scheme, region, keys) from the config or the standard AWS environment
+variables: `FileSystem.from_uri` would probe real AWS to find the bucket's region,
+which hangs or fails against MinIO, moto or a cluster without internet. The same
+filesystem object is what Ray Data gets, so drivers and workers agree.
+
+Every failure that reaches the user is a `StorageError` naming the URI and saying
+which of the usual suspects it is: missing bucket, bad credentials, unreachable
+endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from simgan_dist.config import StorageConfig
+
+# A wrong endpoint must fail in seconds: short connects, few retries.
+CONNECT_TIMEOUT_S = 3.0
+MAX_ATTEMPTS = 3
+DEFAULT_REGION = "us-east-1"
+
+
+class StorageError(RuntimeError):
+    """Object storage or a local folder could not be used; the message names the URI."""
+
+
+def _setting(value: str, *env_names: str) -> str | None:
+    if value:
+        return value
+    for name in env_names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem from `storage.*`, falling back to the AWS_* environment variables."""
+    cfg = storage_cfg or StorageConfig()
+    endpoint = _setting(cfg.endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    kwargs: dict = {
+        "region": _setting(cfg.region, "AWS_DEFAULT_REGION", "AWS_REGION") or DEFAULT_REGION,
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+    }
+    access_key = _setting(cfg.access_key_id, "AWS_ACCESS_KEY_ID")
+    secret_key = _setting(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY")
+    if access_key and secret_key:
+        kwargs.update(access_key=access_key, secret_key=secret_key)
+        token = os.environ.get("AWS_SESSION_TOKEN")
+        if token and not cfg.access_key_id:
+            kwargs["session_token"] = token
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if not parsed.netloc:
+            raise StorageError(f"storage endpoint {endpoint!r} is not a URL like http://host:port")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """`uri` → (filesystem, path inside it). Local paths and file:// become absolute paths."""
+    if is_s3(uri):
+        path = uri[len("s3://"):].strip("/")
+        if not path:
+            raise StorageError(f"{uri}: an s3:// URI needs a bucket, like s3://bucket/prefix")
+        return s3_filesystem(storage_cfg), path
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        uri = urlparse(uri).path
+    elif scheme:
+        raise StorageError(f"{uri}: unsupported URI scheme {scheme!r} (use a local path, file:// or s3://)")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme: join("s3://b/x", "part-0.parquet")."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def explain(exc: BaseException, uri: str, action: str) -> StorageError:
+    """Turn a pyarrow/AWS SDK error into a StorageError that says what to check."""
+    text = str(exc)
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+        bucket = uri[len("s3://"):].split("/", 1)[0]
+        hint = f"bucket {bucket!r} does not exist (create it first)"
+    elif re.search(r"ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|InvalidAccessKeyId|"
+                   r"SignatureDoesNotMatch|AccessDenied", text):
+        hint = ("access denied: check the credentials (storage.access_key_id / storage.secret_access_key "
+                "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the bucket's permissions")
+    elif re.search(r"NETWORK_CONNECTION|curlCode|Could not connect|Couldn't connect|timed out|"
+                   r"Connection refused|resolve host", text):
+        hint = ("cannot reach the storage endpoint: check storage.endpoint_url / AWS_ENDPOINT_URL "
+                "and that the server is running")
+    elif isinstance(exc, FileNotFoundError):
+        hint = "no such file"
+    else:
+        hint = "storage error"
+    return StorageError(f"{uri}: cannot {action}: {hint} [{type(exc).__name__}: {text}]")
+
+
+def file_info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise explain(exc, uri, "look it up") from exc
+
+
+def check_bucket(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Fail early and clearly when an s3:// URI's bucket is missing or inaccessible."""
+    if not is_s3(uri):
+        return
+    fs, path = resolve(uri, storage_cfg)
+    bucket = path.split("/", 1)[0]
+    if file_info(fs, bucket, uri).type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri}: bucket {bucket!r} does not exist (create it first)")
+
+
+def read_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> bytes:
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        raise explain(exc, uri, "read") from exc
+
+
+def write_bytes_atomic(uri: str, data: bytes, storage_cfg: StorageConfig | None = None) -> None:
+    """Write a whole file so that readers see either nothing or all of it.
+
+    Local files go to a temporary name in the same folder and are renamed over the
+    target; an S3 PUT is atomic by itself (a failed upload leaves no object).
+    """
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            parent = os.path.dirname(path)
+            fs.create_dir(parent, recursive=True)
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            try:
+                with fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as exc:
+        raise explain(exc, uri, "write") from exc
+
+
+def delete_files(uri: str, names: list[str], storage_cfg: StorageConfig | None = None) -> None:
+    """Delete the named files under `uri` (missing ones are fine)."""
+    fs, base = resolve(uri, storage_cfg)
+    for name in names:
+        try:
+            fs.delete_file(f"{base}/{name}")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise explain(exc, join(uri, name), "delete") from exc
+
+
+def list_files(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Names of the files directly under `uri` (empty if the folder or prefix does not exist)."""
+    fs, base = resolve(uri, storage_cfg)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError as exc:
+        raise explain(exc, uri, "list") from exc
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)

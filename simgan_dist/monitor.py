@@ -1,0 +1,75 @@
+"""What a user watches during training: progress lines, metrics.jsonl, TensorBoard, image grids."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simgan_dist.imaging import grid, save_png
+
+
+class MetricAverager:
+    """Accumulates detached metric tensors between reports; one host sync per report."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            self.counts[key] += 1
+
+    def pop(self) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        values = torch.stack([self.sums[k].float().cpu() for k in keys]).tolist()
+        out = {k: v / self.counts[k] for k, v in zip(keys, values, strict=False)}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+def progress_line(step: int, total: int, phase: str, metrics: dict[str, float]) -> str:
+    shown = ["refiner/loss", "refiner/adv_loss", "refiner/reg_loss", "disc/loss", "disc/acc_real",
+             "disc/acc_refined", "images_per_s", "data_wait_s", "buffer_fill"]
+    parts = [f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in shown if k in metrics]
+    return f"[{step}/{total} {phase}] " + " ".join(parts)
+
+
+class RunLog:
+    """metrics.jsonl and TensorBoard events in a local run folder."""
+
+    def __init__(self, folder: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (self.folder / "metrics.jsonl").open("a")
+        self.tb = SummaryWriter(str(self.folder / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+
+    def image(self, step: int, picture: np.ndarray, name: str = "synthetic_refined_real") -> Path:
+        path = save_png(picture, self.folder / "images" / f"{name}_{step:07d}.png")
+        self.tb.add_image(name, picture, step, dataformats="HW" if picture.ndim == 2 else "HWC")
+        return path
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def comparison_grid(synthetic: np.ndarray, refined: np.ndarray, real: np.ndarray, n: int = 8) -> np.ndarray:
+    """Rows: synthetic | refined | real (N×H×W×C integer images)."""
+    return grid([synthetic[:n], refined[:n], real[:n]])

@@ -1,0 +1,126 @@
+import functools
+
+import numpy as np
+import pytest
+import torch
+from toy_domains import toy_images
+
+from simgan_dist.algorithm import Schedule, SimGAN, TorchUpdater
+from simgan_dist.config import load_config
+from simgan_dist.history import HistoryBuffer
+from simgan_dist.imaging import to_model_input, to_storage
+from simgan_dist.local_train import ArraySampler
+from simgan_dist.losses import RefinerLoss
+from simgan_dist.models import build_discriminator, build_refiner
+
+
+class CountingUpdater(TorchUpdater):
+    def __init__(self, module, optimizer):
+        super().__init__(module, optimizer)
+        self.steps = 0
+        self.grads_at_step: list[dict[str, torch.Tensor | None]] = []
+
+    def step(self):
+        self.steps += 1
+        self.grads_at_step.append({n: p.grad for n, p in self.module.named_parameters()})
+        super().step()
+
+
+def make_simgan(schedule=Schedule(2, 2, 3, k_g=2, k_d=1), lambda_reg=1e-4, batch=8):
+    torch.manual_seed(0)
+    cfg = load_config("tiny", overrides=[f"loss.lambda_reg={lambda_reg}"])
+    refiner, disc = build_refiner(cfg.model), build_discriminator(cfg.model)
+    r = CountingUpdater(refiner, torch.optim.Adam(refiner.parameters(), lr=1e-3))
+    d = CountingUpdater(disc, torch.optim.Adam(disc.parameters(), lr=1e-3))
+    history = HistoryBuffer(64, (1, 35, 55))
+    syn = ArraySampler(toy_images(64, 0, real=False), batch, 1, to_model_input)
+    real = ArraySampler(toy_images(64, 1, real=True), batch, 2, to_model_input)
+    return SimGAN(r, d, RefinerLoss(cfg.loss), history, schedule, syn, real), r, d, history
+
+
+def test_refiner_receives_adversarial_gradient_and_disc_none():
+    algo, r, d, _ = make_simgan(lambda_reg=0.0)
+    algo.disc_step()
+    algo.refiner_step()
+    grads = r.grads_at_step[-1]
+    assert all(g is not None for g in grads.values())
+    assert sum(g.abs().sum().item() for g in grads.values()) > 0  # λ=0: purely adversarial
+    assert all(p.grad is None for p in d.module.parameters())
+    assert all(p.requires_grad for p in d.module.parameters())  # unfrozen afterwards
+
+
+def test_disc_step_leaves_refiner_without_gradient():
+    algo, r, d, _ = make_simgan()
+    algo.disc_step()
+    assert all(p.grad is None for p in r.module.parameters())
+    assert all(g is not None for g in d.grads_at_step[-1].values())
+
+
+def test_pretraining_uses_self_regularization_only():
+    algo, r, d, _ = make_simgan()
+    metrics = algo.advance()
+    assert set(metrics) == {"refiner/reg_loss"}
+    assert d.steps == 0 and r.steps == 1
+    assert all(p.grad is None for p in d.module.parameters())
+
+
+def test_schedule_honours_pretraining_and_k_g_k_d():
+    schedule = Schedule(pretrain_refiner_steps=3, pretrain_disc_steps=2, iterations=4, k_g=3, k_d=2)
+    algo, r, d, history = make_simgan(schedule)
+    phases = []
+    while not algo.done:
+        phases.append(algo.phase)
+        algo.advance()
+    assert phases == ["pretrain_refiner"] * 3 + ["pretrain_disc"] * 2 + ["adversarial"] * 4
+    assert r.steps == 3 + 4 * 3
+    assert d.steps == 2 + 4 * 2
+    # every D step pushed b/2 = 4 refined images; 10 D steps fill 40 of 64 slots
+    assert len(history) == 40
+    with pytest.raises(RuntimeError):
+        algo.advance()
+
+
+def test_disc_batch_is_half_current_half_history():
+    algo, r, d, history = make_simgan(batch=8)
+    seen = []
+    d.forward = lambda x: seen.append(x.shape[0]) or d.module(x)
+    algo.disc_step()  # empty history: real 8 + current 4
+    algo.disc_step()  # real 8 + current 4 + history 4
+    assert seen == [12, 16]
+
+
+def test_state_dict_round_trip():
+    algo, *_ = make_simgan()
+    algo.advance()
+    algo.advance()
+    other, *_ = make_simgan()
+    other.load_state_dict(algo.state_dict())
+    assert other.phase == "pretrain_disc" and other.global_step == 2
+
+
+def test_toy_run_moves_refined_images_towards_real():
+    cfg = load_config("tiny", overrides=["train.batch_size=32", "train.lr=3e-3", "loss.lambda_reg=1e-5",
+                                         "train.k_g=2", "train.iterations=150"])
+    torch.manual_seed(0)
+    synthetic, real = toy_images(512, 0, real=False), toy_images(512, 1, real=True)
+    refiner, disc = build_refiner(cfg.model), build_discriminator(cfg.model)
+    to_input = functools.partial(to_model_input)
+    algo = SimGAN(
+        TorchUpdater(refiner, torch.optim.Adam(refiner.parameters(), lr=cfg.train.lr)),
+        TorchUpdater(disc, torch.optim.Adam(disc.parameters(), lr=cfg.train.lr)),
+        RefinerLoss(cfg.loss), HistoryBuffer(cfg.train.buffer_size, (1, 35, 55)),
+        Schedule(cfg.train.pretrain_refiner_steps, cfg.train.pretrain_disc_steps, cfg.train.iterations,
+                 cfg.train.k_g, cfg.train.k_d),
+        ArraySampler(synthetic, 32, 1, to_input), ArraySampler(real, 32, 2, to_input),
+    )
+    test = toy_images(256, 7, real=False)
+    with torch.no_grad():
+        before = to_storage(refiner(to_model_input(test))).astype(np.float64).mean()
+    while not algo.done:
+        algo.advance()
+    with torch.no_grad():
+        after = to_storage(refiner(to_model_input(test))).astype(np.float64).mean()
+    real_mean, syn_mean = real.mean(), test.mean()
+    # pretraining keeps R near identity; adversarial training pulls the mean towards real
+    assert abs(before - syn_mean) < 0.25 * abs(syn_mean - real_mean)
+    assert abs(after - real_mean) < 0.5 * abs(syn_mean - real_mean), (syn_mean, after, real_mean)
