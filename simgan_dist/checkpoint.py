@@ -61,16 +61,18 @@ def write_checkpoint(folder: str | Path, cfg: Config, refiner: nn.Module, disc: 
 
 
 def _read_bytes(uri: str, name: str, storage: StorageConfig | None) -> bytes:
-    from simgan_dist.data.storage import open_input_file
+    from pyarrow import fs as pafs
 
-    try:
-        with open_input_file(f"{uri.rstrip('/')}/{name}", storage) as f:
-            return f.read()
-    except FileNotFoundError as exc:
+    from simgan_dist.data import storage as store
+
+    path_uri = store.join(uri, name)
+    filesystem, path = store.resolve(path_uri, storage)
+    if store.file_info(filesystem, path, path_uri).type == pafs.FileType.NotFound:
         raise CheckpointError(
             f"{uri} is not a complete simgan_dist checkpoint: {name} is missing "
             f"(expected {CONFIG_FILE}, {REFINER_FILE}, {DISCRIMINATOR_FILE})"
-        ) from exc
+        )
+    return store.read_bytes(path_uri, storage)
 
 
 def load_checkpoint_config(uri: str, storage: StorageConfig | None = None) -> Config:

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--out", required=True, metavar="URI")
     ingest.add_argument("--labels", metavar="CSV", help="folder format: CSV with an id column and label columns")
     ingest.add_argument("--rows-per-shard", type=int, default=50000, metavar="R")
+    ingest.add_argument("--kind", choices=("synthetic", "real", "real_test"),
+                        help="the manifest's kind (default per format: unityeyes and labeled kaggle-h5 synthetic, "
+                        "others real); for nyu-hand, synthetic reads synthdepth_*.png instead of depth_*.png")
+    ingest.add_argument("--workers", type=int, metavar="N", help="reader processes (default: all cores)")
+    ingest.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     _add_config_args(ingest)
     ingest.set_defaults(handler="simgan_dist.data.ingest:cli_ingest")
 

@@ -83,6 +83,8 @@ class TrainConfig:
     image_every: int = 100
     max_failures: int = 2
     channels_last: bool = True
+    # False: read both corpora in stored order (reproducible runs, trajectory tests).
+    shuffle: bool = True
     # "auto": bf16 autocast on GPU, fp32 on CPU.
     precision: str = "auto"
 

@@ -29,19 +29,25 @@ from simgan_dist.monitor import MetricAverager, RunLog, comparison_grid, progres
 class ArraySampler:
     """Endless epoch-shuffled batches from an in-memory N×H×W×C integer array."""
 
-    def __init__(self, images: np.ndarray, batch_size: int, seed: int, to_input):
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, to_input, shuffle: bool = True):
         if len(images) < batch_size:
             raise ValueError(f"need at least one batch ({batch_size} images), got {len(images)}")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.to_input = to_input
-        self.order = torch.randperm(len(self.images), generator=self.generator)
+        self.shuffle = shuffle
+        self.order = self._epoch_order()
         self.position = 0
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self.shuffle:
+            return torch.randperm(len(self.images), generator=self.generator)
+        return torch.arange(len(self.images))
 
     def __call__(self) -> torch.Tensor:
         if self.position + self.batch_size > len(self.order):
-            self.order = torch.randperm(len(self.images), generator=self.generator)
+            self.order = self._epoch_order()
             self.position = 0
         idx = self.order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
@@ -99,8 +105,8 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
     r_opt = torch.optim.Adam(refiner.parameters(), lr=cfg.train.lr)
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr)
     to_input = functools.partial(to_model_input, device=device, channels_last=channels_last)
-    next_synthetic = ArraySampler(synthetic, cfg.train.batch_size, cfg.train.seed + 1, to_input)
-    next_real = ArraySampler(real, cfg.train.batch_size, cfg.train.seed + 2, to_input)
+    next_synthetic = ArraySampler(synthetic, cfg.train.batch_size, cfg.train.seed + 1, to_input, cfg.train.shuffle)
+    next_real = ArraySampler(real, cfg.train.batch_size, cfg.train.seed + 2, to_input, cfg.train.shuffle)
     history = HistoryBuffer(cfg.train.buffer_size, (cfg.model.image_channels, *expected[:2]),
                             seed=cfg.train.seed + 3)
     autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16

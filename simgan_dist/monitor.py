@@ -70,6 +70,7 @@ class RunLog:
         self.tb.close()
 
 
-def comparison_grid(synthetic: np.ndarray, refined: np.ndarray, real: np.ndarray, n: int = 8) -> np.ndarray:
-    """Rows: synthetic | refined | real (N×H×W×C integer images)."""
-    return grid([synthetic[:n], refined[:n], real[:n]])
+def comparison_grid(synthetic: np.ndarray, refined: np.ndarray, real: np.ndarray | None, n: int = 8) -> np.ndarray:
+    """Rows: synthetic | refined | real (N×H×W×C integer images); no real row before D has seen any."""
+    rows = [synthetic[:n], refined[:n]] + ([real[:n]] if real is not None else [])
+    return grid(rows)

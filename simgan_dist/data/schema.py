@@ -196,7 +196,7 @@ class Manifest:
         try:
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
             manifest = cls(**data)
-            manifest.layout  # noqa: B018 - validates shape, dtype and label names
+            _ = manifest.layout  # validates shape, dtype and label names
         except (TypeError, DatasetError) as exc:
             raise DatasetError(f"{where}: {exc}") from exc
         if sum(s.rows for s in manifest.shards) != manifest.rows:
@@ -278,9 +278,7 @@ class DatasetWriter:
         ids = rows["id"]
         new = set(ids)
         if len(new) != len(ids) or not self._ids.isdisjoint(new):
-            seen: set[str] = set(self._ids)
-            dup = next(i for i in ids if i in seen or seen.add(i))
-            raise DatasetError(f"{self.uri}: id: duplicate id {dup!r}")
+            raise DatasetError(f"{self.uri}: id: duplicate id {_first_duplicate(ids, self._ids)!r}")
         self._ids |= new
         self._pending.append(rows)
         self._pending_rows += len(ids)
@@ -311,6 +309,15 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and not self._closed:
             self.close()
+
+
+def _first_duplicate(ids: np.ndarray, seen: set[str]) -> str:
+    seen = set(seen)
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    raise AssertionError("no duplicate")
 
 
 def make_manifest(layout: Layout, shards: list[ShardInfo], *, kind: str, source: str,

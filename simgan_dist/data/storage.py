@@ -41,6 +41,20 @@ def _setting(value: str, *env_names: str) -> str | None:
     return None
 
 
+def effective_config(storage_cfg: StorageConfig | None = None) -> StorageConfig:
+    """The config with the AWS_* environment fallbacks filled in.
+
+    Ship this to Ray tasks: workers on other nodes may not have the driver's environment.
+    """
+    cfg = storage_cfg or StorageConfig()
+    return StorageConfig(
+        endpoint_url=_setting(cfg.endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") or "",
+        region=_setting(cfg.region, "AWS_DEFAULT_REGION", "AWS_REGION") or "",
+        access_key_id=_setting(cfg.access_key_id, "AWS_ACCESS_KEY_ID") or "",
+        secret_access_key=_setting(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY") or "",
+    )
+
+
 def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
     """An S3 filesystem from `storage.*`, falling back to the AWS_* environment variables."""
     cfg = storage_cfg or StorageConfig()

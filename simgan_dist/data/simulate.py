@@ -1,0 +1,466 @@
+"""A procedural two-domain simulator: the embedded stand-in for UnityEyes/MPIIGaze (and NYU hands).
+
+Eyes (35x55 gray uint8):
+
+* *synthetic* — a clean render like UnityEyes: an eyeball whose gaze (yaw, pitch)
+  moves a foreshortened iris and pupil, eyelids whose aperture follows the gaze
+  pitch, varying skin, sclera and iris tones, head roll; broad gaze distribution.
+* *real* — the same geometry and the same label meaning, under an appearance model
+  the synthetic renderer lacks: skin texture, an illumination gradient, corneal
+  glints, optical blur, gamma/contrast and sensor noise; gaze comes from a narrower,
+  clumpier distribution (a few screen regions, mostly looking down, like MPIIGaze).
+
+The gap is appearance only, and local: a fully convolutional refiner can learn to add
+texture, blur, noise and glints without moving the pupil, which is what SimGAN needs.
+
+Labels: `gaze` is a unit vector in camera coordinates (x right, y down, z away from
+the camera; looking straight into the camera is (0, 0, -1)), `pupil_xy` the pupil
+centre in pixels (x right, y down, image frame), `head_pose` (pitch, yaw, roll) in
+radians.
+
+Hands (224x224 uint16 depth in mm, `--kind hand`): a palm and five three-segment
+fingers as capsules; labels `joints_uvd` (16 joints: u, v in pixels, depth in mm);
+the real domain adds depth noise, missing pixels at edges and holes.
+
+Determinism: every block of BLOCK rows draws from its own generator seeded by
+(seed, kind, split, block index), so row i of a split is the same whatever the shard
+size or the number of workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import math
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from simgan_dist.config import StorageConfig, load_config
+from simgan_dist.data import storage
+from simgan_dist.data.schema import (
+    Layout,
+    ShardInfo,
+    make_manifest,
+    prepare_output,
+    write_manifest,
+    write_shard,
+)
+
+BLOCK = 256  # eyes per generator and per render call: numpy temporaries stay a few MB
+HAND_BLOCK = 16
+SPLITS = {"synthetic": "synthetic", "real": "real", "real_test": "real"}  # split → domain
+LABELED_SPLITS = ("synthetic", "real_test")
+EYE_H, EYE_W = 35, 55
+EYE_LAYOUT = Layout((EYE_H, EYE_W, 1), "uint8", {"gaze": (3,), "pupil_xy": (2,), "head_pose": (3,)})
+HAND_SIZE = 224
+HAND_JOINTS = 16  # wrist + 5 fingers x (base, middle, tip)
+HAND_LAYOUT = Layout((HAND_SIZE, HAND_SIZE, 1), "uint16", {"joints_uvd": (HAND_JOINTS, 3)})
+LAYOUTS = {"eye": EYE_LAYOUT, "hand": HAND_LAYOUT}
+GAZE_CONVENTION = "camera frame: x right, y down, z away from camera; (0, 0, -1) looks into the camera"
+
+# Real gaze clusters (yaw, pitch) in degrees: regions of a screen below the camera.
+REAL_GAZE_CLUSTERS = np.array([[-16.0, -14.0], [-6.0, -9.0], [4.0, -16.0], [12.0, -7.0], [0.0, -2.0]])
+REAL_GAZE_STD_DEG = 4.0
+
+_YY, _XX = np.mgrid[0:EYE_H, 0:EYE_W].astype(np.float32)
+
+
+def gaze_vector(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
+    """(yaw, pitch) in radians → unit gaze vectors N×3 in the camera frame (see module doc)."""
+    return np.stack([np.cos(pitch) * np.sin(yaw), -np.sin(pitch), -np.cos(pitch) * np.cos(yaw)], axis=1)
+
+
+def _u(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
+    return rng.uniform(lo, hi, n).astype(np.float32)
+
+
+def sample_eye_params(rng: np.random.Generator, n: int, domain: str) -> dict[str, np.ndarray]:
+    """Geometry and base tones for n eyes; only the gaze and head-pose priors depend on the domain."""
+    if domain == "synthetic":
+        yaw = np.radians(rng.uniform(-40, 40, n))
+        pitch = np.radians(rng.uniform(-35, 25, n))
+        head = np.radians(rng.uniform([-20, -25, -12], [20, 25, 12], (n, 3)))
+    else:
+        cluster = REAL_GAZE_CLUSTERS[rng.integers(0, len(REAL_GAZE_CLUSTERS), n)]
+        yaw, pitch = np.radians(cluster + rng.normal(0, REAL_GAZE_STD_DEG, (n, 2))).T
+        head = np.radians(rng.normal(0, [6, 8, 4], (n, 3)))
+    gaze = gaze_vector(yaw, pitch).astype(np.float32)
+    eyeball = _u(rng, 11.0, 13.0, n)
+    cx = (EYE_W - 1) / 2 + _u(rng, -2.0, 2.0, n) + 3.0 * np.sin(head[:, 1]).astype(np.float32)
+    cy = (EYE_H - 1) / 2 + _u(rng, -1.5, 1.5, n)
+    return {
+        "gaze": gaze,
+        "head_pose": head.astype(np.float32),
+        "cx": cx, "cy": cy,
+        "pupil_x": cx + eyeball * gaze[:, 0],
+        "pupil_y": cy + eyeball * gaze[:, 1],
+        "half_width": _u(rng, 19.0, 23.0, n),
+        # Upper lid opens when looking up and droops when looking down, as real lids do.
+        "upper_open": _u(rng, 6.0, 10.0, n) + 5.0 * np.sin(pitch).astype(np.float32),
+        "lower_open": _u(rng, 4.0, 6.5, n),
+        "lid_skew": _u(rng, -0.25, 0.25, n),
+        "iris_r": _u(rng, 5.0, 6.0, n),
+        "pupil_r": _u(rng, 1.7, 2.7, n),
+        "skin": _u(rng, 95.0, 205.0, n),
+        "sclera": _u(rng, 175.0, 230.0, n),
+        "iris": _u(rng, 45.0, 125.0, n),
+        "pupil": _u(rng, 8.0, 25.0, n),
+        "crease": _u(rng, 3.0, 5.5, n),
+    }
+
+
+def _coverage(signed_distance: np.ndarray) -> np.ndarray:
+    """Anti-aliased inside-ness from a signed distance in pixels (positive inside)."""
+    return np.clip(signed_distance + 0.5, 0.0, 1.0)
+
+
+def render_eye_clean(p: dict[str, np.ndarray]) -> np.ndarray:
+    """The clean (synthetic-looking) render: float32 N×35×55 intensities in [0, 255]."""
+    col = {k: v[:, None, None] for k, v in p.items() if v.ndim == 1}
+    roll = p["head_pose"][:, 2][:, None, None]
+    dx, dy = _XX - col["cx"], _YY - col["cy"]
+    cos, sin = np.cos(roll), np.sin(roll)
+    u = cos * dx + sin * dy  # eye frame: the lids rotate with the head, the gaze label does not
+    v = cos * dy - sin * dx
+    t = u / col["half_width"]
+    shape = np.maximum(1.0 - t * t, 0.0) * (1.0 + col["lid_skew"] * t)
+    upper = -col["upper_open"] * shape  # lid curves, v measured downwards
+    lower = col["lower_open"] * shape
+    inside = _coverage(np.minimum(v - upper, lower - v))
+
+    # Iris and pupil: circles on the eyeball, foreshortened along the gaze direction.
+    g = p["gaze"]
+    norm = np.hypot(g[:, 0], g[:, 1])
+    ex = np.where(norm > 1e-6, g[:, 0] / np.maximum(norm, 1e-6), 1.0)[:, None, None]
+    ey = np.where(norm > 1e-6, g[:, 1] / np.maximum(norm, 1e-6), 0.0)[:, None, None]
+    squash = np.maximum(-g[:, 2], 0.2)[:, None, None]
+    px, py = _XX - col["pupil_x"], _YY - col["pupil_y"]
+    along = (px * ex + py * ey) / squash
+    across = px * ey - py * ex
+    rho = np.sqrt(along * along + across * across)
+    iris_cov = _coverage(col["iris_r"] - rho)
+    pupil_cov = _coverage(col["pupil_r"] - rho)
+    limbus = np.square(np.minimum(rho / col["iris_r"], 1.0))
+    limbus = 1.0 - 0.4 * limbus * limbus  # darker iris rim
+    iris = col["iris"] * limbus
+    eye = col["sclera"] * (1.0 - 0.3 * np.square(t)) * (0.75 + 0.25 * _coverage(v - upper - 1.5))
+    eye = eye + iris_cov * (iris - eye)
+    eye = eye + pupil_cov * (col["pupil"] - eye)
+
+    # Skin: brighter towards the brow, a crease above the lid, lashes along the upper lid.
+    above = upper - v
+    skin = col["skin"] * (1.0 - 0.25 * np.exp(-((above - col["crease"]) ** 2) * 0.5))
+    skin = skin * (1.0 - 0.55 * np.exp(-np.maximum(above, 0.0) * 1.2) * (v < 0))
+    return skin + inside * (eye - skin)
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, cells: tuple[int, int]) -> np.ndarray:
+    """Low-frequency noise: a coarse random grid bilinearly upsampled to 35×55."""
+    grid = rng.standard_normal((n, *cells), dtype=np.float32)
+    up_h = _interp_matrix(EYE_H, cells[0])
+    up_w = _interp_matrix(EYE_W, cells[1])
+    return up_h @ grid @ up_w.T
+
+
+def _interp_matrix(out: int, cells: int) -> np.ndarray:
+    pos = np.linspace(0, cells - 1, out)
+    lo = np.minimum(pos.astype(int), cells - 2)
+    frac = pos - lo
+    m = np.zeros((out, cells), np.float32)
+    m[np.arange(out), lo] = 1 - frac
+    m[np.arange(out), lo + 1] = frac
+    return m
+
+
+def _blur(img: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Separable 5-tap Gaussian blur with a per-image sigma (edges replicated)."""
+    taps = np.exp(-np.square(np.arange(3, dtype=np.float32)) / (2 * np.square(sigma[:, None])))
+    taps /= taps[:, :1] + 2 * taps[:, 1:].sum(1, keepdims=True)
+    w0, w1, w2 = (taps[:, i, None, None] for i in range(3))
+    for axis in (1, 2):
+        size = img.shape[axis]
+        pad = np.pad(img, [(2, 2) if a == axis else (0, 0) for a in range(3)], mode="edge")
+        views = [pad[:, k:k + size] if axis == 1 else pad[:, :, k:k + size] for k in range(5)]
+        # Symmetric taps: three multiplies per pass instead of five.
+        img = w0 * views[2] + w1 * (views[1] + views[3]) + w2 * (views[0] + views[4])
+    return img
+
+
+def add_real_eye_appearance(img: np.ndarray, p: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """What the synthetic renderer lacks: texture, lighting, glints, blur, gamma and sensor noise."""
+    n = len(img)
+    col = lambda a: a[:, None, None]  # noqa: E731
+    # Skin/sclera texture: two octaves of smooth noise plus fine pores.
+    texture = _smooth_noise(rng, n, (8, 12)) * col(_u(rng, 5.0, 12.0, n))
+    texture += _smooth_noise(rng, n, (14, 22)) * col(_u(rng, 2.0, 5.0, n))
+    img = img + texture
+    # Illumination: a random linear gradient (a lamp off to one side) and exposure.
+    slope = rng.normal(0.0, 0.35, (n, 2)).astype(np.float32)
+    light = 1.0 + col(slope[:, 0]) * (_XX / EYE_W - 0.5) + col(slope[:, 1]) * (_YY / EYE_H - 0.5)
+    img = img * light * col(_u(rng, 0.75, 1.15, n))
+    # Corneal glints: one or two bright spots near the pupil, at a per-image light direction.
+    for k in range(2):
+        gx = p["pupil_x"] + _u(rng, -2.5, 2.5, n)
+        gy = p["pupil_y"] + _u(rng, -2.5, 1.5, n)
+        amp = _u(rng, 60.0, 160.0, n) * (rng.random(n) < (0.9 if k == 0 else 0.4))
+        width = col(-0.5 / _u(rng, 0.35, 0.8, n))
+        # A Gaussian spot is separable: two 1-D profiles instead of a full-image exp.
+        img = img + (col(amp) * np.exp(np.square(_YY[:, :1] - col(gy)) * width)) * np.exp(
+            np.square(_XX[:1] - col(gx)) * width)
+    img = _blur(np.clip(img, 1.0, 255.0), _u(rng, 0.6, 1.3, n))
+    # Camera response: gamma (as exp/log, twice as fast as a per-image power) and lower contrast.
+    img = 255.0 * np.exp(np.log(img * (1 / 255.0)) * col(_u(rng, 0.7, 1.4, n)))
+    mean = img.mean(axis=(1, 2), keepdims=True)
+    img = mean + (img - mean) * col(_u(rng, 0.65, 0.95, n))
+    # Sensor noise: read noise plus shot noise that grows with brightness.
+    sigma = np.sqrt(col(_u(rng, 2.0, 6.0, n)) ** 2 + 0.04 * np.maximum(img, 0.0))
+    return img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
+
+
+def render_eyes(rng: np.random.Generator, n: int, domain: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n eyes of a domain: uint8 images N×35×55×1 and float32 labels (gaze, pupil_xy, head_pose)."""
+    p = sample_eye_params(rng, n, domain)
+    img = render_eye_clean(p)
+    if domain == "real":
+        img = add_real_eye_appearance(img, p, rng)
+    images = np.clip(img + 0.5, 0, 255).astype(np.uint8)[..., None]
+    labels = {
+        "gaze": p["gaze"],
+        "pupil_xy": np.stack([p["pupil_x"], p["pupil_y"]], axis=1),
+        "head_pose": p["head_pose"],
+    }
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Hands: depth maps
+
+_FOCAL = 588.0  # NYU's Kinect focal length in pixels: at depth d, 1 mm spans f / d pixels
+_FINGER_ANGLES = np.radians([-55.0, -22.0, -7.0, 8.0, 23.0]).astype(np.float32)  # thumb .. little
+_FINGER_MM = np.array([[34, 28, 24], [46, 28, 22], [50, 32, 24], [46, 30, 22], [36, 22, 20]], np.float32)
+_FINGER_RADIUS_MM = np.array([11.0, 9.0, 9.5, 9.0, 8.0], np.float32)
+_PALM_RADIUS_MM = 42.0
+_HAND_YY, _HAND_XX = np.mgrid[0:HAND_SIZE, 0:HAND_SIZE].astype(np.float32)
+
+
+def render_hands(rng: np.random.Generator, n: int, domain: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n hand depth maps (uint16 mm) and joints_uvd N×16×3 (u, v in pixels, d in mm).
+
+    The palm faces the camera; fingers fan out from its top edge and curl towards
+    the camera (shorter in the image, nearer in depth). The real domain has a
+    narrower pose distribution and Kinect-like artifacts (0 = no reading).
+    """
+    f32 = np.float32
+    depth = rng.uniform(500, 800, n).astype(f32)
+    spin = (rng.uniform(-0.9, 0.9, n) if domain == "synthetic" else rng.normal(0, 0.3, n)).astype(f32)
+    curl_max = 1.4 if domain == "synthetic" else 0.8
+    curl = rng.uniform(0.0, curl_max, (n, 5, 3)).astype(f32) * np.array([0.6, 1.0, 1.0], f32)
+    center = (HAND_SIZE / 2 + rng.uniform(-15, 15, (n, 2))).astype(f32)
+    px_per_mm = _FOCAL / depth
+
+    joints = np.zeros((n, HAND_JOINTS, 3), f32)
+    down = np.stack([np.sin(spin), np.cos(spin)], 1)  # image direction from palm centre to wrist
+    joints[:, 0, :2] = center + down * (_PALM_RADIUS_MM * px_per_mm)[:, None]
+    joints[:, 0, 2] = depth
+    capsules = []  # (start uvd, end uvd, radius mm)
+    for finger in range(5):
+        angle = spin + _FINGER_ANGLES[finger]
+        up = -np.stack([np.sin(angle), np.cos(angle)], 1)
+        start = np.concatenate([center + up * (0.8 * _PALM_RADIUS_MM * px_per_mm)[:, None], depth[:, None]], 1)
+        bend = np.zeros(n, f32)
+        for seg in range(3):
+            bend += curl[:, finger, seg]
+            length = _FINGER_MM[finger, seg]
+            end = np.concatenate([start[:, :2] + up * (length * np.cos(bend) * px_per_mm)[:, None],
+                                  start[:, 2:] - (length * np.sin(bend))[:, None]], 1)
+            joints[:, 1 + 3 * finger + seg] = end
+            capsules.append((start, end, _FINGER_RADIUS_MM[finger]))
+            start = end
+
+    r2 = (np.square(_HAND_XX - center[:, 0, None, None]) + np.square(_HAND_YY - center[:, 1, None, None])) / \
+        np.square(_PALM_RADIUS_MM * px_per_mm)[:, None, None]
+    surface = np.where(r2 < 1, depth[:, None, None] - 20.0 * np.sqrt(np.maximum(1 - r2, 0)), np.inf)
+    for start, end, radius in capsules:
+        surface = np.minimum(surface, _capsule_depth(start, end, radius, px_per_mm))
+    hand = np.isfinite(surface)
+    background = (depth + 350.0)[:, None, None] + 0.4 * (_HAND_YY - HAND_SIZE / 2)  # a tilted wall
+    img = np.where(hand, surface, background)
+    if domain == "real":
+        img = _add_real_depth_artifacts(img, hand, rng)
+    images = np.clip(np.rint(img), 0, 65535).astype(np.uint16)[..., None]
+    return images, {"joints_uvd": joints}
+
+
+def _capsule_depth(start: np.ndarray, end: np.ndarray, radius_mm: float, px_per_mm: np.ndarray) -> np.ndarray:
+    """Depth of the near surface of a capsule between two uvd points, inf where it is not."""
+    su, sv, sd = (start[:, i, None, None] for i in range(3))
+    du, dv, dd = ((end[:, i] - start[:, i])[:, None, None] for i in range(3))
+    t = np.clip(((_HAND_XX - su) * du + (_HAND_YY - sv) * dv) / np.maximum(du * du + dv * dv, 1e-6), 0.0, 1.0)
+    dist2 = np.square(_HAND_XX - su - t * du) + np.square(_HAND_YY - sv - t * dv)
+    r2 = np.square(radius_mm * px_per_mm)[:, None, None]
+    bulge = np.sqrt(np.maximum(r2 - dist2, 0.0)) / px_per_mm[:, None, None]
+    return np.where(dist2 < r2, sd + t * dd - bulge, np.inf)
+
+
+def _add_real_depth_artifacts(img: np.ndarray, hand: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Kinect-like depth: noise growing with depth², dropped pixels at edges, holes."""
+    n, size, _ = img.shape
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * (2.85e-6 * np.square(img) + 1.0)
+    edge = np.zeros_like(hand)
+    edge[:, 1:, :] |= hand[:, 1:, :] != hand[:, :-1, :]
+    edge[:, :, 1:] |= hand[:, :, 1:] != hand[:, :, :-1]
+    drop = edge.copy()
+    drop[edge] = rng.random(int(edge.sum()), dtype=np.float32) < 0.6
+    img[drop] = 0
+    for _ in range(4):
+        hx, hy = (rng.uniform(0, size, (n, 1, 1)).astype(np.float32) for _ in range(2))
+        r = rng.uniform(3, 12, (n, 1, 1)).astype(np.float32)
+        img[np.square(_HAND_XX - hx) + np.square(_HAND_YY - hy) < r * r] = 0
+    return img
+
+
+RENDERERS: dict[str, Callable[[np.random.Generator, int, str], tuple[np.ndarray, dict[str, np.ndarray]]]] = {
+    "eye": render_eyes,
+    "hand": render_hands,
+}
+
+
+@functools.cache
+def reuse_freed_memory() -> None:
+    """Let glibc keep freed numpy temporaries in its heap instead of unmapping them.
+
+    By default every multi-MB temporary is a fresh mmap whose pages the kernel
+    zero-fills on first touch, which costs more than the arithmetic: this makes
+    the renderer 2-3x faster (measured). Process-wide, so only the renderer's
+    entry points call it; elsewhere (not Linux/glibc) it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 << 20)
+    libc.mallopt(m_trim_threshold, 128 << 20)
+
+
+def block_rng(seed: int, kind: str, split: str, block: int) -> np.random.Generator:
+    codes = (list(LAYOUTS).index(kind), list(SPLITS).index(split))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *codes, block])))
+
+
+def render_rows(kind: str, split: str, seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows [start, stop) of a split as a batch for the writer (labels only for labeled splits)."""
+    if kind not in RENDERERS:
+        raise ValueError(f"kind must be one of {sorted(RENDERERS)}, got {kind!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    reuse_freed_memory()
+    block = BLOCK if kind == "eye" else HAND_BLOCK
+    parts = []
+    for b in range(start // block, -(-stop // block)):
+        lo, hi = b * block, (b + 1) * block
+        images, labels = RENDERERS[kind](block_rng(seed, kind, split, b), block, SPLITS[split])
+        keep = slice(max(start, lo) - lo, min(stop, hi) - lo)
+        parts.append({"image": images[keep], **({k: v[keep] for k, v in labels.items()}
+                                                if split in LABELED_SPLITS else {})})
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    batch["id"] = np.array([f"{split}-{seed}-{i:09d}" for i in range(start, stop)], dtype=object)
+    batch["source"] = f"simulate:{kind}:{split}"
+    return batch
+
+
+def split_layout(kind: str, split: str) -> Layout:
+    layout = LAYOUTS[kind]
+    labels = layout.label_fields if split in LABELED_SPLITS else {}
+    return Layout(layout.image_shape, layout.image_dtype, labels)
+
+
+def _render_shard(uri: str, kind: str, split: str, seed: int, index: int, start: int, stop: int,
+                  storage_cfg: StorageConfig | None) -> ShardInfo:
+    layout = split_layout(kind, split)
+    rows = layout.check_batch(render_rows(kind, split, seed, start, stop), f"simulate:{kind}:{split}")
+    return write_shard(uri, index, layout, rows, storage_cfg)
+
+
+def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, seed: int = 0, kind: str = "eye",
+                     rows_per_shard: int = 50_000, storage_cfg: StorageConfig | None = None,
+                     parallel: bool | None = None, progress: bool = False) -> dict[str, int]:
+    """Write `out/synthetic`, `out/real` and `out/real_test`; returns rows per split.
+
+    Each shard is rendered and written by its own task; the driver writes each
+    manifest once all of that split's shards exist. `parallel=None` uses Ray tasks
+    when there is more than one shard's worth of rows, and renders in-process otherwise.
+    """
+    if kind not in LAYOUTS:
+        raise ValueError(f"kind must be one of {sorted(LAYOUTS)}, got {kind!r}")
+    counts = {"synthetic": synthetic, "real": real, "real_test": real_test}
+    for split, n in counts.items():
+        if n < 0:
+            raise ValueError(f"{split}: row count must be >= 0, got {n}")
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    storage_cfg = storage.effective_config(storage_cfg)
+    tasks = []
+    for split, n in counts.items():
+        uri = storage.join(out_uri, split)
+        prepare_output(uri, storage_cfg, overwrite=True)
+        for index, start in enumerate(range(0, n, rows_per_shard)):
+            tasks.append((uri, kind, split, seed, index, start, min(start + rows_per_shard, n), storage_cfg))
+    if parallel is None:
+        parallel = sum(counts.values()) > rows_per_shard
+    if parallel:
+        from simgan_dist.data.pipeline import parallel_map
+
+        results = parallel_map(_render_shard, tasks, desc=f"simulate {kind}", weights=[t[6] - t[5] for t in tasks],
+                               progress=progress)
+    else:
+        results = _run_local(tasks, progress)
+    for split in counts:
+        shards = [info for task, info in zip(tasks, results, strict=True) if task[2] == split]
+        manifest = make_manifest(split_layout(kind, split), shards, kind=split, source=f"simulate:{kind}",
+                                 extra={"seed": seed, "simulator": kind, "domain": SPLITS[split],
+                                        **({"gaze_convention": GAZE_CONVENTION} if kind == "eye" else {})})
+        write_manifest(storage.join(out_uri, split), manifest, storage_cfg)
+    return counts
+
+
+def _run_local(tasks: list[tuple], progress: bool) -> list[ShardInfo]:
+    from tqdm import tqdm
+
+    with tqdm(total=sum(t[6] - t[5] for t in tasks), unit="img", disable=not progress) as bar:
+        results = []
+        for task in tasks:
+            results.append(_render_shard(*task))
+            bar.update(task[6] - task[5])
+    return results
+
+
+def cli_simulate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.preset, args.config, args.overrides)
+    total = args.synthetic + args.real + args.real_test
+    start = time.perf_counter()
+    counts = simulate_dataset(args.out, args.synthetic, args.real, args.real_test, seed=args.seed, kind=args.kind,
+                              rows_per_shard=args.rows_per_shard, storage_cfg=cfg.storage,
+                              progress=total >= 20_000)
+    seconds = time.perf_counter() - start
+    for split, n in counts.items():
+        print(f"{storage.join(args.out, split)}: {n} rows")
+    print(f"simulated {total} {args.kind} images in {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} images/s)")
+    return 0
+
+
+def render_throughput(kind: str = "eye", n: int = 8192, domain: str = "real") -> float:
+    """Images per second of the renderer alone on one core (for the benchmark and the docs)."""
+    reuse_freed_memory()
+    rng = np.random.default_rng(0)
+    block = BLOCK if kind == "eye" else HAND_BLOCK
+    start = time.perf_counter()
+    for _ in range(math.ceil(n / block)):
+        RENDERERS[kind](rng, block, domain)
+    return math.ceil(n / block) * block / (time.perf_counter() - start)

@@ -1,0 +1,130 @@
+"""One history buffer shared by every training worker, sharded over a few Ray actors.
+
+Each `HistoryShard` actor wraps a `HistoryBuffer` (history.py), so the semantics are the
+ones the unit tests pin. A worker's `SharedHistory` client splits every push evenly over
+the shards (fire-and-forget) and, right after pushing, asks for the next sample, which
+then travels while the refiner steps run. Because every shard receives the same share of
+every push, the shards fill evenly and sampling the same share from each is uniform over
+the logical buffer.
+
+Actors are named after the run (`simgan-history/<run>/<shard>`): one buffer per run, and
+a restarted worker group finds the same buffer.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from simgan_dist.history import HistoryBuffer
+
+NAMESPACE = "simgan_dist"
+
+
+@ray.remote(num_cpus=0)
+class HistoryShard:
+    def __init__(self, capacity: int, image_shape: tuple[int, ...], seed: int):
+        self.args = (capacity, image_shape)
+        self.seed = seed
+        self.clear()
+
+    def clear(self) -> int:
+        """Start empty (a fresh run that reuses the name of one that left no checkpoint)."""
+        self.buffer = HistoryBuffer(*self.args, seed=self.seed)
+        return 0
+
+    def push(self, images: torch.Tensor) -> int:
+        self.buffer.push(images)
+        return len(self.buffer)
+
+    def sample(self, k: int) -> tuple[torch.Tensor, int]:
+        return self.buffer.sample(k), len(self.buffer)
+
+    def size(self) -> int:
+        return len(self.buffer)
+
+    def state_dict(self) -> dict:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict) -> int:
+        self.buffer.load_state_dict(state)
+        return len(self.buffer)
+
+
+def _shard_name(run: str, index: int) -> str:
+    return f"simgan-history/{run}/{index}"
+
+
+def create_shards(run: str, capacity: int, image_shape: tuple[int, ...], num_shards: int, seed: int,
+                  ) -> list[ray.actor.ActorHandle]:
+    """Create (or find, for a resumed run) the run's buffer shards; capacity is split evenly."""
+    per_shard = -(-capacity // num_shards)
+    return [
+        HistoryShard.options(name=_shard_name(run, i), namespace=NAMESPACE, get_if_exists=True,
+                             lifetime="detached").remote(per_shard, tuple(image_shape), seed + i)
+        for i in range(num_shards)
+    ]
+
+
+def get_shards(run: str, num_shards: int) -> list[ray.actor.ActorHandle]:
+    return [ray.get_actor(_shard_name(run, i), namespace=NAMESPACE) for i in range(num_shards)]
+
+
+def destroy_shards(run: str, num_shards: int) -> None:
+    for i in range(num_shards):
+        try:
+            ray.kill(ray.get_actor(_shard_name(run, i), namespace=NAMESPACE))
+        except ValueError:
+            pass
+
+
+def save_shards(shards: list[ray.actor.ActorHandle]) -> list[dict]:
+    return ray.get([s.state_dict.remote() for s in shards])
+
+
+def clear_shards(shards: list[ray.actor.ActorHandle]) -> None:
+    ray.get([s.clear.remote() for s in shards])
+
+
+def load_shards(shards: list[ray.actor.ActorHandle], states: list[dict]) -> int:
+    if len(states) != len(shards):
+        raise ValueError(f"checkpoint holds {len(states)} history shards, this run has {len(shards)}")
+    return sum(ray.get([s.load_state_dict.remote(state) for s, state in zip(shards, states)]))
+
+
+class SharedHistory:
+    """The `History` interface of algorithm.py over the shard actors, with one-step prefetch."""
+
+    def __init__(self, shards: list[ray.actor.ActorHandle], sample_size: int):
+        self.shards = shards
+        self.sample_size = sample_size
+        self.known_size = sum(ray.get([s.size.remote() for s in shards]))
+        self.pending: list[ray.ObjectRef] | None = None
+        self.pushes: list[ray.ObjectRef] = []
+
+    def __len__(self) -> int:
+        return self.known_size
+
+    def _request(self) -> list[ray.ObjectRef]:
+        share = -(-self.sample_size // len(self.shards))
+        return [s.sample.remote(share) for s in self.shards]
+
+    def sample(self, k: int) -> torch.Tensor:
+        if k != self.sample_size:
+            raise ValueError(f"this history client samples {self.sample_size} images, asked for {k}")
+        refs, self.pending = self.pending or self._request(), None
+        replies = ray.get(refs)
+        self.known_size = sum(size for _, size in replies)
+        return torch.cat([images for images, _ in replies])[:k]
+
+    def push(self, images: torch.Tensor) -> None:
+        chunks = images.detach().to("cpu", torch.float16).chunk(len(self.shards))
+        # Fire-and-forget: an actor runs one caller's calls in order; refs are kept for flush().
+        self.pushes = [shard.push.remote(chunk) for shard, chunk in zip(self.shards, chunks)]
+        self.known_size = max(self.known_size, 1)
+        # Asked after the push, the sample already sees it, and is ready by the next D step.
+        self.pending = self._request()
+
+    def flush(self) -> None:
+        """Wait until this client's last pushes have landed (before a checkpoint)."""
+        ray.get(self.pushes)

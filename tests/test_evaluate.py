@@ -1,0 +1,180 @@
+"""Evaluation: hand-checked metrics, the pupil detector, the realism score, and the full report."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simgan_dist.cli import build_parser
+from simgan_dist.config import load_config
+from simgan_dist.data.schema import DatasetWriter, Layout, load_numpy, read_manifest
+from simgan_dist.data.simulate import render_rows, simulate_dataset
+from simgan_dist.evaluate import (
+    angular_error_deg,
+    cli_evaluate,
+    detect_pupil,
+    pupil_shift,
+    realism_score,
+    run_gaze_variants,
+)
+
+# --- angular error ---------------------------------------------------------------------------
+
+
+def test_angular_error_hand_computed_cases():
+    x, y, z = np.eye(3)
+    pred = np.array([x, x, x, [np.cos(np.radians(30)), np.sin(np.radians(30)), 0], [1, 1, 0], z])
+    target = np.array([x, y, -x, x, x, [0, 0, 5.0]])
+    expected = [0.0, 90.0, 180.0, 30.0, 45.0, 0.0]
+    np.testing.assert_allclose(angular_error_deg(pred, target), expected, atol=1e-6)
+
+
+def test_angular_error_ignores_length_and_survives_rounding():
+    v = np.array([[0.3, -0.2, -0.9]])
+    # Unnormalised copies are 0°; a dot product a hair above 1 must not give NaN.
+    np.testing.assert_allclose(angular_error_deg(v * 7.5, v), [0.0], atol=1e-5)
+    np.testing.assert_allclose(angular_error_deg(np.array([[1.0, 1e-9, 0]]), np.array([[1.0, 0, 0]])), [0.0],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="N×3"):
+        angular_error_deg(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+# --- pupil detector --------------------------------------------------------------------------
+
+
+def draw_eye(px: float, py: float, h: int = 35, w: int = 55) -> np.ndarray:
+    """A gray eye: bright sclera, mid iris, dark anti-aliased pupil centred at (px, py)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = np.hypot(xx - px, yy - py)
+    img = np.full((h, w), 200.0)
+    img -= 120.0 * np.clip(5.5 - r + 0.5, 0, 1)  # iris
+    img -= 65.0 * np.clip(2.2 - r + 0.5, 0, 1)  # pupil
+    return np.rint(img).astype(np.uint8)[None, ..., None]
+
+
+@pytest.mark.parametrize("px,py", [(27.0, 17.0), (20.3, 15.6), (33.7, 19.25)])
+def test_detector_finds_a_drawn_pupil_within_half_a_pixel(px, py):
+    found = detect_pupil(draw_eye(px, py))[0]
+    assert np.hypot(found[0] - px, found[1] - py) < 0.5
+
+
+def test_shift_of_a_shifted_image_equals_the_shift():
+    base = draw_eye(26.4, 17.2)
+    rolled = np.roll(base, (2, -3), axis=(1, 2))  # 2 px down, 3 px left
+    np.testing.assert_allclose(pupil_shift(base, rolled)[0], [-3.0, 2.0], atol=1e-4)
+    np.testing.assert_allclose(pupil_shift(base, base)[0], [0.0, 0.0], atol=1e-6)
+    subpixel = draw_eye(27.0, 17.2)
+    assert abs(pupil_shift(base, subpixel)[0, 0] - 0.6) < 0.2
+
+
+def test_detector_agrees_with_simulator_labels_on_visible_pupils():
+    rows = render_rows("eye", "synthetic", 0, 0, 512)
+    error = np.linalg.norm(detect_pupil(rows["image"]) - rows["pupil_xy"], axis=1)
+    # Some pupils hide under a lid; where the pupil shows, the detector is subpixel.
+    assert np.median(error) < 0.3 and (error < 1.5).mean() > 0.8
+
+
+# --- realism ---------------------------------------------------------------------------------
+
+
+def test_realism_near_zero_for_one_distribution_and_larger_for_another():
+    synthetic_a = render_rows("eye", "synthetic", 1, 0, 300)["image"]
+    synthetic_b = render_rows("eye", "synthetic", 2, 0, 300)["image"]
+    real = render_rows("eye", "real", 3, 0, 300)["image"]
+    same = realism_score(synthetic_a, synthetic_b, seed=0)
+    different = realism_score(synthetic_a, real, seed=0)
+    assert abs(same) < 0.01 and different > 10 * max(abs(same), 1e-3)
+    assert realism_score(synthetic_a, real, seed=0) == different  # deterministic for a seed
+    # brighter images are farther from the same reference
+    brighter = np.clip(synthetic_b.astype(int) + 25, 0, 255).astype(np.uint8)
+    assert realism_score(brighter, synthetic_a) > realism_score(synthetic_b, synthetic_a) + 0.05
+
+
+# --- full evaluation -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """simulate → a stand-in "refined" set (noise added, rows shuffled, same ids) → a labeled "real"."""
+    root = tmp_path_factory.mktemp("eval")
+    simulate_dataset(str(root), 128, 32, 64, seed=0, parallel=False)
+    syn = load_numpy(str(root / "synthetic"))
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(syn["id"]))
+    noisy = np.clip(syn["image"] + rng.normal(0, 6, syn["image"].shape), 0, 255).astype(np.uint8)
+    layout = read_manifest(str(root / "synthetic")).layout
+    with DatasetWriter(str(root / "refined"), layout, kind="refined", source="test") as writer:
+        writer.write({"id": syn["id"][order], "image": noisy[order],
+                      **{k: syn[k][order] for k in layout.label_fields}})
+    unlabeled = Layout(layout.image_shape)
+    with DatasetWriter(str(root / "refined_other_ids"), unlabeled, kind="refined", source="test") as writer:
+        writer.write({"id": np.array([f"x{i}" for i in range(len(noisy))], dtype=object), "image": noisy})
+    run = root / "run"
+    run.mkdir()
+    run.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "refiner/loss": 1 / s, "disc/loss": 0.7, "disc/acc_real": 0.5}) + "\n"
+        for s in range(10, 60, 10)))
+    return root
+
+
+def _args(root, out, *extra):
+    return build_parser().parse_args([
+        "evaluate", "--synthetic", str(root / "synthetic"), "--refined", str(root / "refined"),
+        "--real-test", str(root / "real_test"), "--out", str(out), "--preset", "tiny",
+        "--set", "evaluate.gaze_epochs=1", "--set", "evaluate.gaze_batch_size=32",
+        "--set", "evaluate.realism_samples=64", *extra])
+
+
+def test_report_has_every_section(datasets, tmp_path, ray_local, capsys):
+    # real_test doubles as labeled real training data here, to exercise the ceiling row.
+    args = _args(datasets, tmp_path / "report", "--run", str(datasets / "run"), "--real", str(datasets / "real_test"))
+    assert cli_evaluate(args) == 0
+    out = tmp_path / "report"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"gaze", "label_preservation", "realism", "headline", "inputs", "samples"} <= set(metrics)
+    assert set(metrics["gaze"]["variants"]) == {"synthetic", "refined", "real"}
+    for variant in metrics["gaze"]["variants"].values():
+        assert 0 <= variant["mean_deg"] <= 180 and 0 <= variant["within_7deg"] <= 1
+        assert variant["train_rows"] in (128, 64) and variant["test_rows"] == 64
+    preservation = metrics["label_preservation"]
+    assert preservation["labels"] == "pupil_xy" and preservation["pairs"] == 128
+    # noise only: the pupil stays put (rows were shuffled, so this also checks the id matching)
+    assert preservation["shift_px"]["mean"] < 0.5
+    assert metrics["realism"]["refined_vs_real"] != metrics["realism"]["synthetic_vs_real"]
+    page = (out / "report.html").read_text()
+    for section in ('id="gaze"', 'id="label-preservation"', 'id="realism"', 'id="samples"', 'id="training"'):
+        assert section in page
+    assert page.count("<svg") >= 5  # error CDF, gaze loss, pupil histogram, 3 training panels
+    assert "Real (ceiling)" in page and "refiner/loss" in page
+    for png in ("samples.png", "difference.png"):
+        assert png in page and Image.open(out / png).size[0] > 55 * 8
+    assert not list(out.glob(".*tmp"))
+    printed = capsys.readouterr().out
+    assert "report: " in printed and str(out / "report.html") in printed and "pupil shift" in printed
+
+
+def test_in_process_variants_without_ray():
+    rows = render_rows("eye", "synthetic", 0, 0, 48)
+    test = render_rows("eye", "real_test", 0, 0, 16)
+    cfg = load_config("tiny", overrides=["evaluate.gaze_epochs=1", "evaluate.gaze_batch_size=16"]).evaluate
+    results = run_gaze_variants({"a": (rows["image"], rows["gaze"])}, test["image"], test["gaze"], cfg,
+                                use_ray=False, progress=False)
+    assert results["a"]["errors_deg"].shape == (16,) and math.isfinite(results["a"]["mean_deg"])
+    assert len(results["a"]["loss_curve"]) == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"--refined": "refined_other_ids"}, "does not hold the synthetic dataset's ids"),
+    ({"--real-test": "real"}, "has no gaze labels"),
+    ({"--synthetic": "missing"}, "synthetic dataset .* cannot be read"),
+])
+def test_clear_errors(datasets, tmp_path, capsys, change, message):
+    args = _args(datasets, tmp_path / "out")
+    for flag, name in change.items():
+        setattr(args, flag.lstrip("-").replace("-", "_"), str(datasets / name))
+    assert cli_evaluate(args) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "report.html").exists()
