@@ -13,9 +13,9 @@ Work is cut into shard tasks: output shard k (`part-0000k.parquet`) holds input 
 runs the tasks on a fixed pool of `RefinerActor`s (one GPU each when the cluster has
 GPUs): an actor reads its input rows, refines them in batches of `refine.batch_size`
 (uint8 shipped to the device and normalised there; bf16 and channels-last on GPU;
-optional torch.compile) and writes the shard in one atomic PUT. `id`, labels and
-`source` are passed through as Arrow columns, never decoded, so they stay
-bit-identical. Two tasks run per actor so one's read/encode/upload hides behind the
+optional torch.compile) and writes the shard atomically (one PUT, or a rename).
+`id`, labels and `source` are passed through as Arrow columns, never decoded, so
+they stay bit-identical. Two tasks run per actor so one's read/encode/upload hides behind the
 other's forward passes.
 
 The output shards themselves are the job's checkpoint, with no second record that
@@ -39,6 +39,7 @@ import datetime
 import hashlib
 import json
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ import pyarrow.parquet as pq
 import torch
 
 from simgan_dist.checkpoint import REFINER_FILE, CheckpointError, load_refiner
-from simgan_dist.config import Config, ModelConfig, load_config
+from simgan_dist.config import Config, ModelConfig, StorageConfig, load_config
 from simgan_dist.data import storage
 from simgan_dist.data.schema import (
     MANIFEST_NAME,
@@ -65,7 +66,6 @@ from simgan_dist.data.schema import (
     make_manifest,
     read_manifest,
     shard_name,
-    shard_paths,
     validate,
     write_manifest,
 )
@@ -97,12 +97,11 @@ class BatchRefiner:
     On GPU: bf16 weights and activations, channels-last, normalisation on the device,
     optional torch.compile (tail batches are padded so it compiles one shape only).
     On CPU: fp32, the same arithmetic as `to_model_input` → model → `to_storage`.
+    Thread-safe: while one caller runs the model, the others do their I/O and host work.
     """
 
     def __init__(self, refiner: Refiner, batch_size: int, device: str | torch.device | None = None,
                  compile: bool = False):
-        if batch_size < 1:
-            raise RefineError(f"refine.batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_gpu = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -113,10 +112,7 @@ class BatchRefiner:
             model = model.to(memory_format=torch.channels_last)
         self.pad = compile
         self.model = torch.compile(model, dynamic=False) if compile else model
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        self.lock = threading.Lock()
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -126,8 +122,9 @@ class BatchRefiner:
             n = len(chunk)
             if self.pad and n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-            x = to_model_input(chunk, self.device, self.dtype, self.channels_last)
-            out[start:start + n] = to_storage(self.model(x)[:n], images.dtype)
+            with self.lock:  # one forward at a time; the download and cast below overlap the next one
+                y = self.model(to_model_input(chunk, self.device, self.dtype, self.channels_last))
+            out[start:start + n] = to_storage(y[:n], images.dtype)
         return out
 
 
@@ -137,10 +134,10 @@ class BatchRefiner:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """Output shard `index` = rows [start, stop) of the input shard at `input_path`."""
+    """Output shard `index` = rows [start, stop) of the input shard at `input_uri`."""
 
     index: int
-    input_path: str  # inside the input filesystem
+    input_uri: str
     start: int
     stop: int
 
@@ -155,21 +152,26 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ShardIo:
-    """What a worker needs to read input rows and read/write output shards (picklable)."""
+    """What a worker needs to read input rows and read/write output shards."""
 
-    in_fs: pafs.FileSystem
-    out_fs: pafs.FileSystem
-    out_base: str
+    out_uri: str
     layout: Layout
+    storage_cfg: StorageConfig  # effective settings: workers may lack the driver's AWS_* environment
 
-    def out_path(self, task: ShardTask) -> str:
-        return f"{self.out_base}/{task.name}"
+    def input_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
+        return storage.resolve(task.input_uri, self.storage_cfg)
+
+    def output_uri(self, task: ShardTask) -> str:
+        return storage.join(self.out_uri, task.name)
+
+    def output_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
+        return storage.resolve(self.output_uri(task), self.storage_cfg)
 
 
 @dataclass
 class RefineJob:
-    checkpoint: str
-    input_uri: str
+    """A validated job: what the driver plans with and ships to the actors."""
+
     out_uri: str
     cfg: Config
     model_cfg: ModelConfig
@@ -184,14 +186,21 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def plan_shards(manifest: Manifest, paths: list[str], rows_per_shard: int) -> list[ShardTask]:
+def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def plan_shards(input_uri: str, manifest: Manifest, rows_per_shard: int) -> list[ShardTask]:
     """Cut every input shard into row ranges of at most `rows_per_shard`, numbered in input order."""
-    if rows_per_shard < 1:
-        raise RefineError(f"refine.rows_per_shard must be >= 1, got {rows_per_shard}")
     tasks: list[ShardTask] = []
-    for shard, path in zip(manifest.shards, paths, strict=True):
+    for shard in manifest.shards:
         for start in range(0, shard.rows, rows_per_shard):
-            tasks.append(ShardTask(len(tasks), path, start, min(start + rows_per_shard, shard.rows)))
+            tasks.append(ShardTask(len(tasks), storage.join(input_uri, shard.path), start,
+                                   min(start + rows_per_shard, shard.rows)))
     return tasks
 
 
@@ -224,9 +233,9 @@ def _location(uri: str, cfg: Config) -> tuple[str, str]:
 
 def _check_output(out_uri: str, input_uri: str, cfg: Config, spec: dict[str, Any]) -> bool:
     """Refuse an output prefix that holds anything but this job's own work; True if it is already complete."""
-    if _location(out_uri, cfg) == _location(input_uri, cfg):
-        raise RefineError(f"--out {out_uri} is the input dataset itself: choose another prefix")
     try:
+        if _location(out_uri, cfg) == _location(input_uri, cfg):
+            raise RefineError(f"--out {out_uri} is the input dataset itself: choose another prefix")
         storage.check_bucket(out_uri, cfg.storage)
         names = storage.list_files(out_uri, cfg.storage)
         recorded = (json.loads(storage.read_bytes(storage.join(out_uri, JOB_FILE), cfg.storage))
@@ -256,6 +265,9 @@ def plan_job(checkpoint: str, input_uri: str, out_uri: str, cfg: Config) -> tupl
 
     Returns the job and whether its output is already complete (a finished rerun).
     """
+    for key in ("batch_size", "num_actors", "rows_per_shard"):
+        if getattr(cfg.refine, key) < 1:
+            raise RefineError(f"refine.{key} must be >= 1, got {getattr(cfg.refine, key)}")
     refiner, ckpt_cfg, weights_sha = _load_checkpoint(checkpoint, cfg)
     manifest, manifest_sha = _load_input(input_uri, cfg, ckpt_cfg.model)
     spec = {
@@ -267,19 +279,17 @@ def plan_job(checkpoint: str, input_uri: str, out_uri: str, cfg: Config) -> tupl
         "rows_per_shard": cfg.refine.rows_per_shard,
     }
     complete = _check_output(out_uri, input_uri, cfg, spec)
-    in_fs, paths = shard_paths(input_uri, manifest, cfg.storage)
-    out_fs, out_base = storage.resolve(out_uri, cfg.storage)
     job = RefineJob(
-        checkpoint=checkpoint, input_uri=input_uri, out_uri=out_uri, cfg=cfg, model_cfg=ckpt_cfg.model,
+        out_uri=out_uri, cfg=cfg, model_cfg=ckpt_cfg.model,
         weights=refiner.state_dict(), input_manifest=manifest, spec=spec,
-        io=ShardIo(in_fs, out_fs, out_base, manifest.layout),
-        tasks=plan_shards(manifest, paths, cfg.refine.rows_per_shard),
+        io=ShardIo(out_uri, manifest.layout, storage.effective_config(cfg.storage)),
+        tasks=plan_shards(input_uri, manifest, cfg.refine.rows_per_shard),
     )
     return job, complete
 
 
 # ---------------------------------------------------------------------------------------------
-# Shard I/O (runs in actors and tasks)
+# Shard I/O (runs in the actors and in driver threads)
 
 
 def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
@@ -299,64 +309,44 @@ def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int, columns: li
     return table.slice(start - first, stop - start)
 
 
-def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Readers see the whole shard or none of it: S3 PUTs are atomic, local files are renamed into place."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        parent, name = path.rsplit("/", 1)
-        fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.{name}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-
 def refine_shard(task: ShardTask, io: ShardIo, refiner: BatchRefiner) -> ShardInfo:
     """Read one task's input rows, refine the images, write the output shard."""
     layout = io.layout
-    table = read_rows(io.in_fs, task.input_path, task.start, task.stop, columns=layout.columns)
+    table = read_rows(*io.input_file(task), task.start, task.stop, columns=layout.columns)
     refined = refiner(images_from_binary(table.column("image"), layout.image_shape, layout.image_dtype))
     image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(layout.image_nbytes), task.rows,
                                                  [None, pa.py_buffer(refined)])
     columns = [image if name == "image" else table.column(name) for name in layout.columns]
     data, digest = encode_shard(pa.Table.from_arrays(columns, schema=layout.arrow_schema()))
-    _write_atomic(io.out_fs, io.out_path(task), data)
+    storage.write_bytes_atomic(io.output_uri(task), data, io.storage_cfg)
     return ShardInfo(path=task.name, rows=task.rows, bytes=len(data), sha256=digest)
 
 
 def verify_shard(task: ShardTask, io: ShardIo, checksum: bool) -> tuple[ShardInfo | None, str | None]:
     """Compare an output shard with its input rows: schema, row count, ids equal, labels bit-identical.
 
-    With `checksum` the whole file is read and hashed (shards left by an earlier run);
-    without it only the id and label columns are read (the final exactness pass).
+    With `checksum` the whole file is hashed too (shards left by an earlier run);
+    without it only the footer and the id and label columns are read (the final pass).
     Returns (info, None) or (None, what is wrong).
     """
-    layout, path = io.layout, io.out_path(task)
+    layout, (fs, path) = io.layout, io.output_file(task)
     keys = ["id", *layout.label_fields]
     try:
-        if checksum:
-            with io.out_fs.open_input_stream(path) as f:
-                data = f.readall()
-            source, size, digest = pa.BufferReader(data), len(data), _sha256(data)
-        else:
-            source, size, digest = io.out_fs.open_input_file(path), None, ""
-        with source:
-            parquet = pq.ParquetFile(source)
+        digest = _file_sha256(fs, path) if checksum else ""
+        with fs.open_input_file(path) as f:
+            size, parquet = f.size(), pq.ParquetFile(f)
             if not parquet.schema_arrow.equals(layout.arrow_schema(), check_metadata=False):
                 return None, f"{task.name}: schema differs from the input's layout"
             if parquet.metadata.num_rows != task.rows:
                 return None, f"{task.name}: {parquet.metadata.num_rows} rows, expected {task.rows}"
             got = parquet.read(columns=keys)
-            size = size if checksum else source.size()
     except FileNotFoundError:
         return None, f"{task.name}: missing"
     except (OSError, pa.ArrowInvalid) as exc:
         return None, f"{task.name}: unreadable ({exc})"
-    want = read_rows(io.in_fs, task.input_path, task.start, task.stop, columns=keys)
+    want = read_rows(*io.input_file(task), task.start, task.stop, columns=keys)
     if not got.column("id").equals(want.column("id")):
-        return None, f"{task.name}: ids differ from input rows {task.start}..{task.stop} of {task.input_path}"
+        return None, f"{task.name}: ids differ from input rows {task.start}..{task.stop} of {task.input_uri}"
     for name, shape in layout.label_fields.items():
         a, b = (labels_from_list(t.column(name), shape) for t in (got, want))
         if not np.array_equal(a.view(np.uint32), b.view(np.uint32)):
@@ -377,7 +367,7 @@ class RefinerActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         infos = []
         for i in range(len(batch["index"])):
-            task = ShardTask(int(batch["index"][i]), str(batch["input_path"][i]), int(batch["start"][i]),
+            task = ShardTask(int(batch["index"][i]), str(batch["input_uri"][i]), int(batch["start"][i]),
                              int(batch["stop"][i]))
             infos.append(refine_shard(task, self.io, self.refiner))
         return {f.name: [getattr(info, f.name) for info in infos] for f in dataclasses.fields(ShardInfo)}
@@ -437,14 +427,15 @@ def _reuse_finished(job: RefineJob, progress: bool) -> dict[int, ShardInfo]:
 
 
 def _refine_pending(job: RefineJob, pending: list[ShardTask], done_rows: int, progress: bool
-                    ) -> tuple[dict[int, ShardInfo], str]:
+                    ) -> tuple[dict[int, ShardInfo], dict[str, Any]]:
+    """Run the shard tasks on the actor pool; returns their ShardInfos and the stage's speed."""
     import ray
     from ray.data import ActorPoolStrategy
 
     num_actors, resources = _actor_resources(job.cfg.refine.num_actors)
-    precision = "bf16" if "num_gpus" in resources else "fp32"
+    stats: dict[str, Any] = {"actors": num_actors, "precision": "bf16" if "num_gpus" in resources else "fp32"}
     if not pending:
-        return {}, precision
+        return {}, stats
     tasks = ray.data.from_items([dataclasses.asdict(t) for t in pending], override_num_blocks=len(pending))
     refined = tasks.map_batches(
         RefinerActor,
@@ -456,15 +447,23 @@ def _refine_pending(job: RefineJob, pending: list[ShardTask], done_rows: int, pr
         batch_format="numpy",
         **resources,
     )
-    infos = {}
+    infos, finished_at = {}, []
     index_of = {t.name: t.index for t in pending}
-    total = sum(t.rows for t in job.tasks)
-    with _progress(total, done_rows, f"refine ({num_actors} actors, {precision})", progress) as bar:
+    started = time.perf_counter()
+    desc = f"refine ({num_actors} actors, {stats['precision']})"
+    with _progress(sum(t.rows for t in job.tasks), done_rows, desc, progress) as bar:
         for row in refined.iter_rows():
             info = ShardInfo(**{f.name: row[f.name] for f in dataclasses.fields(ShardInfo)})
             infos[index_of[info.path]] = info
+            finished_at.append((time.perf_counter(), info.rows))
             bar.update(info.rows)
-    return infos, precision
+    stats["seconds"] = round(finished_at[-1][0] - started, 3)
+    stats["images_per_s"] = round(sum(n for _, n in finished_at) / max(stats["seconds"], 1e-9))
+    if len(finished_at) > 1:
+        # From the first finished shard on the actors are up: the rate a long job runs at.
+        span = finished_at[-1][0] - finished_at[0][0]
+        stats["steady_images_per_s"] = round(sum(n for _, n in finished_at[1:]) / max(span, 1e-9))
+    return infos, stats
 
 
 def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress: bool = True) -> Manifest:
@@ -483,13 +482,11 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
                                cfg.storage)
     if not ray.is_initialized():
         ray.init()
-    started = time.perf_counter()
     infos = _reuse_finished(job, progress)
     reused = len(infos)
     pending = [t for t in job.tasks if t.index not in infos]
-    new, precision = _refine_pending(job, pending, sum(i.rows for i in infos.values()), progress)
+    new, stats = _refine_pending(job, pending, sum(i.rows for i in infos.values()), progress)
     infos.update(new)
-    refine_seconds = time.perf_counter() - started
 
     checks = _verify_all(job, job.tasks, False, "verify exactness", progress)
     problems = [f"{t.name}: never written" for t in job.tasks if t.index not in infos]
@@ -503,10 +500,9 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     shards = [infos[t.index] for t in job.tasks]
     extra = {"refine": {
         **job.spec,
-        "precision": precision,
         "shards_reused": reused,
         "shards_refined": len(new),
-        "seconds": round(refine_seconds, 3),
+        **stats,
         "exactness": {
             "verified": True,
             "rows": rows,
@@ -520,9 +516,9 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     manifest = make_manifest(job.io.layout, shards, kind="refined", source="refine", extra=extra)
     write_manifest(out_uri, manifest, cfg.storage)
     refined_rows = sum(info.rows for info in new.values())
-    print(f"refine: {refined_rows} of {rows} rows refined into {out_uri} in {refine_seconds:.1f} s "
-          f"({refined_rows / max(refine_seconds, 1e-9):,.0f} images/s), {reused} shard(s) kept from an earlier "
-          "run; ids and labels verified exact")
+    speed = f" in {stats['seconds']:.1f} s ({stats['images_per_s']:,} images/s)" if new else ""
+    print(f"refine: {refined_rows} of {rows} rows refined into {out_uri}{speed}, {reused} shard(s) kept from an "
+          "earlier run; ids and labels verified exact")
     return manifest
 
 

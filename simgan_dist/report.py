@@ -86,6 +86,11 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def describe_change(relative_improvement: float) -> str:
+    """0.3 → "30.0% lower"; -0.1 → "10.0% higher" (for errors, where lower is better)."""
+    return f"{100 * abs(relative_improvement):.1f}% {'lower' if relative_improvement >= 0 else 'higher'}"
+
+
 def _num(value: float | None, spec: str = ".2f") -> str:
     """A metric for the page; a statistic with nothing to measure (None) shows as a dash."""
     return "–" if value is None else format(value, spec)
@@ -226,7 +231,7 @@ def _gaze_section(metrics: dict[str, Any], errors: dict[str, np.ndarray]) -> str
 <p>The paper's gaze CNN trained on each set, tested on {test_rows:,} labeled real test images
 (same seed, schedule and data order; no augmentation).</p>
 {_table(["Training data", "Mean error (°)", "Median error (°)", "Within 7°", "Train images", "Time"], rows)}
-<p>Refined vs synthetic: <b>{100 * gaze["relative_improvement"]:+.1f}%</b> relative mean error,
+<p>Refined vs synthetic: mean error <b>{describe_change(gaze["relative_improvement"])}</b>,
 <b>{100 * gaze["within_7deg_gain"]:+.1f}</b> points within 7° (the paper on MPIIGaze: about 30% and +22.3).</p>
 <div class="charts">{error_cdf(errors)}{svg_lines(losses, "GazeNet training loss", "epoch")}</div>"""
 
@@ -299,7 +304,7 @@ def render_html(metrics: dict[str, Any], errors: dict[str, np.ndarray], shifts: 
 <html><head><meta charset="utf-8"><title>SimGAN evaluation</title><style>{STYLE}</style></head><body>
 <h1>SimGAN evaluation</h1>
 <p class="headline">Gaze error on real images: <b>{h["gaze_error_synthetic_deg"]:.2f}°</b> trained on synthetic →
-<b>{h["gaze_error_refined_deg"]:.2f}°</b> trained on refined ({100 * h["relative_improvement"]:+.1f}%).
+<b>{h["gaze_error_refined_deg"]:.2f}°</b> trained on refined ({describe_change(h["relative_improvement"])}).
 Pupil shift {_num(h["pupil_shift_px"])} px. Realism distance {h["realism_synthetic"]:.4f} → {h["realism_refined"]:.4f}
 (lower = more real).</p>
 {sources}{f"<ul class='note'>{notes}</ul>" if notes else ""}

@@ -55,6 +55,7 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.train.zero_stage},
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19 defaults to 1.0; the paper does not clip
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
     }
@@ -259,7 +260,8 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
                 raise SystemExit(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
         from simgan_dist.data.pipeline import read_dataset
 
-        datasets = {key: read_dataset(getattr(cfg.data, key), cfg.storage) for key in ("synthetic", "real")}
+        datasets = {key: read_dataset(getattr(cfg.data, key), cfg.storage, columns=["image"])
+                    for key in ("synthetic", "real")}
     datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)

@@ -255,11 +255,11 @@ def render_hands(rng: np.random.Generator, n: int, domain: str) -> tuple[np.ndar
     narrower pose distribution and Kinect-like artifacts (0 = no reading).
     """
     f32 = np.float32
-    depth = rng.uniform(500, 800, n).astype(f32)
-    spin = (rng.uniform(-0.9, 0.9, n) if domain == "synthetic" else rng.normal(0, 0.3, n)).astype(f32)
+    depth = rng.uniform(750, 1000, n).astype(f32)  # far enough for the whole hand to stay in frame
+    spin = (rng.uniform(-0.6, 0.6, n) if domain == "synthetic" else rng.normal(0, 0.2, n)).astype(f32)
     curl_max = 1.4 if domain == "synthetic" else 0.8
     curl = rng.uniform(0.0, curl_max, (n, 5, 3)).astype(f32) * np.array([0.6, 1.0, 1.0], f32)
-    center = (HAND_SIZE / 2 + rng.uniform(-15, 15, (n, 2))).astype(f32)
+    center = (np.array([HAND_SIZE / 2, 0.56 * HAND_SIZE]) + rng.uniform(-10, 10, (n, 2))).astype(f32)
     px_per_mm = _FOCAL / depth
 
     joints = np.zeros((n, HAND_JOINTS, 3), f32)
