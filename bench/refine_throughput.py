@@ -12,7 +12,7 @@ Same model (the preset's refiner, random weights), precision and batch size for 
                forward, quantise, download; what the job's actors run per batch
   end to end   `refine()`: Parquet shards in → Ray Data actor pool (one GPU per actor) →
                Parquet shards out, plus validation, verification and the manifest.
-               `steady` counts from the first finished shard (actors started);
+               `steady` counts once the first wave of shards is out (actors started);
                `wall` is the whole command, start-up and exactness checks included.
 
 The input corpus is random uint8 images with gaze labels, written in the data contract

@@ -219,6 +219,12 @@ def _validate(cfg: Config) -> None:
         "train.num_workers": cfg.train.num_workers,
         "train.buffer_size": cfg.train.buffer_size,
         "train.buffer_shards": cfg.train.buffer_shards,
+        "train.report_every": cfg.train.report_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.image_every": cfg.train.image_every,
+        "refine.batch_size": cfg.refine.batch_size,
+        "refine.num_actors": cfg.refine.num_actors,
+        "refine.rows_per_shard": cfg.refine.rows_per_shard,
     }
     for key, value in positive.items():
         if value < 1:

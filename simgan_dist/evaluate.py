@@ -36,6 +36,7 @@ from scipy.ndimage import gaussian_filter
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, load_config
 from simgan_dist.imaging import to_model_input
+from simgan_dist.models import GazeNet
 
 WITHIN_DEG = 7.0  # the paper's threshold for "correct" gaze
 PUPIL_RADIUS = 4  # search window (px) around a pupil in a 35x55 eye; the pupil radius is ~2-3 px
@@ -297,8 +298,6 @@ def train_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, test_ima
     dataset resident on the device). Returns the test summary, the per-image test
     errors and the per-epoch training loss.
     """
-    from simgan_dist.models import GazeNet
-
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -21,10 +21,15 @@ def to_model_input(images: torch.Tensor | np.ndarray, device: torch.device | str
 
 
 def to_storage(x: torch.Tensor, dtype: np.dtype = np.uint8) -> np.ndarray:
-    """N×C×H×W floats in [-1, 1] → N×H×W×C integers, rounded and clipped."""
-    scale = 65535.0 if np.dtype(dtype) == np.uint16 else 255.0
+    """N×C×H×W floats in [-1, 1] → N×H×W×C integers, rounded and clipped.
+
+    The cast happens on the device, so a GPU sends 1 byte per pixel to the host, not 4.
+    """
+    wide = np.dtype(dtype) == np.uint16
+    scale = 65535.0 if wide else 255.0
     y = ((x.detach().float().clamp(-1, 1) + 1.0) * (scale / 2.0)).round()
-    return y.permute(0, 2, 3, 1).cpu().numpy().astype(dtype)
+    y = y.to(torch.int32 if wide else torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return y.astype(dtype, copy=False)
 
 
 def grid(rows: list[np.ndarray], scale: int = 3, pad: int = 2) -> np.ndarray:

@@ -436,8 +436,8 @@ def _refine_pending(job: RefineJob, pending: list[ShardTask], done_rows: int, pr
     stats: dict[str, Any] = {"actors": num_actors, "precision": "bf16" if "num_gpus" in resources else "fp32"}
     if not pending:
         return {}, stats
-    tasks = ray.data.from_items([dataclasses.asdict(t) for t in pending], override_num_blocks=len(pending))
-    refined = tasks.map_batches(
+    todo = ray.data.from_items([dataclasses.asdict(t) for t in pending], override_num_blocks=len(pending))
+    refined = todo.map_batches(
         RefinerActor,
         batch_size=1,
         compute=ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR,
@@ -453,16 +453,18 @@ def _refine_pending(job: RefineJob, pending: list[ShardTask], done_rows: int, pr
     desc = f"refine ({num_actors} actors, {stats['precision']})"
     with _progress(sum(t.rows for t in job.tasks), done_rows, desc, progress) as bar:
         for row in refined.iter_rows():
-            info = ShardInfo(**{f.name: row[f.name] for f in dataclasses.fields(ShardInfo)})
+            info = ShardInfo(str(row["path"]), int(row["rows"]), int(row["bytes"]), str(row["sha256"]))
             infos[index_of[info.path]] = info
             finished_at.append((time.perf_counter(), info.rows))
             bar.update(info.rows)
     stats["seconds"] = round(finished_at[-1][0] - started, 3)
     stats["images_per_s"] = round(sum(n for _, n in finished_at) / max(stats["seconds"], 1e-9))
-    if len(finished_at) > 1:
-        # From the first finished shard on the actors are up: the rate a long job runs at.
-        span = finished_at[-1][0] - finished_at[0][0]
-        stats["steady_images_per_s"] = round(sum(n for _, n in finished_at[1:]) / max(span, 1e-9))
+    # The rate a long job runs at: counted once the first wave of shards (started together,
+    # slowed by actor start-up) is out, from then to the last shard.
+    wave = num_actors * TASKS_PER_ACTOR
+    if len(finished_at) > wave:
+        span = finished_at[-1][0] - finished_at[wave - 1][0]
+        stats["steady_images_per_s"] = round(sum(n for _, n in finished_at[wave:]) / max(span, 1e-9))
     return infos, stats
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -64,13 +65,17 @@ def test_unlabeled_real_has_only_images(eyes):
 
 def test_per_worker_shards_split_the_rows(eyes):
     ds = read_dataset(storage.join(eyes, "synthetic"), columns=["id", "image"])
-    # What Ray Train's get_dataset_shard hands each of two workers.
+    # What Ray Train's get_dataset_shard hands each of two workers; the shards are read
+    # concurrently, as workers do (a split waits for all of its consumers).
     shards = ds.streaming_split(2, equal=True)
-    seen = []
-    for shard in shards:
-        for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
-            seen.extend(batch["id"])
-    assert len(seen) == 700 and len(set(seen)) == 700
+
+    def consume(shard):
+        return [i for batch in shard.iter_batches(batch_size=64, batch_format="numpy") for i in batch["id"]]
+
+    with ThreadPoolExecutor(2) as pool:
+        per_worker = list(pool.map(consume, shards))
+    assert [len(ids) for ids in per_worker] == [350, 350]
+    assert len(set(per_worker[0]) | set(per_worker[1])) == 700
 
 
 def test_cycle_batches_runs_epoch_after_epoch(eyes):
