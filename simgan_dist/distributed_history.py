@@ -89,7 +89,7 @@ def clear_shards(shards: list[ray.actor.ActorHandle]) -> None:
 def load_shards(shards: list[ray.actor.ActorHandle], states: list[dict]) -> int:
     if len(states) != len(shards):
         raise ValueError(f"checkpoint holds {len(states)} history shards, this run has {len(shards)}")
-    return sum(ray.get([s.load_state_dict.remote(state) for s, state in zip(shards, states)]))
+    return sum(ray.get([s.load_state_dict.remote(state) for s, state in zip(shards, states, strict=False)]))
 
 
 class SharedHistory:
@@ -120,7 +120,7 @@ class SharedHistory:
     def push(self, images: torch.Tensor) -> None:
         chunks = images.detach().to("cpu", torch.float16).chunk(len(self.shards))
         # Fire-and-forget: an actor runs one caller's calls in order; refs are kept for flush().
-        self.pushes = [shard.push.remote(chunk) for shard, chunk in zip(self.shards, chunks)]
+        self.pushes = [shard.push.remote(chunk) for shard, chunk in zip(self.shards, chunks, strict=False)]
         self.known_size = max(self.known_size, 1)
         # Asked after the push, the sample already sees it, and is ready by the next D step.
         self.pending = self._request()

@@ -120,7 +120,7 @@ def test_single_worker_follows_the_local_trainer(ray_local, eye_data, tmp_path):
     ray_path = _jsonl(tmp_path / "ray" / "monitor" / "metrics.jsonl")
     assert [r["step"] for r in local] == [r["step"] for r in ray_path] == [5, 10, 15, 16]
     # Same seeds, same data order, same buffer draws: the trajectories agree to 1e-4 relative.
-    for a, b in zip(local, ray_path):
+    for a, b in zip(local, ray_path, strict=False):
         for key in ("refiner/reg_loss", "refiner/adv_loss", "disc/loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
