@@ -4,7 +4,7 @@
 
 Steps: render `--rows` synthetic eyes into a local folder (simulator + writer rate),
 copy the shards to a moto S3 server started as a separate process on 127.0.0.1,
-then for each source time a full pass of `read_dataset(...).iter_batches` (numpy,
+then, after one warm-up pass, for each source time a full pass of `read_dataset(...).iter_batches` (numpy,
 what a refinement job sees) and `iter_torch_batches` (what a training worker sees),
 plus the single-process `load_numpy` reader as a baseline. Prints a Markdown table.
 """
@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 
+import boto3
 import pyarrow.fs as pafs
 
 from simgan_dist.config import StorageConfig
@@ -84,13 +85,15 @@ def main() -> None:
 
         cfg = StorageConfig(endpoint_url=endpoint, region="us-east-1", access_key_id="bench",
                             secret_access_key="bench")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket="bench")
         fs = storage.s3_filesystem(cfg)
-        fs.create_dir("bench")  # a bucket
         s3 = "s3://bench/eyes/synthetic"
         pafs.copy_files(os.path.join(local, "synthetic"), "bench/eyes/synthetic",
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         assert read_manifest(s3, cfg).rows == args.rows
 
+        ray_pass(os.path.join(local, "synthetic"), None, args.batch_size, True)  # warm up Ray's workers
         for name, uri, source_cfg in (("local disk", os.path.join(local, "synthetic"), None),
                                       ("loopback S3 (moto)", s3, cfg)):
             results.append((f"load_numpy, one process, {name}",

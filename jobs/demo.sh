@@ -13,7 +13,7 @@ config=(--config jobs/configs/tiny.yaml
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1/4 simulate: labeled synthetic eyes, unlabeled real eyes, a labeled real test set"
-simgan-dist simulate --out "$data" --synthetic 20000 --real 5000 --real-test 2000 --seed 0 "${config[@]}"
+simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed 0 "${config[@]}"
 
 step "2/4 train: SimGAN with 2 Ray Train workers, DeepSpeed engines, a shared history buffer"
 simgan-dist train "${config[@]}" --set train.iterations=300 | tee "$out/train.log"
@@ -24,4 +24,4 @@ simgan-dist refine --checkpoint "$checkpoint" --input "$data/synthetic" --out "$
 
 step "4/4 evaluate: gaze error on real test images, pupil shift, realism"
 simgan-dist evaluate --synthetic "$data/synthetic" --refined "$data/refined" --real-test "$data/real_test" \
-    --run "$out/runs/demo/monitor" --out "$out/report" "${config[@]}"
+    --run "$out/runs/demo/monitor" --out "$out/report" "${config[@]}" --set evaluate.gaze_epochs=2

@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from simgan_dist.config import Config, ConfigError, StorageConfig, config_from_dict
+from simgan_dist.config import Config, ConfigError, StorageConfig, UserError, config_from_dict
 from simgan_dist.models import Refiner, build_refiner
 
 CONFIG_FILE = "config.yaml"
@@ -30,7 +30,7 @@ DISCRIMINATOR_FILE = "discriminator.pt"
 STATE_FILE = "state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that is missing, incomplete or not from this project."""
 
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from simgan_dist.config import PRESETS, ConfigError, load_config
+from simgan_dist.config import PRESETS, ConfigError, UserError, load_config
 
 EPILOG = """\
 pipeline:
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--real", metavar="URI", help="real images (labeled ones add a ceiling row)")
     evaluate.add_argument("--run", metavar="DIR", help="training run folder, for loss curves")
     evaluate.add_argument("--out", required=True, metavar="DIR")
+    evaluate.add_argument("--no-ray", action="store_true", help="train the gaze models in this process, one by one")
     _add_config_args(evaluate)
     evaluate.set_defaults(handler="simgan_dist.evaluate:cli_evaluate")
     return parser
@@ -131,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except ConfigError as exc:
-        print(f"simgan-dist: config error: {exc}", file=sys.stderr)
+        print(f"simgan-dist {args.command}: config error: {exc}", file=sys.stderr)
         return 2
+    except UserError as exc:
+        print(f"simgan-dist {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from simgan_dist import report
-from simgan_dist.config import Config, EvaluateConfig, load_config
+from simgan_dist.config import Config, EvaluateConfig, UserError, load_config
 from simgan_dist.imaging import to_model_input
 from simgan_dist.models import GazeNet
 
@@ -45,7 +44,7 @@ DETECT_CHUNK = 8192  # images per detector chunk (bounds memory at 1M-image scal
 METRICS_VERSION = 1
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Inputs the evaluation cannot use; the message names the dataset and what is wrong."""
 
 
@@ -590,10 +589,6 @@ def _print_headline(metrics: dict[str, Any], report_path: Path) -> None:
 
 def cli_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
-    try:
-        evaluate(args.synthetic, args.refined, args.real_test, args.out, real=args.real, run=args.run, cfg=cfg,
-                 use_ray=not getattr(args, "no_ray", False))
-    except EvaluationError as exc:
-        print(f"simgan-dist evaluate: error: {exc}", file=sys.stderr)
-        return 1
+    evaluate(args.synthetic, args.refined, args.real_test, args.out, real=args.real, run=args.run, cfg=cfg,
+             use_ray=not args.no_ray)
     return 0

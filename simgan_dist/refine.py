@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 import torch
 
 from simgan_dist.checkpoint import REFINER_FILE, CheckpointError, load_refiner
-from simgan_dist.config import Config, ModelConfig, StorageConfig, load_config
+from simgan_dist.config import Config, ModelConfig, StorageConfig, UserError, load_config
 from simgan_dist.data import storage
 from simgan_dist.data.schema import (
     MANIFEST_NAME,
@@ -83,7 +83,7 @@ TASKS_PER_ACTOR = 2
 VERIFY_THREADS = 16
 
 
-class RefineError(RuntimeError):
+class RefineError(UserError, RuntimeError):
     """The refine job cannot start or its output is not exact; the message says why and what to do."""
 
 
@@ -526,10 +526,6 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
 
 def cli_refine(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
-    try:
-        refine(args.checkpoint, args.input, args.out, cfg)
-    except (RefineError, DatasetError, StorageError) as exc:
-        print(f"simgan-dist refine: error: {exc}", file=sys.stderr)
-        return 1
+    refine(args.checkpoint, args.input, args.out, cfg)
     return 0
 

@@ -246,6 +246,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
     replaces reading `data.synthetic` / `data.real`.
     """
     import ray
+    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -253,7 +254,9 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
     from simgan_dist.data import storage
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(**_local_resources(cfg))
+    # Our progress line says what matters; per-epoch Ray Data bars would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if datasets is None:
         for key in ("synthetic", "real"):
             if not getattr(cfg.data, key):
@@ -291,6 +294,17 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
     result = trainer.fit()
     dh.destroy_shards(run, cfg.train.buffer_shards)
     return result
+
+
+def _local_resources(cfg: Config) -> dict[str, Any]:
+    """Without RAY_ADDRESS, ray.init starts a local cluster: leave CPUs for Ray Data's readers.
+
+    Each CPU training worker holds one logical CPU; on a 2-core laptop two workers would
+    otherwise starve the read tasks and the run would wait forever.
+    """
+    if os.environ.get("RAY_ADDRESS") or cfg.train.use_gpu:
+        return {}
+    return {"num_cpus": max(os.cpu_count() or 1, cfg.train.num_workers + 2)}
 
 
 def _ordered_execution():

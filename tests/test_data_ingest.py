@@ -352,7 +352,7 @@ def test_cli_ingest_prints_the_summary(tmp_path, capsys):
     assert cli.main(["ingest", "kaggle-h5", str(tmp_path / "gaze.h5"), "--out", out, "--workers", "1"]) == 0
     text = capsys.readouterr().out
     assert "2 rows written" in text and "1 quarantined" in text and "missing label: 1" in text
-    assert cli.main(["ingest", "kaggle-h5", str(tmp_path / "gaze.h5"), "--out", out]) == 2
+    assert cli.main(["ingest", "kaggle-h5", str(tmp_path / "gaze.h5"), "--out", out]) == 1
     assert "already holds a dataset" in capsys.readouterr().err
     assert cli.main(["ingest", "kaggle-h5", str(tmp_path / "gaze.h5"), "--out", out, "--overwrite"]) == 0
 
@@ -367,5 +367,5 @@ def test_missing_or_empty_src_is_a_clear_error(tmp_path, capsys):
         ingest("mpiigaze", tmp_path / "empty", str(tmp_path / "o2"))
     with pytest.raises(IngestError, match="no MPIIGaze files"):
         ingest("mpiigaze", tmp_path / "other", str(tmp_path / "o3"))
-    assert cli.main(["ingest", "folder", str(tmp_path / "missing"), "--out", str(tmp_path / "o4")]) == 2
+    assert cli.main(["ingest", "folder", str(tmp_path / "missing"), "--out", str(tmp_path / "o4")]) == 1
     assert "missing: no such file or folder" in capsys.readouterr().err

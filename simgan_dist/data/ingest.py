@@ -52,11 +52,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from simgan_dist.config import Config, StorageConfig, load_config
+from simgan_dist.config import Config, StorageConfig, UserError, load_config
 from simgan_dist.data import storage
-from simgan_dist.data.schema import DatasetError, DatasetWriter, Layout, Manifest
+from simgan_dist.data.schema import DatasetWriter, Layout, Manifest
 from simgan_dist.data.simulate import EYE_H, EYE_W, GAZE_CONVENTION, HAND_SIZE
-from simgan_dist.data.storage import StorageError
 
 QUARANTINE_NAME = "quarantine.parquet"
 KINDS = ("synthetic", "real", "real_test")
@@ -68,7 +67,7 @@ MPII_IMAGE = (36, 60)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """SRC or the options cannot be ingested at all; the message names the file or field."""
 
 
@@ -721,13 +720,9 @@ def ingest(format_name: str, src: str | Path, out: str, *, cfg: Config | None = 
 
 def cli_ingest(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
-    try:
-        result = ingest(args.format, args.src, args.out, cfg=cfg, kind=args.kind, labels_csv=args.labels,
-                        rows_per_shard=args.rows_per_shard, workers=args.workers, overwrite=args.overwrite,
-                        progress=sys.stderr.isatty())
-    except (IngestError, DatasetError, StorageError) as exc:
-        print(f"simgan-dist ingest: error: {exc}", file=sys.stderr)
-        return 2
+    result = ingest(args.format, args.src, args.out, cfg=cfg, kind=args.kind, labels_csv=args.labels,
+                    rows_per_shard=args.rows_per_shard, workers=args.workers, overwrite=args.overwrite,
+                    progress=sys.stderr.isatty())
     print(result.summary())
     if not result.rows:
         print("simgan-dist ingest: error: no usable rows (every item was quarantined)", file=sys.stderr)

@@ -46,7 +46,9 @@ def read_dataset(uri: str, storage_cfg: StorageConfig | None = None, *, columns:
     fs, paths = shard_paths(uri, manifest, storage_cfg)
     if not paths:
         raise DatasetError(f"{uri}: the dataset has no rows")
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle="files" if shuffle_files else None)
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle="files" if shuffle_files else None)
+    # Ray pushes the projection down into the Parquet read: unused columns are never fetched.
+    ds = ds.select_columns(columns)
     return ds.map_batches(decode_batch, batch_format="pyarrow", fn_kwargs={"layout": layout}, batch_size=None)
 
 

@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from simgan_dist.config import StorageConfig
+from simgan_dist.config import StorageConfig, UserError
 from simgan_dist.data import storage
-from simgan_dist.data.storage import StorageError
+from simgan_dist.data.storage import MissingFileError
 
 FORMAT = "simgan_dist.dataset"
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ IMAGE_DTYPES = ("uint8", "uint16")
 ROW_GROUP_ROWS = 8192
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Data that does not match the contract or its manifest; the message names the URI and field."""
 
 
@@ -333,9 +333,7 @@ def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> Manifes
     """The dataset's manifest; a clear error when the prefix holds no finished dataset."""
     try:
         text = storage.read_bytes(storage.join(uri, MANIFEST_NAME), storage_cfg)
-    except StorageError as exc:
-        if "no such file" not in str(exc):
-            raise
+    except MissingFileError:
         storage.check_bucket(uri, storage_cfg)
         shards = [n for n in storage.list_files(uri, storage_cfg) if n.endswith(".parquet")]
         if shards:

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from simgan_dist.config import StorageConfig
+from simgan_dist.config import StorageConfig, UserError
 
 # A wrong endpoint must fail in seconds: short connects, few retries.
 CONNECT_TIMEOUT_S = 3.0
@@ -28,8 +28,12 @@ MAX_ATTEMPTS = 3
 DEFAULT_REGION = "us-east-1"
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Object storage or a local folder could not be used; the message names the URI."""
+
+
+class MissingFileError(StorageError):
+    """The file (object) does not exist; its folder or bucket may."""
 
 
 def _setting(value: str, *env_names: str) -> str | None:
@@ -150,7 +154,7 @@ def read_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> bytes:
         with fs.open_input_stream(path) as f:
             return f.readall()
     except FileNotFoundError as exc:
-        raise StorageError(f"{uri}: no such file") from exc
+        raise MissingFileError(f"{uri}: no such file") from exc
     except OSError as exc:
         raise explain(exc, uri, "read") from exc
 
