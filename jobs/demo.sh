@@ -24,4 +24,4 @@ simgan-dist refine --checkpoint "$checkpoint" --input "$data/synthetic" --out "$
 
 step "4/4 evaluate: gaze error on real test images, pupil shift, realism"
 simgan-dist evaluate --synthetic "$data/synthetic" --refined "$data/refined" --real-test "$data/real_test" \
-    --run "$out/runs/demo/monitor" --out "$out/report" "${config[@]}" --set evaluate.gaze_epochs=2
+    --run "$out/runs/demo" --out "$out/report" "${config[@]}" --set evaluate.gaze_epochs=2

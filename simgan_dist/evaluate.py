@@ -482,12 +482,17 @@ def load_inputs(synthetic: str, refined: str, real_test: str, real: str | None, 
 
 
 def read_run_metrics(run: str | Path | None) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl records (a resumed run's repeated steps: the last record wins)."""
+    """The run's metrics.jsonl records (a resumed run's repeated steps: the last record wins).
+
+    `run` is a `train --local` folder or a Ray run folder (`<storage_path>/<name>`, whose
+    records live in `monitor/`).
+    """
     if not run:
         return []
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        raise EvaluationError(f"--run {run}: no metrics.jsonl there (give the training run folder)")
+    candidates = [Path(run) / "metrics.jsonl", Path(run) / "monitor" / "metrics.jsonl"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise EvaluationError(f"--run {run}: no metrics.jsonl there or in its monitor/ (give the training run folder)")
     by_step: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if line.strip():

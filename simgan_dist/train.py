@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,12 @@ def history_run_id(cfg: Config) -> str:
     """One buffer per run: the run name plus where it is stored."""
     where = hashlib.sha1(cfg.train.storage_path.encode()).hexdigest()[:8]
     return f"{cfg.train.name}-{where}"
+
+
+def _say(line: str) -> None:
+    """One line on the worker's stdout (Ray Train's patched print() would show it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class DeepSpeedUpdater:
@@ -186,8 +193,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         algo.load_state_dict(state["algorithm"])
     if rank == 0 and restored_from:
-        print(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
-              f"with {history_restored} history images")
+        _say(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
+             f"with {history_restored} history images")
 
     sink = MonitorSink(cfg) if rank == 0 else None
     averager = MetricAverager()
@@ -217,7 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sink.log.image(step, comparison_grid(synthetic.preview.numpy(), to_storage(refined), real_preview))
         if sink:
             sink.log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            print(progress_line(step, algo.total_steps, phase, metrics), flush=True)
+            _say(progress_line(step, algo.total_steps, phase, metrics))
             sink.sync()
         with tempfile.TemporaryDirectory(prefix="simgan-ckpt-") as folder:
             checkpoint_out = None
@@ -261,21 +268,19 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
         for key in ("synthetic", "real"):
             if not getattr(cfg.data, key):
                 raise SystemExit(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
-        from simgan_dist.data.pipeline import read_dataset
-
-        datasets = {key: read_dataset(getattr(cfg.data, key), cfg.storage, columns=["image"])
-                    for key in ("synthetic", "real")}
+        datasets = {key: _open_dataset(getattr(cfg.data, key), cfg) for key in ("synthetic", "real")}
     datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
+    storage_filesystem = None
+    if storage.is_s3(cfg.train.storage_path):
+        storage_filesystem, storage_path = storage.resolve(cfg.train.storage_path, cfg.storage)
+    else:
+        # Workers run in other folders: a relative path must mean the same place to all of them.
+        cfg = config_from_dict(cfg.to_dict())
+        cfg.train.storage_path = storage_path = storage.resolve(cfg.train.storage_path)[1]
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)
     dh.create_shards(run, cfg.train.buffer_size, image_shape, cfg.train.buffer_shards, cfg.train.seed + 3)
 
-    storage_filesystem = None
-    storage_path = cfg.train.storage_path
-    if storage.is_s3(storage_path):
-        storage_filesystem, storage_path = storage.resolve(storage_path, cfg.storage)
-    else:
-        storage_path = storage.resolve(storage_path)[1]
     data_config = DataConfig(datasets_to_split="all")
     if not cfg.train.shuffle:
         data_config = DataConfig(datasets_to_split="all", execution_options=_ordered_execution())
@@ -294,6 +299,23 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
     result = trainer.fit()
     dh.destroy_shards(run, cfg.train.buffer_shards)
     return result
+
+
+def _open_dataset(uri: str, cfg: Config):
+    """The images of a dataset; held in the object store when they fit in a quarter of it.
+
+    Every pass over a shard is a new epoch: streaming from storage again costs seconds of
+    start-up each time, which small corpora (the real set above all) would pay often.
+    """
+    import ray
+
+    from simgan_dist.data.pipeline import read_dataset
+    from simgan_dist.data.schema import read_manifest
+
+    manifest = read_manifest(uri, cfg.storage)
+    dataset = read_dataset(uri, cfg.storage, columns=["image"])
+    budget = ray.cluster_resources().get("object_store_memory", 0) / 4
+    return dataset.materialize() if manifest.rows * manifest.layout.image_nbytes <= budget else dataset
 
 
 def _local_resources(cfg: Config) -> dict[str, Any]:
