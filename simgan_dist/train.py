@@ -262,8 +262,11 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
 
     if not ray.is_initialized():
         ray.init(**_local_resources(cfg))
+    context = ray.data.DataContext.get_current()
     # Our progress line says what matters; per-epoch Ray Data bars would bury it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context.enable_progress_bars = False
+    # Unshuffled runs read in stored order, caching included (reproducible trajectories).
+    context.execution_options.preserve_order = not cfg.train.shuffle
     if datasets is None:
         for key in ("synthetic", "real"):
             if not getattr(cfg.data, key):
@@ -281,9 +284,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
     run = history_run_id(cfg)
     dh.create_shards(run, cfg.train.buffer_size, image_shape, cfg.train.buffer_shards, cfg.train.seed + 3)
 
-    data_config = DataConfig(datasets_to_split="all")
-    if not cfg.train.shuffle:
-        data_config = DataConfig(datasets_to_split="all", execution_options=_ordered_execution())
+    data_config = DataConfig(datasets_to_split="all")  # carries preserve_order over from the context
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "history_run": run},
@@ -327,14 +328,6 @@ def _local_resources(cfg: Config) -> dict[str, Any]:
     if os.environ.get("RAY_ADDRESS") or cfg.train.use_gpu:
         return {}
     return {"num_cpus": max(os.cpu_count() or 1, cfg.train.num_workers + 2)}
-
-
-def _ordered_execution():
-    from ray.data import ExecutionOptions
-
-    options = ExecutionOptions()
-    options.preserve_order = True
-    return options
 
 
 def checkpoint_uri(cfg: Config, checkpoint) -> str:

@@ -2,14 +2,13 @@
 
 import json
 import math
-import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from simgan_dist.cli import build_parser
-from simgan_dist.config import load_config
+from simgan_dist.config import UserError, load_config
 from simgan_dist.data.schema import DatasetWriter, Layout, load_numpy, read_manifest
 from simgan_dist.data.simulate import render_rows, simulate_dataset
 from simgan_dist.evaluate import (
@@ -171,10 +170,10 @@ def test_in_process_variants_without_ray():
     ({"--real-test": "real"}, "has no gaze labels"),
     ({"--synthetic": "missing"}, "synthetic dataset .* cannot be read"),
 ])
-def test_clear_errors(datasets, tmp_path, capsys, change, message):
+def test_clear_errors(datasets, tmp_path, change, message):
     args = _args(datasets, tmp_path / "out")
     for flag, name in change.items():
         setattr(args, flag.lstrip("-").replace("-", "_"), str(datasets / name))
-    assert cli_evaluate(args) == 1
-    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(UserError, match=message):
+        cli_evaluate(args)
     assert not (tmp_path / "out" / "report.html").exists()
