@@ -87,6 +87,8 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=[*args.overrides, f"train.num_workers={args.workers}",
                                               f"train.use_gpu={str(use_gpu).lower()}"])
     device = torch.device("cuda" if use_gpu else "cpu")
+    if not use_gpu:
+        torch.set_num_threads(1)  # like each Ray CPU worker (OMP_NUM_THREADS=1): per-worker parity
     name = torch.cuda.get_device_name() if use_gpu else "CPU"
     plain = roofline(cfg, device, args.iterations)
     print(f"roofline (plain PyTorch, 1 {name}): {plain:,.0f} images/s", flush=True)
