@@ -14,10 +14,13 @@ from simgan_dist.config import PRESETS, ConfigError, UserError, load_config
 
 EPILOG = """\
 pipeline:
-  simgan-dist simulate --out data/ --synthetic 20000 --real 5000 --real-test 2000
-  simgan-dist train --config jobs/configs/tiny.yaml --set data.synthetic=data/synthetic
-  simgan-dist refine --checkpoint runs/simgan/checkpoint_000003 --input data/synthetic --out data/refined
-  simgan-dist evaluate --synthetic data/synthetic --refined data/refined --real-test data/real_test --out report/
+  simgan-dist simulate --out data --synthetic 20000 --real 5000 --real-test 2000
+  simgan-dist train --config jobs/configs/tiny.yaml \\
+      --set data.synthetic=data/synthetic --set data.real=data/real --set train.storage_path=runs
+  simgan-dist refine --preset tiny --checkpoint CHECKPOINT --input data/synthetic --out data/refined
+  simgan-dist evaluate --preset tiny --synthetic data/synthetic --refined data/refined \\
+      --real-test data/real_test --run runs/tiny-simgan --out report
+(train prints the CHECKPOINT path; `make demo` runs exactly this on a small corpus.)
 
 Every command takes --preset/--config/--set; `simgan-dist config show` prints the result.
 Object storage: s3://bucket/prefix URIs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and

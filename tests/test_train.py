@@ -30,12 +30,13 @@ def _config(*overrides):
                                           "train.report_every=5", "train.image_every=10", *overrides])
 
 
-def test_two_workers_end_to_end_on_s3(ray_local, s3_bucket):
+def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
     data = f"{s3_bucket}/eyes"
     simulate_dataset(data, synthetic=384, real=192, real_test=0, seed=1, rows_per_shard=100)
-    cfg = _config("train.num_workers=2", "train.iterations=6", "train.checkpoint_every=7",
-                  f"data.synthetic={data}/synthetic", f"data.real={data}/real",
-                  f"train.storage_path={s3_bucket}/runs", "train.name=e2e")
+    overrides = ["train.num_workers=2", "train.checkpoint_every=7", "train.zero_stage=2",
+                 f"data.synthetic={data}/synthetic", f"data.real={data}/real",
+                 f"train.storage_path={s3_bucket}/runs", "train.name=e2e"]
+    cfg = _config(*overrides, "train.iterations=6")
     result = fit(cfg)
     assert result.error is None
     metrics = result.metrics
@@ -53,6 +54,12 @@ def test_two_workers_end_to_end_on_s3(ray_local, s3_bucket):
     monitor = storage.list_files(f"{s3_bucket}/runs/e2e/monitor")
     assert "metrics.jsonl" in monitor
     assert storage.list_files(f"{s3_bucket}/runs/e2e/monitor/images")
+
+    # the same job submitted again with a longer schedule continues the run
+    again = fit(_config(*overrides, "train.iterations=8"))
+    assert again.error is None
+    assert again.metrics["restored_from_step"] == 14 and again.metrics["step"] == 16
+    assert again.metrics["history_restored"] == 256
 
 
 def _train_workers() -> list[psutil.Process]:
