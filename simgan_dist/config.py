@@ -150,24 +150,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "train": {"k_g": 2, "pretrain_refiner_steps": 500, "batch_size": 64},
     },
-    # A few channels and two blocks: CPU tests and the demo.
-    # Sized from bench/RESULTS.md ("Why the demo's refiner made data worse"): with 8 maps, one
-    # block and 20 pretraining steps R started the adversarial phase far from identity (it
-    # washed the contrast out) and could learn little beyond blur; refined data then trained
-    # a *worse* gaze estimator. 16 maps x 2 blocks (11x11 px receptive field, was 7x7) with D at half
-    # width is still CPU-fast and beats raw synthetic.
+    # A few channels and one block: CPU tests and the demo.
     "tiny": {
-        "model": {"refiner_channels": 16, "refiner_blocks": 2, "disc_width": 0.5},
-        # The self-regularisation term is summed over the 1,925 pixels of an eye while the
-        # adversarial term is a mean over patches: at λ = 1e-4 it is ~3% of L_R and R is
-        # effectively unregularised (the demo run lost the eye's contrast). At 1e-3 a mean |R(x) − x|
-        # of 10 gray levels (reg ≈ 150) costs 0.15, a fifth of the adversarial loss.
-        "loss": {"lambda_reg": 1e-3},
+        "model": {"refiner_channels": 8, "refiner_blocks": 1, "disc_width": 0.25},
         "train": {
             "batch_size": 32,
             "k_g": 2,
-            # R must reach identity before D sees it (reg ≈ 40, ~3 gray levels, after 300 steps).
-            "pretrain_refiner_steps": 300,
+            "pretrain_refiner_steps": 20,
             "pretrain_disc_steps": 10,
             "iterations": 40,
             "buffer_size": 256,

@@ -19,7 +19,7 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: tiny\ntrain:\n  lr: 0.01\n  k_g: 3\nloss:\n  lambda_reg: 1\n")
     cfg = load_config("eye", path, ["train.lr=1e-4", "data.synthetic=s3://b/syn", "train.use_gpu=true"])
-    assert cfg.model.refiner_blocks == 2  # the file's preset (tiny) wins over the default (eye: 4)
+    assert cfg.model.refiner_blocks == 1  # the file's preset wins over the default
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.train.k_g == 3
     assert cfg.loss.lambda_reg == 1.0 and isinstance(cfg.loss.lambda_reg, float)
