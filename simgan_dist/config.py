@@ -54,6 +54,10 @@ class DataConfig:
     synthetic: str = ""
     real: str = ""
     real_test: str = ""
+    # Held-out unlabeled real images for the label-free objective (never real_test). Empty: the
+    # rows of `real` whose id hashes below `real_val_fraction` (training then skips them).
+    real_val: str = ""
+    real_val_fraction: float = 0.05
 
 
 @dataclass
@@ -91,6 +95,12 @@ class TrainConfig:
     shuffle: bool = True
     # "auto": bf16 autocast on GPU, fp32 on CPU.
     precision: str = "auto"
+    # Every eval_every steps rank 0 refines the first eval_samples synthetic images and scores them
+    # (objective.py); 0 turns it off. The keep_best checkpoints with the lowest objective are kept
+    # besides the latest.
+    eval_every: int = 100
+    eval_samples: int = 1000
+    keep_best: int = 3
 
 
 @dataclass
@@ -111,10 +121,27 @@ class EvaluateConfig:
 
 @dataclass
 class TuneConfig:
+    # A sweep's name: rerunning with the same name and output resumes it.
+    name: str = "sweep"
+    # Where the results table, best config and best checkpoint URI go (a folder or s3://…); trial
+    # runs go under it too.
+    output: str = "sweeps"
     num_samples: int = 8
-    k_g: list[int] = field(default_factory=lambda: [2, 10, 50])
-    lr: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
-    lambda_reg: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
+    # Search space. A list is a choice; a mapping {min, max} is a log-uniform range (k_g: rounded).
+    # The paper's values (K_g 50 for eyes, 2 for hands; lr 1e-3 and 1e-4; λ) lie inside the defaults.
+    k_g: Any = field(default_factory=lambda: [2, 10, 50])
+    lr: Any = field(default_factory=lambda: [1e-4, 1e-3])
+    lambda_reg: Any = field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
+    # "random" (Tune's BasicVariantGenerator) or "optuna" (TPE).
+    search: str = "random"
+    # ASHA: a trial runs at least grace_steps training steps before it can be stopped; each rung
+    # keeps the best 1/reduction_factor of the trials.
+    grace_steps: int = 100
+    reduction_factor: int = 2
+    # 0: as many as the cluster's CPUs/GPUs fit (train.num_workers each).
+    max_concurrent_trials: int = 0
+    # Each trial's worker group: CPUs per worker (besides GPUs when train.use_gpu).
+    cpus_per_worker: float = 1.0
 
 
 @dataclass
@@ -164,6 +191,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "report_every": 10,
             "checkpoint_every": 20,
             "image_every": 20,
+            "eval_every": 0,
+            "eval_samples": 200,
         },
         "refine": {"batch_size": 256, "rows_per_shard": 2000},
         "evaluate": {"gaze_epochs": 3, "gaze_batch_size": 128, "realism_samples": 500},
@@ -174,6 +203,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a field annotation; ints are accepted where floats are."""
+    if annotation is Any:  # checked by _validate (the tune search space: a list or a range)
+        return value
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
@@ -226,6 +257,10 @@ def _validate(cfg: Config) -> None:
         "train.report_every": cfg.train.report_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.image_every": cfg.train.image_every,
+        "train.eval_samples": cfg.train.eval_samples,
+        "train.keep_best": cfg.train.keep_best,
+        "tune.num_samples": cfg.tune.num_samples,
+        "tune.grace_steps": cfg.tune.grace_steps,
         "refine.batch_size": cfg.refine.batch_size,
         "refine.num_actors": cfg.refine.num_actors,
         "refine.rows_per_shard": cfg.refine.rows_per_shard,
@@ -233,10 +268,58 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"train.eval_every: must be >= 0 (0 = off), got {cfg.train.eval_every}")
+    if not 0.0 <= cfg.data.real_val_fraction < 1.0:
+        raise ConfigError(f"data.real_val_fraction: must be in [0, 1), got {cfg.data.real_val_fraction}")
+    if cfg.train.eval_every and not cfg.data.real_val and cfg.data.real_val_fraction == 0:
+        raise ConfigError("train.eval_every > 0 needs held-out real images: set data.real_val or "
+                          "data.real_val_fraction > 0 (or train.eval_every=0)")
+    if cfg.tune.search not in ("random", "optuna"):
+        raise ConfigError(f"tune.search: {cfg.tune.search!r} is not one of ('random', 'optuna')")
+    if cfg.tune.reduction_factor < 2:
+        raise ConfigError(f"tune.reduction_factor: must be >= 2, got {cfg.tune.reduction_factor}")
+    if cfg.tune.max_concurrent_trials < 0:
+        raise ConfigError(f"tune.max_concurrent_trials: must be >= 0 (0 = what the cluster fits), "
+                          f"got {cfg.tune.max_concurrent_trials}")
+    for key in ("k_g", "lr", "lambda_reg"):
+        setattr(cfg.tune, key, search_dimension(f"tune.{key}", getattr(cfg.tune, key), integer=key == "k_g"))
     if cfg.train.batch_size % 2:
         raise ConfigError(f"train.batch_size: must be even (half real, half history), got {cfg.train.batch_size}")
     if cfg.train.buffer_size < cfg.train.batch_size // 2:
         raise ConfigError("train.buffer_size: must hold at least half a batch")
+
+
+def _number(value: Any) -> Any:
+    """YAML reads `1e-4` (no dot) as a string; take it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def search_dimension(key: str, value: Any, integer: bool = False) -> list | dict:
+    """A search dimension: a non-empty list of positive numbers, or a log-uniform {min: A, max: B}."""
+    kind = "integers" if integer else "numbers"
+
+    def ok(v: Any) -> bool:
+        allowed = (int,) if integer else (int, float)
+        return isinstance(v, allowed) and not isinstance(v, bool) and v > 0
+
+    if isinstance(value, list):
+        value = [_number(v) for v in value]
+        if not value or not all(ok(v) for v in value):
+            raise ConfigError(f"{key}: a choice list needs positive {kind}, got {value!r}")
+        return value
+    if isinstance(value, dict):
+        value = {k: _number(v) for k, v in value.items()}
+        if set(value) != {"min", "max"} or not all(ok(v) for v in value.values()) or value["min"] > value["max"]:
+            raise ConfigError(f"{key}: a log-uniform range is {{min: A, max: B}} with 0 < A <= B ({kind}), "
+                              f"got {value!r}")
+        return value
+    raise ConfigError(f"{key}: expected a list of choices or a {{min: A, max: B}} log-uniform range, got {value!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

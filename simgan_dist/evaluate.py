@@ -6,10 +6,10 @@
    data order for every variant, no augmentation, so the training images are the
    only difference. The variants run as parallel Ray tasks (or in-process).
 2. Label preservation: how far the refiner moved the pupil, in pixels (the paper:
-   1.1 ± 0.8 px on a 55 px eye). See `pupil_shift`.
+   1.1 ± 0.8 px on a 55 px eye). See `objective.pupil_shift`.
 3. Realism: a label-free kernel distance between refined and held-out real images in a
-   fixed random-convolution feature space, cheap enough to be a Tune objective. See
-   `realism_score`.
+   fixed random-convolution feature space (`objective.realism_score`, shared with training
+   and Tune).
 
 Outputs: `OUT/metrics.json` for machines and `OUT/report.html` (with PNGs) for people.
 """
@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,18 +28,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, UserError, load_config
 from simgan_dist.imaging import to_model_input
 from simgan_dist.models import GazeNet
+from simgan_dist.objective import PUPIL_RADIUS, detect_pupil, pupil_shift, realism_score
 
 WITHIN_DEG = 7.0  # the paper's threshold for "correct" gaze
-PUPIL_RADIUS = 4  # search window (px) around a pupil in a 35x55 eye; the pupil radius is ~2-3 px
 PUPIL_FOUND_PX = 1.5  # detector within this of the label → the pupil is visible and found
-DETECT_CHUNK = 8192  # images per detector chunk (bounds memory at 1M-image scale)
 METRICS_VERSION = 1
 
 
@@ -75,86 +71,7 @@ def gaze_summary(errors_deg: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pupil detector and label preservation
-
-
-def _gray(images: np.ndarray) -> np.ndarray:
-    """N×H×W×C integers → N×H×W float32 (channel mean)."""
-    images = np.asarray(images)
-    return images.astype(np.float32).mean(-1) if images.shape[-1] > 1 else images[..., 0].astype(np.float32)
-
-
-def _disc_offsets(radius: int) -> tuple[np.ndarray, np.ndarray]:
-    d = np.arange(-radius, radius + 1)
-    dy, dx = np.meshgrid(d, d, indexing="ij")
-    inside = dy**2 + dx**2 <= radius**2
-    return dy[inside], dx[inside]
-
-
-def pupil_centroid(images: np.ndarray, start_xy: np.ndarray, radius: int = PUPIL_RADIUS,
-                   passes: int = 2) -> np.ndarray:
-    """Subpixel pupil centres (N×2, x right, y down) by a thresholded dark-pixel centroid.
-
-    Within a disc of `radius` px around the current centre the threshold is halfway
-    between the darkest pixel and the disc's median (the iris), and each pixel darker
-    than it weighs by how much darker: a half-maximum centroid, indifferent to global
-    brightness and contrast, which the refiner is allowed to change. The disc is
-    re-centred on the result `passes` times. A light blur (σ 0.7) tames sensor noise
-    without biasing a symmetric blob.
-    """
-    x = gaussian_filter(_gray(images), (0, 0.7, 0.7), mode="nearest")
-    n, h, w = x.shape
-    dy, dx = _disc_offsets(radius)
-    padded = np.pad(x, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
-    cx, cy = (np.asarray(start_xy, dtype=np.float64)[:, i].copy() for i in (0, 1))
-    rows = np.arange(n)[:, None]
-    for _ in range(passes):
-        sy = np.clip(np.rint(cy).astype(int), 0, h - 1)
-        sx = np.clip(np.rint(cx).astype(int), 0, w - 1)
-        patch = padded[rows, sy[:, None] + dy + radius, sx[:, None] + dx + radius]
-        lo, mid = patch.min(1, keepdims=True), np.median(patch, 1, keepdims=True)
-        weight = np.clip((lo + mid) / 2 - patch, 0.0, None)
-        total = weight.sum(1)
-        found = total > 0  # a flat patch keeps its start
-        cy = np.where(found, sy + (weight * dy).sum(1) / np.maximum(total, 1e-12), cy)
-        cx = np.where(found, sx + (weight * dx).sum(1) / np.maximum(total, 1e-12), cx)
-    return np.stack([cx, cy], axis=1).astype(np.float32)
-
-
-def detect_pupil(images: np.ndarray, radius: int = PUPIL_RADIUS) -> np.ndarray:
-    """Pupil centres (N×2 float32, x right, y down, px) of N×H×W×C eye images, no labels needed.
-
-    The darkest spot after a σ 1.5 blur (pupil plus iris form the darkest blob of an
-    eye) seeds `pupil_centroid`. A pupil hidden under a lid cannot be found: the
-    detector then returns the darkest other structure (lashes, a corner).
-    """
-    out = []
-    for lo in range(0, len(images), DETECT_CHUNK):
-        chunk = images[lo:lo + DETECT_CHUNK]
-        coarse = gaussian_filter(_gray(chunk), (0, 1.5, 1.5), mode="nearest")
-        flat = coarse.reshape(len(chunk), -1).argmin(1)
-        seed = np.stack([flat % coarse.shape[2], flat // coarse.shape[2]], axis=1)
-        out.append(pupil_centroid(chunk, seed, radius))
-    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
-
-
-def pupil_shift(synthetic: np.ndarray, refined: np.ndarray, anchors_xy: np.ndarray | None = None,
-                radius: int = PUPIL_RADIUS) -> np.ndarray:
-    """Per-pair pupil displacement refined − synthetic (N×2 px) with one estimator on both images.
-
-    Both centroids start from the same anchor (the synthetic image's detected pupil
-    unless given), so the two measurements look at the same structure: a refiner
-    that darkens some other spot cannot turn into a 30 px "shift". Displacements up
-    to about `radius` px are measured in full; larger ones saturate.
-    """
-    if anchors_xy is None:
-        anchors_xy = detect_pupil(synthetic, radius)
-    out = []
-    for lo in range(0, len(synthetic), DETECT_CHUNK):
-        part = slice(lo, lo + DETECT_CHUNK)
-        out.append(pupil_centroid(refined[part], anchors_xy[part], radius)
-                   - pupil_centroid(synthetic[part], anchors_xy[part], radius))
-    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+# Label preservation (the pupil detector lives in objective.py)
 
 
 def _stats(values: np.ndarray) -> dict[str, float | None]:
@@ -205,79 +122,6 @@ def label_preservation(synthetic: np.ndarray, refined: np.ndarray, pupil_xy: np.
     result["shift_px"] = _stats(shift)
     result["within_1_5px"] = float((shift <= 1.5).mean()) if len(shift) else None
     return result, shift
-
-
-# ---------------------------------------------------------------------------------------------
-# Realism
-
-REALISM_BANDWIDTHS = (0.25, 1.0, 4.0)  # RBF widths, as multiples of the feature dimension
-
-
-@functools.lru_cache(maxsize=8)
-def _feature_convs(channels: int, seed: int, device: str) -> tuple[torch.Tensor, ...]:
-    """Three fixed random 3x3 conv layers (16, 32, 64 maps), He-initialised from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(16, channels), (32, 16), (64, 32)]
-    return tuple((torch.randn(out, inp, 3, 3, generator=generator) * math.sqrt(2.0 / (inp * 9))).to(device)
-                 for out, inp in shapes)
-
-
-def realism_features(images: np.ndarray | torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """N×D float32 features: per-channel spatial mean and std of each random conv layer + a 4x4 thumbnail.
-
-    Mean/std of random filter responses capture texture, noise, blur and contrast (what
-    a refiner changes); the thumbnail captures the lighting layout. Fixed random weights
-    need no training and no download, are identical in every process for a seed, and
-    cost well under a second for thousands of eye images on a CPU.
-    """
-    x = _as_model_input(images)
-    parts = [F.adaptive_avg_pool2d(x, (4, 4)).flatten(1)]
-    for i, weight in enumerate(_feature_convs(x.shape[1], seed, str(x.device))):
-        x = F.relu(F.conv2d(x, weight, stride=1 if i == 0 else 2, padding=1))
-        parts += [x.mean((2, 3)), x.std((2, 3))]
-    return torch.cat(parts, 1)
-
-
-def _as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Storage form (N×H×W×C integers) or model form (N×C×H×W floats in [-1, 1]) → float32 model form."""
-    if isinstance(images, np.ndarray):
-        return to_model_input(images)
-    if images.is_floating_point():
-        return images.detach().float()
-    return to_model_input(images, device=images.device)
-
-
-@torch.no_grad()
-def realism_score(images_a: np.ndarray | torch.Tensor, images_b: np.ndarray | torch.Tensor,
-                  seed: int = 0) -> float:
-    """Kernel distance between two image sets; lower = more alike, ~0 for the same distribution.
-
-    Unbiased MMD² with a mixture of RBF kernels in the `realism_features` space, with
-    features standardised by `images_b`'s statistics: `b` is the reference (held-out
-    real images), so scores of different `a` against one `b` share one scale. The
-    unbiased estimate can dip slightly below 0 when the sets are indistinguishable.
-    Accepts storage-form integer arrays or model-form float tensors (from training),
-    on any device; no Ray.
-    """
-    if len(images_a) < 2 or len(images_b) < 2:
-        raise ValueError("realism_score needs at least two images in each set")
-    fa, fb = realism_features(images_a, seed).double(), realism_features(images_b, seed).double()
-    mean, std = fb.mean(0), fb.std(0)
-    # A feature that is nearly constant in the reference must not dominate the distance.
-    std = std.clamp_min(0.1 * float(std.median()) + 1e-8)
-    fa, fb = (fa - mean) / std, (fb - mean) / std
-    dim = fa.shape[1]
-
-    def kernel(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        d2 = torch.cdist(u, v).square()
-        return sum(torch.exp(-d2 / (2 * s * dim)) for s in REALISM_BANDWIDTHS) / len(REALISM_BANDWIDTHS)
-
-    def off_diagonal_mean(k: torch.Tensor) -> torch.Tensor:
-        n = k.shape[0]
-        return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
-
-    mmd2 = off_diagonal_mean(kernel(fa, fa)) + off_diagonal_mean(kernel(fb, fb)) - 2 * kernel(fa, fb).mean()
-    return float(mmd2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,14 @@ from simgan_dist.imaging import to_model_input, to_storage
 from simgan_dist.losses import RefinerLoss
 from simgan_dist.models import build_discriminator, build_refiner
 from simgan_dist.monitor import MetricAverager, RunLog, comparison_grid, progress_line
+from simgan_dist.objective import (
+    SCORES_FILE,
+    Evaluator,
+    drop_validation_rows,
+    holds_out_real,
+    score_text,
+    write_scores,
+)
 
 
 class ArraySampler:
@@ -80,7 +90,24 @@ def _load_images(uri: str, what: str, cfg: Config) -> np.ndarray:
 
     if not uri:
         raise ValueError(f"data.{what} is not set: give a dataset URI, e.g. --set data.{what}=data/{what}")
+    if what == "real" and holds_out_real(cfg):  # the objective's validation rows stay unseen
+        rows = load_numpy(uri, cfg.storage, columns=["id", "image"])
+        return drop_validation_rows(rows, cfg.data.real_val_fraction)["image"]
     return load_numpy(uri, cfg.storage, columns=["image"])["image"]
+
+
+def keep_if_best(best: Path, step: int, scores: dict[str, float], keep: int, write) -> bool:
+    """Keep `keep` weight folders with the lowest objective under `best/step_N`; `write(folder)` writes one."""
+    ranked = sorted((json.loads((d / SCORES_FILE).read_text())["objective"], d)
+                    for d in best.glob("step_*") if (d / SCORES_FILE).is_file())
+    if len(ranked) >= keep and scores["objective"] >= ranked[keep - 1][0]:
+        return False
+    folder = best / f"step_{step:07d}"
+    write(folder)
+    write_scores(folder, step, scores)
+    for _, worse in ranked[keep - 1:]:
+        shutil.rmtree(worse, ignore_errors=True)
+    return True
 
 
 def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = None,
@@ -143,6 +170,7 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
             "rng": rng_state(),
         })
 
+    evaluator = Evaluator.from_config(cfg) if cfg.train.eval_every else None
     log = RunLog(folder)
     averager = MetricAverager()
     preview_synthetic = synthetic[:8]
@@ -157,19 +185,29 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
         images_done += cfg.train.batch_size * (cfg.train.k_g + cfg.train.k_d if phase == "adversarial" else 1)
         bar.update(1)
         step = algo.global_step
-        if step % cfg.train.report_every == 0 or algo.done:
+        scores = {}
+        if evaluator is not None and (step % cfg.train.eval_every == 0 or algo.done):
+            with autocast():
+                scores = evaluator(refiner, device)
+            keep_if_best(folder / "best", step, scores, cfg.train.keep_best,
+                         lambda best: write_checkpoint(best, cfg, refiner, disc))
+        if step % cfg.train.report_every == 0 or algo.done or scores:
             elapsed = time.perf_counter() - t_report
             last = {**averager.pop(), "images_per_s": images_done / max(elapsed, 1e-9),
-                    "buffer_fill": len(history) / history.capacity}
+                    "buffer_fill": len(history) / history.capacity, **scores}
             images_done, t_report = 0, time.perf_counter()
             log.write(step, last)
-            tqdm.write(progress_line(step, algo.total_steps, phase, last))
+            tqdm.write(progress_line(step, algo.total_steps, phase, last) + score_text(scores))
         if step % cfg.train.image_every == 0 or algo.done:
             with torch.no_grad(), autocast():
                 refined = refiner(to_input(torch.from_numpy(preview_synthetic)))
             log.image(step, comparison_grid(preview_synthetic, to_storage(refined), preview_real))
         if step % cfg.train.checkpoint_every == 0 or algo.done:
             save()
+            if scores:
+                write_scores(checkpoint, step, scores)
+            else:  # the weights changed since the last score
+                (checkpoint / SCORES_FILE).unlink(missing_ok=True)
     bar.close()
     log.close()
     return LocalRun(folder, checkpoint, last)

@@ -12,14 +12,20 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from simgan_dist.imaging import grid, save_png
 
-if TYPE_CHECKING:
-    from simgan_dist.evaluate import Inputs
+
+class Inputs(Protocol):
+    """What the report reads of `evaluate.Inputs` (a protocol: report.py never imports evaluate.py)."""
+
+    ids: np.ndarray
+    synthetic: np.ndarray
+    refined: np.ndarray
+    real_test: np.ndarray
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 SAMPLES_PNG = "samples.png"

@@ -140,6 +140,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from simgan_dist.losses import RefinerLoss
     from simgan_dist.models import build_discriminator, build_refiner
     from simgan_dist.monitor import MetricAverager, comparison_grid, progress_line
+    from simgan_dist.objective import score_text, write_scores
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -197,6 +198,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
              f"with {history_restored} history images")
 
     sink = MonitorSink(cfg) if rank == 0 else None
+    evaluator = None
+    if rank == 0 and cfg.train.eval_every:
+        from simgan_dist.objective import Evaluator
+
+        evaluator = Evaluator.from_config(cfg)
     averager = MetricAverager()
     images, wait_mark, clock = 0, 0.0, time.perf_counter()
     while not algo.done:
@@ -204,8 +210,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         averager.add(algo.advance())
         images += cfg.train.batch_size * (cfg.train.k_g + cfg.train.k_d if phase == "adversarial" else 1)
         step = algo.global_step
-        report = step % cfg.train.report_every == 0 or algo.done
-        save = step % cfg.train.checkpoint_every == 0 or algo.done
+        # Every evaluation comes with a checkpoint, so the best-scored weights can be kept.
+        evaluate = bool(cfg.train.eval_every) and (step % cfg.train.eval_every == 0 or algo.done)
+        report = step % cfg.train.report_every == 0 or algo.done or evaluate
+        save = step % cfg.train.checkpoint_every == 0 or algo.done or evaluate
         if not (report or save):
             continue
         elapsed = time.perf_counter() - clock
@@ -217,6 +225,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "buffer_fill": len(history) / cfg.train.buffer_size,
             "restored_from_step": restored_from, "history_restored": history_restored,
         }
+        if evaluator is not None and evaluate:
+            metrics.update(evaluator(r_engine.module, device, torch.bfloat16 if bf16 else torch.float32))
+        elif evaluator is not None and save:
+            # Ray Train ranks every checkpoint by "objective" and would rank a missing one first;
+            # NaN ranks last (kept only while it is the latest).
+            metrics["objective"] = float("nan")
         if sink and (step % cfg.train.image_every == 0 or algo.done):
             with torch.no_grad():
                 refined = r_engine.module(to_input(synthetic.preview))
@@ -224,7 +238,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sink.log.image(step, comparison_grid(synthetic.preview.numpy(), to_storage(refined), real_preview))
         if sink:
             sink.log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            _say(progress_line(step, algo.total_steps, phase, metrics))
+            _say(progress_line(step, algo.total_steps, phase, metrics) + score_text(metrics))
             sink.sync()
         with tempfile.TemporaryDirectory(prefix="simgan-ckpt-") as folder:
             checkpoint_out = None
@@ -238,6 +252,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     write_checkpoint(folder, cfg, r_engine.module, d_engine.module, {
                         "algorithm": algo.state_dict(), "history": dh.save_shards(shards),
                     })
+                    if evaluator is not None and evaluate:
+                        write_scores(folder, step, metrics)
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint_out)
         images, wait_mark, clock = 0, wait, time.perf_counter()
@@ -246,11 +262,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sink.sync()
 
 
-def fit(cfg: Config, datasets: dict[str, Any] | None = None):
+def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None):
     """Train on the connected Ray cluster (or a local one); returns the ray.train.Result.
 
     `datasets` ({"synthetic", "real"} Ray Datasets with a uint8 N×H×W×C `image` column)
-    replaces reading `data.synthetic` / `data.real`.
+    replaces reading `data.synthetic` / `data.real`. `callbacks`: Ray Train callbacks (Tune's
+    report callback in a sweep). The run's history-buffer actors are removed when it ends,
+    however it ends.
     """
     import ray
     import ray.data
@@ -271,7 +289,8 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
         for key in ("synthetic", "real"):
             if not getattr(cfg.data, key):
                 raise SystemExit(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
-        datasets = {key: _open_dataset(getattr(cfg.data, key), cfg) for key in ("synthetic", "real")}
+        datasets = {key: _open_dataset(getattr(cfg.data, key), cfg, holdout=key == "real")
+                    for key in ("synthetic", "real")}
     datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
     storage_filesystem = None
     if storage.is_s3(cfg.train.storage_path):
@@ -282,7 +301,11 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
         cfg.train.storage_path = storage_path = storage.resolve(cfg.train.storage_path)[1]
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)
-    dh.create_shards(run, cfg.train.buffer_size, image_shape, cfg.train.buffer_shards, cfg.train.seed + 3)
+    if cfg.train.eval_every:  # the best checkpoints by the label-free objective, besides the latest
+        checkpoint_config = CheckpointConfig(num_to_keep=cfg.train.keep_best, checkpoint_score_attribute="objective",
+                                             checkpoint_score_order="min")
+    else:
+        checkpoint_config = CheckpointConfig(num_to_keep=cfg.train.keep_best)
 
     data_config = DataConfig(datasets_to_split="all")  # carries preserve_order over from the context
     trainer = TorchTrainer(
@@ -292,29 +315,37 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None):
         run_config=RunConfig(
             name=cfg.train.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            checkpoint_config=checkpoint_config, callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=data_config,
     )
-    result = trainer.fit()
-    dh.destroy_shards(run, cfg.train.buffer_shards)
-    return result
+    dh.create_shards(run, cfg.train.buffer_size, image_shape, cfg.train.buffer_shards, cfg.train.seed + 3)
+    try:
+        return trainer.fit()
+    finally:
+        dh.destroy_shards(run, cfg.train.buffer_shards)
 
 
-def _open_dataset(uri: str, cfg: Config):
+def _open_dataset(uri: str, cfg: Config, holdout: bool = False):
     """The images of a dataset; held in the object store when they fit in a quarter of it.
 
     Every pass over a shard is a new epoch: streaming from storage again costs seconds of
     start-up each time, which small corpora (the real set above all) would pay often.
+    `holdout`: skip the real validation rows the objective scores against (objective.py).
     """
     import ray
 
     from simgan_dist.data.pipeline import read_dataset
     from simgan_dist.data.schema import read_manifest
+    from simgan_dist.objective import drop_validation_rows, holds_out_real
 
     manifest = read_manifest(uri, cfg.storage)
-    dataset = read_dataset(uri, cfg.storage, columns=["image"])
+    if holdout and holds_out_real(cfg):
+        dataset = read_dataset(uri, cfg.storage, columns=["id", "image"]).map_batches(
+            drop_validation_rows, fn_kwargs={"fraction": cfg.data.real_val_fraction}, batch_format="numpy")
+    else:
+        dataset = read_dataset(uri, cfg.storage, columns=["image"])
     budget = ray.cluster_resources().get("object_store_memory", 0) / 4
     return dataset.materialize() if manifest.rows * manifest.layout.image_nbytes <= budget else dataset
 
