@@ -17,6 +17,7 @@ pipeline:
   simgan-dist simulate --out data --synthetic 20000 --real 5000 --real-test 2000
   simgan-dist train --config jobs/configs/tiny.yaml \\
       --set data.synthetic=data/synthetic --set data.real=data/real --set train.storage_path=runs
+  simgan-dist tune --config jobs/configs/tune-tiny.yaml      # optional: sweep K_g, lr, λ
   simgan-dist refine --preset tiny --checkpoint CHECKPOINT --input data/synthetic --out data/refined
   simgan-dist evaluate --preset tiny --synthetic data/synthetic --refined data/refined \\
       --real-test data/real_test --run runs/tiny-simgan --out report
@@ -98,10 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(handler="simgan_dist.train:cli_train")
 
+    tune = commands.add_parser(
+        "tune", help="Ray Tune sweep over K_g, lr and λ, ranked by the label-free objective",
+        description="Each trial is a Ray Train run (its own workers and history buffer) scored every "
+        "train.eval_every steps; ASHA stops laggards. Rerunning the same tune.name resumes the sweep. "
+        "Writes results.csv/.md, best_config.yaml and best_checkpoint.txt under tune.output/tune.name.",
+    )
+    _add_config_args(tune)
+    tune.set_defaults(handler="simgan_dist.tune:cli_tune")
+
     refine = commands.add_parser(
         "refine", help="refine a whole synthetic corpus into object storage, exactly once",
     )
-    refine.add_argument("--checkpoint", required=True, metavar="URI", help="a training checkpoint folder")
+    refine.add_argument("--checkpoint", required=True, metavar="URI",
+                        help="a checkpoint folder, or a training run / sweep folder (its best checkpoint by the "
+                        "label-free objective is used)")
     refine.add_argument("--input", required=True, metavar="URI", help="synthetic dataset")
     refine.add_argument("--out", required=True, metavar="URI", help="where the refined dataset goes")
     _add_config_args(refine)

@@ -138,10 +138,8 @@ class TuneConfig:
     # keeps the best 1/reduction_factor of the trials.
     grace_steps: int = 100
     reduction_factor: int = 2
-    # 0: as many as the cluster's CPUs/GPUs fit (train.num_workers each).
+    # 0: as many as the cluster's CPUs (or GPUs) fit, train.num_workers each.
     max_concurrent_trials: int = 0
-    # Each trial's worker group: CPUs per worker (besides GPUs when train.use_gpu).
-    cpus_per_worker: float = 1.0
 
 
 @dataclass

@@ -224,6 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data_wait_s": wait - wait_mark,
             "buffer_fill": len(history) / cfg.train.buffer_size,
             "restored_from_step": restored_from, "history_restored": history_restored,
+            "history_run": loop_config["history_run"],
         }
         if evaluator is not None and evaluate:
             metrics.update(evaluator(r_engine.module, device, torch.bfloat16 if bf16 else torch.float32))

@@ -1,0 +1,286 @@
+"""`simgan-dist tune`: a Ray Tune sweep over K_g, learning rate and λ, ranked by the label-free objective.
+
+Each trial is a whole training run: a Tune function trainable builds and fits a Ray Train
+`TorchTrainer` (`train.fit`) with its own worker group and its own history-buffer actors,
+named after the trial. Ray Train's `TuneReportCallback` forwards every scored report
+(`objective`, `realism`, `drift`, the step and the checkpoint path) to Tune; ASHA stops
+trials whose objective lags at a rung. The history actors go away when a trial ends or
+fails (`train.fit`'s `finally`) or is stopped by ASHA (`HistoryCleanup`, on the driver: a
+stopped trial's process is killed, its `finally` may never run).
+
+Everything goes under `tune.output/tune.name/`: Tune's experiment state (rerunning the same
+sweep resumes it with `Tuner.restore`, finished trials are not rerun), each trial's training
+run in `runs/<trial>/`, and the sweep's results:
+
+    results.csv / results.md   one row per trial: parameters, objective, realism, drift, stop reason
+    best_config.yaml           the winner's config: `simgan-dist train --config best_config.yaml`
+    best_checkpoint.txt        the winner's best checkpoint (`refine --checkpoint` takes the sweep folder)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+from typing import Any
+
+from simgan_dist.config import Config, UserError, config_from_dict, load_config
+from simgan_dist.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
+
+PARAMS = ("k_g", "lr", "lambda_reg")
+
+
+class TuneError(UserError, ValueError):
+    """A sweep that cannot run as configured; the message names the key."""
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """tune.k_g / tune.lr / tune.lambda_reg → Tune domains: a list is a choice, {min, max} log-uniform."""
+    from ray import tune
+
+    space = {}
+    for key in PARAMS:
+        value = getattr(cfg.tune, key)
+        if isinstance(value, list):
+            space[key] = tune.choice(value)
+        elif key == "k_g":
+            space[key] = tune.lograndint(int(value["min"]), int(value["max"]) + 1)  # upper bound exclusive
+        else:
+            space[key] = tune.loguniform(value["min"], value["max"])
+    return space
+
+
+def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of `cfg` with a trial's K_g, lr and λ; D's learning rate keeps its ratio to R's."""
+    out = config_from_dict(cfg.to_dict())
+    out.train.k_g = int(params["k_g"])
+    lr_disc = getattr(out.train, "lr_disc", None)
+    if lr_disc:
+        out.train.lr_disc = lr_disc * float(params["lr"]) / out.train.lr
+    out.train.lr = float(params["lr"])
+    out.loss.lambda_reg = float(params["lambda_reg"])
+    return out
+
+
+def sweep_folder(cfg: Config) -> str:
+    from simgan_dist.data import storage
+
+    return storage.join(cfg.tune.output, cfg.tune.name)
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) -> Config:
+    """The training config of one trial: its own run name (hence its own history actors) in the sweep."""
+    from simgan_dist.data import storage
+
+    cfg = apply_params(config_from_dict(base), params)
+    cfg.train.name = f"{cfg.tune.name}-{trial_id}"
+    cfg.train.storage_path = storage.join(sweep_folder(cfg), "runs")
+    return cfg
+
+
+def _scored_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ScoredReportCallback(TuneReportCallback):
+        """Forward to Tune only the reports that carry a fresh evaluation (ASHA compares objectives)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            objective = metrics[0].get("objective")
+            if objective is not None and math.isfinite(objective):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ScoredReportCallback()
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one training run with this trial's parameters."""
+    import ray.tune
+
+    from simgan_dist.train import fit
+
+    cfg = trial_config(config["base"], config, ray.tune.get_context().get_trial_id())
+    result = fit(cfg, callbacks=[_scored_report_callback()])
+    if result.error:
+        raise result.error
+
+
+def _history_cleanup():
+    from ray.tune import Callback
+
+    from simgan_dist import distributed_history as dh
+    from simgan_dist.train import history_run_id
+
+    class HistoryCleanup(Callback):
+        """Remove a trial's history actors when it completes, fails or is stopped (on the driver)."""
+
+        def _remove(self, trial) -> None:
+            cfg = trial_config(trial.config["base"], trial.config, trial.trial_id)
+            dh.destroy_shards(history_run_id(cfg), cfg.train.buffer_shards)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._remove(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._remove(trial)
+
+    return HistoryCleanup()
+
+
+def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials fit at once: GPUs (or CPUs, one kept for Ray Data's readers) per worker group."""
+    if cfg.train.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // cfg.train.num_workers))
+    return max(1, int((resources.get("CPU", 1) - 1) // cfg.train.num_workers))
+
+
+def _check(cfg: Config) -> None:
+    if not cfg.train.eval_every:
+        raise TuneError("a sweep ranks trials by the label-free objective: set train.eval_every > 0")
+    for key in ("synthetic", "real"):
+        if not getattr(cfg.data, key):
+            raise TuneError(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
+    if cfg.tune.grace_steps > _total_steps(cfg):
+        raise TuneError(f"tune.grace_steps={cfg.tune.grace_steps} is longer than a trial "
+                        f"({_total_steps(cfg)} steps): lower it or raise train.iterations")
+
+
+def _total_steps(cfg: Config) -> int:
+    return cfg.train.pretrain_refiner_steps + cfg.train.pretrain_disc_steps + cfg.train.iterations
+
+
+def _redacted(cfg: Config) -> Config:
+    out = config_from_dict(cfg.to_dict())
+    out.storage.access_key_id = out.storage.secret_access_key = ""
+    return out
+
+
+def make_tuner(cfg: Config):
+    """A new Tuner for the sweep, or the restored one when the sweep folder already holds its state."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from simgan_dist.data import storage
+
+    filesystem, storage_path = storage.resolve(cfg.tune.output, cfg.storage)
+    if not storage.is_s3(cfg.tune.output):
+        filesystem = None
+    # The trial only drives its worker group, which holds the CPUs/GPUs (Tune refuses an empty request).
+    trainable = tune.with_resources(run_trial, {"CPU": 0.01})
+    path = storage.join(storage_path if filesystem is None else f"s3://{storage_path}", cfg.tune.name)
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        print(f"[tune] resuming sweep {cfg.tune.name!r} from {path}", flush=True)
+        return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
+    concurrency = cfg.tune.max_concurrent_trials or default_concurrency(cfg, ray.cluster_resources())
+    searcher = None
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=cfg.train.seed)
+    scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
+                              reduction_factor=cfg.tune.reduction_factor)
+    print(f"[tune] sweep {cfg.tune.name!r}: {cfg.tune.num_samples} trials, up to {concurrency} at once, "
+          f"results in {path}", flush=True)
+    return tune.Tuner(
+        trainable,
+        param_space={**search_space(cfg), "base": _redacted(cfg).to_dict()},
+        tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
+                                    scheduler=scheduler, search_alg=searcher, max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
+                                  callbacks=[_history_cleanup()], verbose=1),
+    )
+
+
+def _row(result, cfg: Config) -> dict[str, Any]:
+    """One trial's line of the results table, with its best scored checkpoint."""
+    params = {key: result.config[key] for key in PARAMS}
+    trial_id = os.path.basename(result.path).split("_")[-3] if result.path else ""
+    history = result.metrics_dataframe
+    row: dict[str, Any] = {"trial": result.metrics.get("trial_id", trial_id), **params}
+    scored = history[history["objective"].notna()] if history is not None and "objective" in history else None
+    if scored is not None and len(scored):
+        best = scored.loc[scored["objective"].idxmin()]
+        row.update({key: float(best[key]) for key in SCORE_KEYS}, best_step=int(best["step"]),
+                   last_step=int(scored["step"].max()))
+    else:
+        row.update({key: math.nan for key in SCORE_KEYS}, best_step=-1, last_step=-1)
+    if result.error:
+        row["stop"] = f"failed: {str(result.error).splitlines()[0][:120]}"
+    elif row["last_step"] < _total_steps(apply_params(cfg, params)):
+        row["stop"] = "stopped early (ASHA)"
+    else:
+        row["stop"] = "completed"
+    run = trial_config(cfg.to_dict(), params, row["trial"])
+    from simgan_dist.data import storage
+
+    found = best_checkpoint(storage.join(run.train.storage_path, run.train.name), cfg.storage) \
+        if not math.isnan(row["objective"]) else None
+    row["checkpoint"] = found[0] if found else ""
+    return row
+
+
+def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """results.csv, results.md, best_config.yaml and best_checkpoint.txt under the sweep folder."""
+    from simgan_dist.data import storage
+
+    folder = sweep_folder(cfg)
+    rows = sorted(rows, key=lambda r: (math.isnan(r["objective"]), r["objective"]))
+    columns = ["trial", *PARAMS, *SCORE_KEYS, "best_step", "last_step", "stop", "checkpoint"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes_atomic(storage.join(folder, "results.csv"), text.getvalue().encode(), cfg.storage)
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [f"# Sweep {cfg.tune.name}", "", "Ranked by the label-free objective (lower = better; "
+             "realism / realism(synthetic) + drift / tolerance, see simgan_dist/objective.py).", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    storage.write_bytes_atomic(storage.join(folder, "results.md"), ("\n".join(lines) + "\n").encode(), cfg.storage)
+    best = next((r for r in rows if r["checkpoint"]), None)
+    if best is None:
+        return None
+    winner = _redacted(apply_params(cfg, best))
+    winner.train.name = f"{cfg.tune.name}-best"
+    storage.write_bytes_atomic(storage.join(folder, "best_config.yaml"), winner.to_yaml().encode(), cfg.storage)
+    storage.write_bytes_atomic(storage.join(folder, BEST_CHECKPOINT_FILE), (best["checkpoint"] + "\n").encode(),
+                               cfg.storage)
+    return best
+
+
+def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Run (or resume) the sweep; returns the table's rows and the winning row."""
+    import ray
+
+    from simgan_dist.data import storage
+    from simgan_dist.train import _local_resources
+
+    _check(cfg)
+    if not storage.is_s3(cfg.tune.output):  # trial processes run in other folders
+        cfg = config_from_dict(cfg.to_dict())
+        cfg.tune.output = storage.resolve(cfg.tune.output)[1]
+    if not ray.is_initialized():
+        ray.init(**_local_resources(cfg))
+    grid = make_tuner(cfg).fit()
+    rows = [_row(result, cfg) for result in grid]
+    return rows, write_results(cfg, rows)
+
+
+def cli_tune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.preset, args.config, args.overrides)
+    rows, best = sweep(cfg)
+    folder = sweep_folder(cfg)
+    for r in sorted(rows, key=lambda r: (math.isnan(r["objective"]), r["objective"])):
+        print(f"  trial {r['trial']}: k_g={r['k_g']} lr={r['lr']:.3g} λ={r['lambda_reg']:.3g} → "
+              f"objective {r['objective']:.4g} (realism {r['realism']:.4g}, drift {r['drift']:.3g} px) [{r['stop']}]")
+    print(f"results: {folder}/results.md")
+    if best is None:
+        raise SystemExit("no trial produced a scored checkpoint")
+    print(f"best config: {folder}/best_config.yaml  (simgan-dist train --config {folder}/best_config.yaml)")
+    print(f"best checkpoint: {best['checkpoint']}")
+    return 0
