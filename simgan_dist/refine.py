@@ -524,8 +524,28 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     return manifest
 
 
+def choose_checkpoint(uri: str, cfg: Config) -> str:
+    """A checkpoint folder as given, or the best one by the label-free objective under a run or sweep folder."""
+    from simgan_dist.checkpoint import CONFIG_FILE
+    from simgan_dist.objective import best_checkpoint
+
+    filesystem, path = storage.resolve(uri, cfg.storage)
+    if storage.file_info(filesystem, f"{path}/{CONFIG_FILE}", storage.join(uri, CONFIG_FILE)).type \
+            == pafs.FileType.File:
+        return uri
+    found = best_checkpoint(uri, cfg.storage)
+    if found is None:
+        raise RefineError(f"--checkpoint {uri}: neither a checkpoint folder (no {CONFIG_FILE}) nor a run or sweep "
+                          "folder with scored checkpoints (train with train.eval_every > 0)")
+    chosen, scores = found
+    detail = (f"objective {scores['objective']:.4g} at step {scores['step']} (realism {scores['realism']:.4g}, "
+              f"drift {scores['drift']:.3g} px)" if "objective" in scores else f"from {scores['source']}")
+    print(f"refine: best checkpoint of {uri}: {chosen}, {detail}", flush=True)
+    return chosen
+
+
 def cli_refine(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
-    refine(args.checkpoint, args.input, args.out, cfg)
+    refine(choose_checkpoint(args.checkpoint, cfg), args.input, args.out, cfg)
     return 0
 

@@ -129,10 +129,13 @@ def _history_cleanup():
 
 
 def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
-    """How many trials fit at once: GPUs (or CPUs, one kept for Ray Data's readers) per worker group."""
+    """How many trials fit at once: a worker group's GPUs, or its CPUs plus one for its Ray Data readers.
+
+    (Without that spare CPU per trial, concurrent trials' dataset reads starve and every trial waits.)
+    """
     if cfg.train.use_gpu:
         return max(1, int(resources.get("GPU", 0) // cfg.train.num_workers))
-    return max(1, int((resources.get("CPU", 1) - 1) // cfg.train.num_workers))
+    return max(1, int(resources.get("CPU", 1) // (cfg.train.num_workers + 1)))
 
 
 def _check(cfg: Config) -> None:
@@ -265,7 +268,11 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         cfg = config_from_dict(cfg.to_dict())
         cfg.tune.output = storage.resolve(cfg.tune.output)[1]
     if not ray.is_initialized():
-        ray.init(**_local_resources(cfg))
+        resources = _local_resources(cfg)
+        if "num_cpus" in resources and cfg.tune.max_concurrent_trials:  # room for the trials asked for
+            resources["num_cpus"] = max(resources["num_cpus"],
+                                        cfg.tune.max_concurrent_trials * (cfg.train.num_workers + 1))
+        ray.init(**resources)
     grid = make_tuner(cfg).fit()
     rows = [_row(result, cfg) for result in grid]
     return rows, write_results(cfg, rows)
