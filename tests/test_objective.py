@@ -1,0 +1,75 @@
+"""The label-free objective: scores, the held-out real split, scored checkpoints (no Ray)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from simgan_dist import evaluate, objective
+from simgan_dist.config import ConfigError, load_config
+from simgan_dist.data.schema import load_numpy
+from simgan_dist.data.simulate import simulate_dataset
+from simgan_dist.local_train import train_local
+
+
+@pytest.fixture(scope="module")
+def eyes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eyes")
+    simulate_dataset(str(folder), synthetic=160, real=160, real_test=0, seed=5, rows_per_shard=80)
+    return folder
+
+
+def test_evaluate_uses_the_objective_module_not_a_copy():
+    assert evaluate.detect_pupil is objective.detect_pupil
+    assert evaluate.pupil_shift is objective.pupil_shift
+    assert evaluate.realism_score is objective.realism_score
+
+
+def test_identity_scores_one_and_a_shifted_refiner_pays_for_drift(eyes):
+    synthetic = load_numpy(str(eyes / "synthetic"), columns=["image"])["image"]
+    real = load_numpy(str(eyes / "real"), columns=["image"])["image"]
+    same = objective.label_free_scores(synthetic, synthetic, real)
+    assert same["drift"] == 0 and abs(same["objective"] - 1.0) < 1e-9
+    shifted = np.roll(synthetic, 3, axis=2)  # every pupil 3 px to the right
+    moved = objective.label_free_scores(synthetic, shifted, real)
+    assert moved["drift"] > 2.0
+    assert moved["objective"] > same["objective"] + 1.0
+    hands = np.full((4, 64, 64, 1), 900, np.uint16)
+    hands[:, 20:40, 10:30] = 500
+    assert objective.label_drift(hands, np.roll(hands, 5, axis=2), kind="hand") == pytest.approx(5.0)
+
+
+def test_validation_split_is_deterministic_and_excluded_from_training():
+    ids = np.array([f"real-{i:06d}" for i in range(4000)], dtype=object)
+    mask = objective.validation_mask(ids, 0.1)
+    assert 300 < mask.sum() < 500
+    np.testing.assert_array_equal(mask[::-1], objective.validation_mask(ids[::-1], 0.1))  # order-free
+    batch = {"id": ids, "image": np.arange(4000)}
+    kept = objective.drop_validation_rows(batch, 0.1)
+    assert set(kept) == {"image"} and len(kept["image"]) == (~mask).sum()
+    with pytest.raises(ConfigError, match="real_val_fraction"):
+        load_config("tiny", overrides=["data.real_val_fraction=1.5"])
+    with pytest.raises(ConfigError, match="tune.lr"):
+        load_config("tiny", overrides=["tune.lr={min: 1e-3, max: 1e-4}"])
+
+
+def test_local_training_keeps_best_checkpoints_without_reading_real_test(eyes, tmp_path):
+    from simgan_dist.refine import choose_checkpoint
+
+    cfg = load_config("tiny", overrides=[
+        f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}",
+        f"data.real_test={tmp_path / 'does-not-exist'}", "data.real_val_fraction=0.2",
+        "train.eval_every=4", "train.eval_samples=64", "train.keep_best=2", "train.pretrain_refiner_steps=4",
+        "train.pretrain_disc_steps=2", "train.iterations=6", "train.checkpoint_every=6"])
+    run = train_local(cfg, tmp_path / "run", progress=False)
+    best = sorted((tmp_path / "run" / "best").iterdir())
+    assert len(best) == 2
+    scores = [json.loads((d / objective.SCORES_FILE).read_text()) for d in best]
+    records = [json.loads(x) for x in (run.folder / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "objective" in r]
+    assert [r["step"] for r in evaluated] == [4, 8, 12]
+    assert sorted(s["objective"] for s in scores) == sorted(r["objective"] for r in evaluated)[:2]
+    chosen = choose_checkpoint(str(run.folder), cfg)
+    assert json.loads(open(f"{chosen}/{objective.SCORES_FILE}").read())["objective"] == min(
+        r["objective"] for r in evaluated)
+    assert choose_checkpoint(str(run.checkpoint), cfg) == str(run.checkpoint)  # an explicit folder is used as is
