@@ -177,11 +177,14 @@ def make_tuner(cfg: Config):
         print(f"[tune] resuming sweep {cfg.tune.name!r} from {path}", flush=True)
         return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
     concurrency = cfg.tune.max_concurrent_trials or default_concurrency(cfg, ray.cluster_resources())
-    searcher = None
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(seed=cfg.train.seed)
+    else:  # seeded: the same sweep config draws the same trials
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        searcher = BasicVariantGenerator(random_state=cfg.train.seed)
     scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
                               reduction_factor=cfg.tune.reduction_factor)
     print(f"[tune] sweep {cfg.tune.name!r}: {cfg.tune.num_samples} trials, up to {concurrency} at once, "
