@@ -132,7 +132,8 @@ class TuneConfig:
     k_g: Any = field(default_factory=lambda: [2, 10, 50])
     lr: Any = field(default_factory=lambda: [1e-4, 1e-3])
     lambda_reg: Any = field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
-    # "random" (Tune's BasicVariantGenerator) or "optuna" (TPE).
+    # "random" (Tune's BasicVariantGenerator, seeded by train.seed), "grid" (every combination of
+    # the lists, num_samples times; ranges still sampled) or "optuna" (TPE).
     search: str = "random"
     # ASHA: a trial runs at least grace_steps training steps before it can be stopped; each rung
     # keeps the best 1/reduction_factor of the trials.
@@ -273,8 +274,8 @@ def _validate(cfg: Config) -> None:
     if cfg.train.eval_every and not cfg.data.real_val and cfg.data.real_val_fraction == 0:
         raise ConfigError("train.eval_every > 0 needs held-out real images: set data.real_val or "
                           "data.real_val_fraction > 0 (or train.eval_every=0)")
-    if cfg.tune.search not in ("random", "optuna"):
-        raise ConfigError(f"tune.search: {cfg.tune.search!r} is not one of ('random', 'optuna')")
+    if cfg.tune.search not in ("random", "grid", "optuna"):
+        raise ConfigError(f"tune.search: {cfg.tune.search!r} is not one of ('random', 'grid', 'optuna')")
     if cfg.tune.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor: must be >= 2, got {cfg.tune.reduction_factor}")
     if cfg.tune.max_concurrent_trials < 0:

@@ -37,14 +37,15 @@ class TuneError(UserError, ValueError):
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
-    """tune.k_g / tune.lr / tune.lambda_reg → Tune domains: a list is a choice, {min, max} log-uniform."""
+    """tune.k_g / tune.lr / tune.lambda_reg → Tune domains: a list is a choice (every value, with
+    `tune.search: grid`), {min, max} log-uniform."""
     from ray import tune
 
     space = {}
     for key in PARAMS:
         value = getattr(cfg.tune, key)
         if isinstance(value, list):
-            space[key] = tune.choice(value)
+            space[key] = tune.grid_search(value) if cfg.tune.search == "grid" else tune.choice(value)
         elif key == "k_g":
             space[key] = tune.lograndint(int(value["min"]), int(value["max"]) + 1)  # upper bound exclusive
         else:
@@ -180,11 +181,11 @@ def make_tuner(cfg: Config):
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(seed=cfg.train.seed)
-    else:  # seeded: the same sweep config draws the same trials
+        searcher, limit = OptunaSearch(seed=cfg.train.seed), concurrency
+    else:  # random or grid, seeded: the same sweep config draws the same trials (it enforces the limit itself)
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        searcher = BasicVariantGenerator(random_state=cfg.train.seed)
+        searcher, limit = BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=concurrency), None
     scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
                               reduction_factor=cfg.tune.reduction_factor)
     print(f"[tune] sweep {cfg.tune.name!r}: {cfg.tune.num_samples} trials, up to {concurrency} at once, "
@@ -193,7 +194,7 @@ def make_tuner(cfg: Config):
         trainable,
         param_space={**search_space(cfg), "base": _redacted(cfg).to_dict()},
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
-                                    scheduler=scheduler, search_alg=searcher, max_concurrent_trials=concurrency),
+                                    scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
                                   callbacks=[_history_cleanup()], verbose=1),
     )

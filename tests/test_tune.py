@@ -26,8 +26,10 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
         "data.real_val_fraction=0.2", "train.eval_every=2", "train.eval_samples=32", "train.keep_best=2",
         "train.pretrain_refiner_steps=4", "train.pretrain_disc_steps=2", "train.iterations=4",
         "train.checkpoint_every=10", f"train.storage_path={tmp_path / 'runs'}",
-        "tune.name=t", f"tune.output={tmp_path / 'sweeps'}", "tune.num_samples=2", "tune.k_g=[1]",
+        "tune.name=t", f"tune.output={tmp_path / 'sweeps'}", "tune.search=grid", "tune.num_samples=1",
+        "tune.k_g=[1]",
         "tune.lr=[1.0e-4, 5.0]",  # lr 5 wrecks the refiner in its first steps: ASHA must stop that trial
+        # (one at a time, in grid order: the good trial sets the rung's bar first)
         "tune.lambda_reg=[1.0e-4]", "tune.grace_steps=2", "tune.max_concurrent_trials=1"])
     rows, best = sweep(cfg)
     by_lr = {r["lr"]: r for r in rows}
