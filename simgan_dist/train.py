@@ -134,7 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from simgan_dist import distributed_history as dh
-    from simgan_dist.algorithm import Schedule, SimGAN
+    from simgan_dist.algorithm import Schedule, SimGAN, make_optimizer
     from simgan_dist.checkpoint import STATE_FILE, rng_state, set_rng_state, write_checkpoint
     from simgan_dist.imaging import to_model_input, to_storage
     from simgan_dist.losses import RefinerLoss
@@ -151,10 +151,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     engines = []
-    for module in (build_refiner(cfg.model), build_discriminator(cfg.model)):
+    for role, module in (("refiner", build_refiner(cfg.model)), ("disc", build_discriminator(cfg.model))):
         module = module.to(device, memory_format=memory_format)
         engine, *_ = deepspeed.initialize(
-            model=module, optimizer=torch.optim.Adam(module.parameters(), lr=cfg.train.lr),
+            model=module, optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
             config=deepspeed_config(cfg, bf16),
         )
         engines.append(engine)
