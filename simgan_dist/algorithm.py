@@ -70,7 +70,8 @@ class EmaWeights:
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(module).requires_grad_(False).eval()
+        # fp32 whatever R trains in: a 1% step is below bf16's resolution.
+        self.module = copy.deepcopy(module).float().requires_grad_(False).eval()
 
     @torch.no_grad()
     def update(self, module: nn.Module, decay: float | None = None) -> None:

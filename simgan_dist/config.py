@@ -188,7 +188,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "image_every": 20,
         },
         "refine": {"batch_size": 256, "rows_per_shard": 2000},
-        "evaluate": {"gaze_epochs": 3, "gaze_batch_size": 128, "realism_samples": 500},
+        "evaluate": {"gaze_model": "small", "gaze_epochs": 3, "gaze_batch_size": 128, "realism_samples": 500},
         "tune": {"num_samples": 2, "k_g": [1, 2], "lr": [1e-3], "lambda_reg": [1e-4]},
     },
 }

@@ -134,8 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from simgan_dist import distributed_history as dh
-    from simgan_dist.algorithm import Schedule, SimGAN, make_optimizer
-    from simgan_dist.checkpoint import STATE_FILE, rng_state, set_rng_state, write_checkpoint
+    from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, make_optimizer
+    from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, rng_state, set_rng_state, write_checkpoint
     from simgan_dist.imaging import to_model_input, to_storage
     from simgan_dist.losses import RefinerLoss
     from simgan_dist.models import build_discriminator, build_refiner
@@ -159,6 +159,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         engines.append(engine)
     r_engine, d_engine = engines
+    # Every rank keeps the same EMA (same weights after each all-reduced step); rank 0 saves it.
+    ema = EmaWeights(r_engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    refining = ema.module if ema else r_engine.module  # what refiner.pt holds and the previews show
 
     to_input = functools.partial(to_model_input, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
                                  channels_last=channels_last)
@@ -175,6 +178,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             r_engine.load_checkpoint(os.path.join(folder, "deepspeed", "refiner"), tag=DS_TAG)
             d_engine.load_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
+            if ema:
+                ema.module.load_state_dict(torch.load(os.path.join(folder, REFINER_FILE), map_location=device))
             state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
             rank_rng = os.path.join(folder, f"rng_rank{rank}.pt")
             if os.path.exists(rank_rng):
@@ -189,7 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2)
     autocast = contextlib.nullcontext  # DeepSpeed holds bf16 weights itself
     algo = SimGAN(DeepSpeedUpdater(r_engine), DeepSpeedUpdater(d_engine), RefinerLoss(cfg.loss), history,
-                  schedule, synthetic, real, autocast)
+                  schedule, synthetic, real, autocast, ema=ema, disc_noise=cfg.train.disc_noise)
     if checkpoint:
         algo.load_state_dict(state["algorithm"])
     if rank == 0 and restored_from:
@@ -219,7 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if sink and (step % cfg.train.image_every == 0 or algo.done):
             with torch.no_grad():
-                refined = r_engine.module(to_input(synthetic.preview))
+                refined = refining(to_input(synthetic.preview).to(next(refining.parameters()).dtype))
             real_preview = real.preview.numpy() if real.preview is not None else None
             sink.log.image(step, comparison_grid(synthetic.preview.numpy(), to_storage(refined), real_preview))
         if sink:
@@ -235,7 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 d_engine.save_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
                 torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
                 if rank == 0:
-                    write_checkpoint(folder, cfg, r_engine.module, d_engine.module, {
+                    write_checkpoint(folder, cfg, refining, d_engine.module, {
                         "algorithm": algo.state_dict(), "history": dh.save_shards(shards),
                     })
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
