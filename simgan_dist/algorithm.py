@@ -12,13 +12,15 @@ backward). The D step sees `R(x)` computed without grad.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import copy
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from simgan_dist.config import TrainConfig
 from simgan_dist.losses import REAL, REFINED, RefinerLoss, local_adversarial_loss, patch_accuracy
 
 
@@ -38,6 +40,46 @@ class History(Protocol):
     def sample(self, k: int) -> torch.Tensor: ...
 
     def push(self, images: torch.Tensor) -> object: ...
+
+
+def make_optimizer(params: Iterable[torch.Tensor], train_cfg: TrainConfig, role: str,
+                   device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """The optimizer of R (`role="refiner"`) or D (`"disc"`), from `train.optimizer/betas/lr/lr_disc`.
+
+    Adam with β1 = 0.5 is the usual GAN choice (a short gradient memory lets each network
+    follow the other's moves); "sgd" is the paper's plain SGD (β1 is its momentum). D's
+    learning rate is `train.lr_disc`, or `train.lr` when that is 0. Fused kernels on CUDA.
+    """
+    if role not in ("refiner", "disc"):
+        raise ValueError(f"role must be 'refiner' or 'disc', got {role!r}")
+    lr = train_cfg.lr_disc if role == "disc" and train_cfg.lr_disc > 0 else train_cfg.lr
+    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=train_cfg.betas[0], **fused)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(train_cfg.betas), **fused)
+
+
+class EmaWeights:
+    """An exponential moving average of R's weights: refines with the average, not the last swing.
+
+    It copies R exactly during pretraining (so it starts where adversarial training
+    starts) and averages with `decay` per R step afterwards.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        # fp32 whatever R trains in: a 1% step is below bf16's resolution.
+        self.module = copy.deepcopy(module).float().requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, decay: float | None = None) -> None:
+        weight = 1.0 - (self.decay if decay is None else decay)
+        for average, current in zip(self.module.parameters(), module.parameters(), strict=True):
+            average.lerp_(current.detach().to(average.dtype), weight)
+        for average, current in zip(self.module.buffers(), module.buffers(), strict=True):
+            average.copy_(current)
 
 
 class TorchUpdater:
@@ -94,7 +136,8 @@ class SimGAN:
 
     def __init__(self, refiner: Updater, disc: Updater, loss: RefinerLoss, history: History,
                  schedule: Schedule, next_synthetic: Batch, next_real: Batch,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 ema: EmaWeights | None = None, disc_noise: float = 0.0):
         self.refiner = refiner
         self.disc = disc
         self.loss = loss
@@ -103,6 +146,8 @@ class SimGAN:
         self.next_synthetic = next_synthetic
         self.next_real = next_real
         self.autocast = autocast
+        self.ema = ema
+        self.disc_noise = disc_noise
         self.refiner_pretrain_done = 0
         self.disc_pretrain_done = 0
         self.iterations_done = 0
@@ -116,19 +161,30 @@ class SimGAN:
             reg = self.loss.regularization(refined, synthetic)
         self.refiner.backward(reg)
         self.refiner.step()
+        if self.ema:
+            self.ema.update(self.refiner.module, decay=0.0)
         return {"refiner/reg_loss": reg.detach()}
+
+    def _noisy(self, images: torch.Tensor) -> torch.Tensor:
+        """D's input with instance noise (std `disc_noise`, fading linearly to 0 over the iterations)."""
+        if not self.disc_noise:
+            return images
+        std = self.disc_noise * max(0.0, 1.0 - self.iterations_done / max(1, self.schedule.iterations))
+        return images + std * torch.randn_like(images)
 
     def refiner_step(self) -> Metrics:
         synthetic = self.next_synthetic()
         with self.autocast():
             refined = self.refiner.forward(synthetic)
             with frozen(self.disc.module):
-                logits = self.disc.module(refined)
+                logits = self.disc.module(self._noisy(refined))
             adv = self.loss.adversarial(logits)
             reg = self.loss.regularization(refined, synthetic)
             total = adv + self.loss.lambda_reg * reg
         self.refiner.backward(total)
         self.refiner.step()
+        if self.ema:
+            self.ema.update(self.refiner.module)
         return {
             "refiner/loss": total.detach(),
             "refiner/adv_loss": adv.detach(),
@@ -146,7 +202,7 @@ class SimGAN:
             past = self.history.sample(half).to(current.device, current.dtype, non_blocking=True)
             fake = torch.cat([current, past])
         with self.autocast():
-            logits = self.disc.forward(torch.cat([real, fake]))
+            logits = self.disc.forward(self._noisy(torch.cat([real, fake])))
             logits_real, logits_fake = logits[: len(real)], logits[len(real):]
             loss_real = local_adversarial_loss(logits_real, REAL, self.loss.reduction)
             loss_fake = local_adversarial_loss(logits_fake, REFINED, self.loss.reduction)

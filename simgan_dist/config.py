@@ -41,7 +41,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    # Weight of the self-regularisation; its meaning depends on reg_reduction (see below).
     lambda_reg: float = 1e-4
+    # "sum": the paper's ‖ψ(R(x)) − ψ(x)‖₁ summed over pixels (λ 1e-4 on a 35x55 eye ≈ 0.19 per-pixel mean);
+    # "mean": the per-pixel mean, so λ does not depend on the image size.
+    reg_reduction: str = "sum"
     # ψ in λ·‖ψ(R(x)) − ψ(x)‖₁: "identity", "channel_mean" or "downsample".
     psi: str = "identity"
     psi_downsample: int = 4
@@ -76,7 +80,16 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     batch_size: int = 512
+    # "adam" or "sgd" (the paper's; betas[0] is then its momentum).
+    optimizer: str = "adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr: float = 1e-3
+    # D's learning rate; 0 means the same as lr.
+    lr_disc: float = 0.0
+    # > 0: refine with an exponential moving average of R's weights (decay per R step).
+    ema_decay: float = 0.0
+    # Std of Gaussian instance noise on D's inputs (model units), fading to 0 over the iterations.
+    disc_noise: float = 0.0
     k_g: int = 50
     k_d: int = 1
     pretrain_refiner_steps: int = 1000
@@ -113,9 +126,18 @@ class RefineConfig:
 
 @dataclass
 class EvaluateConfig:
+    # "gazenet" (the paper's, the headline) or "small" (a CNN ~30x cheaper, for CPU runs).
+    gaze_model: str = "gazenet"
+    # At most this many epochs; the epoch kept is the best on the held-out validation part.
     gaze_epochs: int = 20
     gaze_batch_size: int = 256
     gaze_lr: float = 1e-3
+    # Share of each estimator's OWN training set held out to choose its epoch (never real_test).
+    gaze_val_fraction: float = 0.1
+    # Stop after this many epochs without a lower validation error (0: run all epochs).
+    gaze_patience: int = 4
+    # One estimator per variant and seed; refined vs synthetic is compared seed by seed.
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     realism_samples: int = 2000
 
 
@@ -194,7 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval_samples": 200,
         },
         "refine": {"batch_size": 256, "rows_per_shard": 2000},
-        "evaluate": {"gaze_epochs": 3, "gaze_batch_size": 128, "realism_samples": 500},
+        "evaluate": {"gaze_model": "small", "gaze_epochs": 3, "gaze_batch_size": 128, "realism_samples": 500},
         "tune": {"num_samples": 2, "k_g": [1, 2], "lr": [1e-3], "lambda_reg": [1e-4]},
     },
 }
@@ -240,8 +262,11 @@ def _validate(cfg: Config) -> None:
         "model.architecture": (cfg.model.architecture, ("eye", "hand")),
         "loss.psi": (cfg.loss.psi, ("identity", "channel_mean", "downsample")),
         "loss.adv_reduction": (cfg.loss.adv_reduction, ("mean", "sum")),
+        "loss.reg_reduction": (cfg.loss.reg_reduction, ("mean", "sum")),
+        "evaluate.gaze_model": (cfg.evaluate.gaze_model, ("gazenet", "small")),
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.zero_stage": (cfg.train.zero_stage, (0, 1, 2)),
+        "train.optimizer": (cfg.train.optimizer, ("adam", "sgd")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -283,6 +308,16 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.tune.max_concurrent_trials}")
     for key in ("k_g", "lr", "lambda_reg"):
         setattr(cfg.tune, key, search_dimension(f"tune.{key}", getattr(cfg.tune, key), integer=key == "k_g"))
+    if not cfg.evaluate.seeds or len(set(cfg.evaluate.seeds)) != len(cfg.evaluate.seeds):
+        raise ConfigError(f"evaluate.seeds: give one or more distinct seeds, got {cfg.evaluate.seeds}")
+    if not 0 <= cfg.evaluate.gaze_val_fraction < 1:
+        raise ConfigError(f"evaluate.gaze_val_fraction: must be in [0, 1), got {cfg.evaluate.gaze_val_fraction}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
+    if cfg.train.disc_noise < 0:
+        raise ConfigError(f"train.disc_noise: must be >= 0, got {cfg.train.disc_noise}")
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
     if cfg.train.batch_size % 2:
         raise ConfigError(f"train.batch_size: must be even (half real, half history), got {cfg.train.batch_size}")
     if cfg.train.buffer_size < cfg.train.batch_size // 2:

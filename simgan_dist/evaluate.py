@@ -32,7 +32,7 @@ import torch
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, UserError, load_config
 from simgan_dist.imaging import to_model_input
-from simgan_dist.models import GazeNet
+from simgan_dist.models import GAZE_MODELS
 from simgan_dist.objective import PUPIL_RADIUS, detect_pupil, pupil_shift, realism_score
 
 WITHIN_DEG = 7.0  # the paper's threshold for "correct" gaze
@@ -132,14 +132,32 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) row indices: a seeded `fraction` of a training set held out for early stopping.
+
+    It depends only on n and the seed, so variants of the same rows (synthetic and refined,
+    aligned by id) hold out the same ids: the paired comparison stays paired.
+    """
+    order = np.random.default_rng([seed, 0x5A1]).permutation(n)
+    n_val = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
 def train_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, test_images: np.ndarray,
                test_gaze_labels: np.ndarray, cfg: EvaluateConfig, *, name: str = "gaze", seed: int = 0,
                threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train the paper's GazeNet (L2 on the 3-D gaze vector, Adam, cosine-decayed lr) and test it.
+    """Train a gaze estimator to convergence on one training set and test it on real_test.
+
+    The model is `cfg.gaze_model` (the paper's GazeNet, or a small CPU CNN); L2 on the 3-D
+    gaze vector, Adam, cosine-decayed lr over at most `cfg.gaze_epochs` epochs. A seeded
+    `cfg.gaze_val_fraction` of the training set is held out: after every epoch the mean
+    angular error on it is measured, training stops after `cfg.gaze_patience` epochs
+    without improvement, and the best epoch's weights are tested. real_test is touched
+    once, at the end: it never chooses anything.
 
     Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8
     dataset resident on the device). Returns the test summary, the per-image test
-    errors and the per-epoch training loss.
+    errors, the per-epoch training loss and validation error, and the epoch kept.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -150,22 +168,34 @@ def train_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, test_ima
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu
                 else contextlib.nullcontext)
+    train_idx, val_idx = validation_split(len(train_images), cfg.gaze_val_fraction, seed)
     with warnings.catch_warnings():
         # Arrays from Ray's object store are read-only; they are only ever indexed here.
         warnings.simplefilter("ignore", UserWarning)
-        images = torch.from_numpy(train_images).to(device)
+        all_images = torch.from_numpy(train_images).to(device)
         test = torch.from_numpy(test_images).to(device)
-    labels = torch.from_numpy(np.asarray(train_gaze_labels, dtype=np.float32)).to(device)
+    all_labels = torch.from_numpy(np.asarray(train_gaze_labels, dtype=np.float32)).to(device)
+    train_rows, val_rows = (torch.from_numpy(i).to(device) for i in (train_idx, val_idx))
+    images, labels = all_images[train_rows], all_labels[train_rows]
+    val_images, val_gaze = all_images[val_rows], np.asarray(train_gaze_labels, dtype=np.float32)[val_idx]
     to_input = functools.partial(to_model_input, device=device, channels_last=on_gpu)
 
+    def predict(x: torch.Tensor) -> np.ndarray:
+        model.eval()
+        with torch.no_grad(), autocast():
+            return torch.cat([model(to_input(x[lo:lo + 1024])).float().cpu()
+                              for lo in range(0, len(x), 1024)]).numpy()
+
     h, w, c = train_images.shape[1:]
-    model = GazeNet(c, h, w).to(device, memory_format=memory_format)
+    model = GAZE_MODELS[cfg.gaze_model](c, h, w).to(device, memory_format=memory_format)
     batch = min(cfg.gaze_batch_size, len(images))
     steps_per_epoch = len(images) // batch
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.gaze_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.gaze_epochs * steps_per_epoch))
     order_rng = torch.Generator().manual_seed(seed)
-    losses = []
+    losses: list[float] = []
+    val_errors: list[float] = []
+    best_epoch, best_state = 0, None
     start = time.perf_counter()
     for epoch in range(cfg.gaze_epochs):
         model.train()
@@ -183,55 +213,95 @@ def train_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, test_ima
             schedule.step()
             total += loss.detach()
         losses.append(float(total) / steps_per_epoch)
+        if len(val_idx):
+            val_errors.append(float(angular_error_deg(predict(val_images), val_gaze).mean()))
+            if val_errors[-1] <= min(val_errors):
+                best_epoch = epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            best_epoch = epoch + 1
         if progress:
             rate = steps_per_epoch * batch / (time.perf_counter() - t_epoch)
-            print(f"[gaze {name}] epoch {epoch + 1}/{cfg.gaze_epochs} loss={losses[-1]:.4f} ({rate:,.0f} img/s)",
-                  flush=True)
-    model.eval()
-    preds = []
-    with torch.no_grad(), autocast():
-        for lo in range(0, len(test), 1024):
-            preds.append(model(to_input(test[lo:lo + 1024])).float().cpu())
-    errors = angular_error_deg(torch.cat(preds).numpy(), test_gaze_labels).astype(np.float32)
+            val = f" val={val_errors[-1]:.2f}°" if val_errors else ""
+            print(f"[gaze {name} seed {seed}] epoch {epoch + 1}/{cfg.gaze_epochs} loss={losses[-1]:.4f}{val} "
+                  f"({rate:,.0f} img/s)", flush=True)
+        if val_errors and cfg.gaze_patience and epoch + 1 - best_epoch >= cfg.gaze_patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    errors = angular_error_deg(predict(test), test_gaze_labels).astype(np.float32)
     return {
-        **gaze_summary(errors), "train_rows": int(len(images)), "test_rows": int(len(test)),
-        "epochs": cfg.gaze_epochs, "seconds": round(time.perf_counter() - start, 1), "device": str(device),
-        "loss_curve": losses, "errors_deg": errors,
+        **gaze_summary(errors), "model": cfg.gaze_model, "seed": seed, "train_rows": int(len(images)),
+        "val_rows": int(len(val_idx)), "test_rows": int(len(test)), "epochs_run": len(losses),
+        "best_epoch": best_epoch, "seconds": round(time.perf_counter() - start, 1), "device": str(device),
+        "loss_curve": losses, "val_curve": val_errors, "errors_deg": errors,
     }
 
 
 def run_gaze_variants(variants: dict[str, tuple[np.ndarray, np.ndarray]], test_images: np.ndarray,
-                      test_gaze_labels: np.ndarray, cfg: EvaluateConfig, *, seed: int = 0,
-                      use_ray: bool = True, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Train one GazeNet per variant {name: (images, gaze)} and test each on the real test set.
+                      test_gaze_labels: np.ndarray, cfg: EvaluateConfig, *, seeds: list[int] | None = None,
+                      use_ray: bool = True, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Train one gaze estimator per variant {name: (images, gaze)} and seed; test each on real_test.
 
-    With Ray: one task per variant, a whole GPU each when the cluster has GPUs; on CPUs
-    the cluster's cores are split evenly and torch is pinned to that many threads, so
-    three variants on two cores share them instead of thrashing. Without Ray: one
-    after the other in this process.
+    Returns {name: [one `train_gaze` result per seed]}; seed s means the same init, data
+    order and validation ids in every variant (`cfg.seeds` unless given). With Ray: one
+    task per (variant, seed), a whole GPU each when the cluster has GPUs; on CPUs each
+    task gets an even share of the cores (at least one) and torch is pinned to it, so
+    tasks queue instead of thrashing. Without Ray: one after the other in this process.
     """
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    jobs = [(name, s) for name in variants for s in seeds]
     if not use_ray:
-        return {name: train_gaze(x, y, test_images, test_gaze_labels, cfg, name=name, seed=seed, progress=progress)
-                for name, (x, y) in variants.items()}
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # a local cluster, or the job's cluster under `ray job submit`
-    resources = ray.cluster_resources()
-    if resources.get("GPU", 0) >= 1:
-        options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-        threads = None
+        results = {job: train_gaze(*variants[job[0]], test_images, test_gaze_labels, cfg, name=job[0], seed=job[1],
+                                   progress=progress) for job in jobs}
     else:
-        share = resources.get("CPU", 1) / len(variants)
-        node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=1)
-        threads = int(max(1, min(share, node_cpus)))
-        options = {"num_cpus": min(share, threads)}
-    task = ray.remote(train_gaze).options(**options, max_retries=1)
-    test_ref, test_labels_ref = ray.put(test_images), ray.put(test_gaze_labels)
-    refs = {name: task.remote(ray.put(x), ray.put(y), test_ref, test_labels_ref, cfg, name=name, seed=seed,
-                              threads=threads, progress=progress)
-            for name, (x, y) in variants.items()}
-    return dict(zip(refs, ray.get(list(refs.values())), strict=True))
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # a local cluster, or the job's cluster under `ray job submit`
+        resources = ray.cluster_resources()
+        if resources.get("GPU", 0) >= 1:
+            options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+            threads = None
+        else:
+            node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=1)
+            threads = int(max(1, min(resources.get("CPU", 1) // len(jobs), node_cpus)))
+            options = {"num_cpus": threads}
+        task = ray.remote(train_gaze).options(**options, max_retries=1)
+        test_ref, test_labels_ref = ray.put(test_images), ray.put(test_gaze_labels)
+        data_refs = {name: (ray.put(x), ray.put(y)) for name, (x, y) in variants.items()}
+        refs = [task.remote(*data_refs[name], test_ref, test_labels_ref, cfg, name=name, seed=s, threads=threads,
+                            progress=progress) for name, s in jobs]
+        results = dict(zip(jobs, ray.get(refs), strict=True))
+    return {name: [results[(name, s)] for s in seeds] for name in variants}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for a single value) over seeds."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize_gaze(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant over seeds: mean ± std of each test statistic, and the per-seed results."""
+    summary: dict[str, Any] = {}
+    for key in ("mean_deg", "median_deg", "within_7deg"):
+        summary[key], summary[f"{key}_std"] = _mean_std([r[key] for r in runs])
+    per_seed = [{k: v for k, v in r.items() if k != "errors_deg"} for r in runs]
+    return {**summary, "model": runs[0]["model"], "seeds": [r["seed"] for r in runs],
+            "train_rows": runs[0]["train_rows"], "val_rows": runs[0]["val_rows"], "test_rows": runs[0]["test_rows"],
+            "seconds": round(sum(r["seconds"] for r in runs), 1), "loss_curve": runs[0]["loss_curve"],
+            "per_seed": per_seed}
+
+
+def paired_improvement(baseline: list[dict[str, Any]], treated: list[dict[str, Any]]) -> dict[str, Any]:
+    """Relative error reduction of `treated` over `baseline`, seed by seed (positive = treated better)."""
+    per_seed = [(b["mean_deg"] - t["mean_deg"]) / b["mean_deg"] for b, t in zip(baseline, treated, strict=True)]
+    mean, std = _mean_std(per_seed)
+    gain_7, gain_7_std = _mean_std([t["within_7deg"] - b["within_7deg"] for b, t in zip(baseline, treated,
+                                                                                       strict=True)])
+    return {"mean": mean, "std": std, "per_seed": per_seed, "seeds": [b["seed"] for b in baseline],
+            "within_7deg_gain": gain_7, "within_7deg_gain_std": gain_7_std}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,17 +457,29 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
     variants = {"synthetic": (data.synthetic, data.gaze), "refined": (data.refined, data.gaze)}
     if data.real is not None:
         variants["real"] = (data.real, data.real_gaze)
-    _log(f"downstream gaze: training {len(variants)} GazeNets ({', '.join(variants)}) for "
-         f"{cfg.evaluate.gaze_epochs} epochs" + (" as Ray tasks" if use_ray else " in this process"))
-    results = run_gaze_variants(variants, data.real_test, data.real_test_gaze, cfg.evaluate, seed=seed,
-                                use_ray=use_ray, progress=progress)
-    errors = {name: r.pop("errors_deg") for name, r in results.items()}
-    syn_err, ref_err = results["synthetic"]["mean_deg"], results["refined"]["mean_deg"]
+    ev = cfg.evaluate
+    _log(f"downstream gaze: training {len(variants)} x {len(ev.seeds)} {ev.gaze_model} estimators "
+         f"({', '.join(variants)}; seeds {ev.seeds}; at most {ev.gaze_epochs} epochs, best on a held-out "
+         f"{ev.gaze_val_fraction:.0%} of each training set)" + (" as Ray tasks" if use_ray else " in this process"))
+    runs = run_gaze_variants(variants, data.real_test, data.real_test_gaze, ev, use_ray=use_ray, progress=progress)
+    # Per-image errors pooled over seeds, for the error CDF.
+    errors = {name: np.concatenate([r["errors_deg"] for r in seed_runs]) for name, seed_runs in runs.items()}
+    paired = paired_improvement(runs["synthetic"], runs["refined"])
     gaze = {
-        "variants": results,
-        "relative_improvement": (syn_err - ref_err) / syn_err,
-        "within_7deg_gain": results["refined"]["within_7deg"] - results["synthetic"]["within_7deg"],
+        "model": ev.gaze_model,
+        "seeds": list(ev.seeds),
+        "rule": (f"each estimator trains for at most {ev.gaze_epochs} epochs; {ev.gaze_val_fraction:.0%} of its own "
+                 f"training set (seeded, the same ids in every variant) is held out, training stops after "
+                 f"{ev.gaze_patience} epochs without a lower validation error and the best epoch is tested on "
+                 "real_test; seed s gives every variant the same init, order and held-out ids"),
+        "variants": {name: summarize_gaze(seed_runs) for name, seed_runs in runs.items()},
+        "relative_improvement": paired["mean"],
+        "relative_improvement_std": paired["std"],
+        "relative_improvement_per_seed": paired["per_seed"],
+        "within_7deg_gain": paired["within_7deg_gain"],
+        "within_7deg_gain_std": paired["within_7deg_gain_std"],
     }
+    syn, ref = gaze["variants"]["synthetic"], gaze["variants"]["refined"]
     diff = data.refined[pick].astype(np.int16) - data.synthetic[pick].astype(np.int16)
     metrics = {
         "version": METRICS_VERSION,
@@ -410,10 +492,15 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
         "realism": realism,
         "refinement": {"mean_abs_change_gray_levels": float(np.abs(diff).mean())},
         "headline": {
-            "gaze_error_synthetic_deg": syn_err,
-            "gaze_error_refined_deg": ref_err,
+            "gaze_error_synthetic_deg": syn["mean_deg"],
+            "gaze_error_synthetic_deg_std": syn["mean_deg_std"],
+            "gaze_error_refined_deg": ref["mean_deg"],
+            "gaze_error_refined_deg_std": ref["mean_deg_std"],
             "relative_improvement": gaze["relative_improvement"],
+            "relative_improvement_std": gaze["relative_improvement_std"],
+            "gaze_seeds": len(ev.seeds),
             "pupil_shift_px": preservation["shift_px"]["mean"],
+            "pupil_shift_px_std": preservation["shift_px"]["std"],
             "realism_refined": realism["refined_vs_real"],
             "realism_synthetic": realism["synthetic_vs_real"],
         },
@@ -427,10 +514,13 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
 def _print_headline(metrics: dict[str, Any], report_path: Path) -> None:
     h = metrics["headline"]
     for name, r in metrics["gaze"]["variants"].items():
-        _log(f"gaze trained on {name:9s}: {r['mean_deg']:.2f}° mean error, {100 * r['within_7deg']:.1f}% within 7°")
+        _log(f"gaze trained on {name:9s}: {r['mean_deg']:.2f} ± {r['mean_deg_std']:.2f}° mean error, "
+             f"{100 * r['within_7deg']:.1f}% within 7° ({len(r['seeds'])} seeds)")
     shift = metrics["label_preservation"]["shift_px"]
+    per_seed = ", ".join(f"{100 * g:+.1f}%" for g in metrics["gaze"]["relative_improvement_per_seed"])
     _log(f"refined vs synthetic: gaze error {h['gaze_error_synthetic_deg']:.2f}° → "
-         f"{h['gaze_error_refined_deg']:.2f}° ({report.describe_change(h['relative_improvement'])})")
+         f"{h['gaze_error_refined_deg']:.2f}° ({report.describe_change(h['relative_improvement'])} ± "
+         f"{100 * h['relative_improvement_std']:.1f}%, paired over seeds: {per_seed})")
     _log(f"pupil shift: {shift['mean']:.2f} ± {shift['std']:.2f} px; realism (lower = more real): refined "
          f"{h['realism_refined']:.4f} vs synthetic {h['realism_synthetic']:.4f}")
     _log(f"report: {report_path}")

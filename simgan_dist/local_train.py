@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from simgan_dist.algorithm import Schedule, SimGAN, TorchUpdater
+from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
 from simgan_dist.checkpoint import STATE_FILE, rng_state, set_rng_state, write_checkpoint
 from simgan_dist.config import Config
 from simgan_dist.history import HistoryBuffer
@@ -129,8 +129,8 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     refiner = build_refiner(cfg.model).to(device, memory_format=memory_format)
     disc = build_discriminator(cfg.model).to(device, memory_format=memory_format)
-    r_opt = torch.optim.Adam(refiner.parameters(), lr=cfg.train.lr)
-    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr)
+    r_opt = make_optimizer(refiner.parameters(), cfg.train, "refiner", device)
+    d_opt = make_optimizer(disc.parameters(), cfg.train, "disc", device)
     to_input = functools.partial(to_model_input, device=device, channels_last=channels_last)
     next_synthetic = ArraySampler(synthetic, cfg.train.batch_size, cfg.train.seed + 1, to_input, cfg.train.shuffle)
     next_real = ArraySampler(real, cfg.train.batch_size, cfg.train.seed + 2, to_input, cfg.train.shuffle)
@@ -138,17 +138,23 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
                             seed=cfg.train.seed + 3)
     autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext)
+    ema = EmaWeights(refiner, cfg.train.ema_decay) if cfg.train.ema_decay else None
     algo = SimGAN(
         TorchUpdater(refiner, r_opt), TorchUpdater(disc, d_opt), RefinerLoss(cfg.loss), history,
         Schedule(cfg.train.pretrain_refiner_steps, cfg.train.pretrain_disc_steps, cfg.train.iterations,
                  cfg.train.k_g, cfg.train.k_d),
-        next_synthetic, next_real, autocast,
+        next_synthetic, next_real, autocast, ema=ema, disc_noise=cfg.train.disc_noise,
     )
+    # What refines: the EMA when there is one (it is what refiner.pt holds).
+    refining = ema.module if ema else refiner
 
     checkpoint = folder / "checkpoint"
     if (checkpoint / STATE_FILE).exists():
         state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-        refiner.load_state_dict(torch.load(checkpoint / "refiner.pt", map_location=device))
+        saved = torch.load(checkpoint / "refiner.pt", map_location=device)
+        refiner.load_state_dict(state["refiner_training"] if ema else saved)
+        if ema:
+            ema.module.load_state_dict(saved)
         disc.load_state_dict(torch.load(checkpoint / "discriminator.pt", map_location=device))
         r_opt.load_state_dict(state["refiner_optimizer"])
         d_opt.load_state_dict(state["disc_optimizer"])
@@ -160,7 +166,8 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
         print(f"resumed from {checkpoint} at step {algo.global_step}/{algo.total_steps}")
 
     def save() -> None:
-        write_checkpoint(checkpoint, cfg, refiner, disc, {
+        write_checkpoint(checkpoint, cfg, refining, disc, {
+            **({"refiner_training": refiner.state_dict()} if ema else {}),
             "refiner_optimizer": r_opt.state_dict(),
             "disc_optimizer": d_opt.state_dict(),
             "algorithm": algo.state_dict(),
@@ -200,7 +207,7 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
             tqdm.write(progress_line(step, algo.total_steps, phase, last) + score_text(scores))
         if step % cfg.train.image_every == 0 or algo.done:
             with torch.no_grad(), autocast():
-                refined = refiner(to_input(torch.from_numpy(preview_synthetic)))
+                refined = refining(to_input(torch.from_numpy(preview_synthetic)))
             log.image(step, comparison_grid(preview_synthetic, to_storage(refined), preview_real))
         if step % cfg.train.checkpoint_every == 0 or algo.done:
             save()

@@ -44,9 +44,18 @@ def make_psi(name: str, downsample: int = 4) -> Psi:
     raise ValueError(f"unknown psi {name!r}: identity, channel_mean or downsample")
 
 
-def self_regularization_loss(refined: torch.Tensor, synthetic: torch.Tensor, psi: Psi) -> torch.Tensor:
-    """‖ψ(R(x)) − ψ(x)‖₁, summed per image and averaged over the batch."""
-    return (psi(refined) - psi(synthetic)).abs().float().flatten(1).sum(1).mean()
+def self_regularization_loss(refined: torch.Tensor, synthetic: torch.Tensor, psi: Psi,
+                             reduction: str = "sum") -> torch.Tensor:
+    """‖ψ(R(x)) − ψ(x)‖₁ per image, averaged over the batch.
+
+    "sum" is the paper's form: summed over ψ's pixels, so its size (and λ's meaning)
+    depends on the image size (1,925 pixels for a 35x55 eye). "mean" is the per-pixel mean
+    absolute change in model units ([-1, 1], so 0.01 ≈ 1.3 gray levels): λ = 1 then weighs
+    one unit of mean change like one nat of the adversarial loss, at any image size.
+    λ_sum = λ_mean / pixels gives the same training.
+    """
+    diff = (psi(refined) - psi(synthetic)).abs().float().flatten(1)
+    return (diff.mean(1) if reduction == "mean" else diff.sum(1)).mean()
 
 
 class RefinerLoss:
@@ -55,10 +64,11 @@ class RefinerLoss:
     def __init__(self, cfg: LossConfig):
         self.lambda_reg = cfg.lambda_reg
         self.reduction = cfg.adv_reduction
+        self.reg_reduction = cfg.reg_reduction
         self.psi = make_psi(cfg.psi, cfg.psi_downsample)
 
     def regularization(self, refined: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
-        return self_regularization_loss(refined, synthetic, self.psi)
+        return self_regularization_loss(refined, synthetic, self.psi, self.reg_reduction)
 
     def adversarial(self, refined_logits: torch.Tensor) -> torch.Tensor:
         return local_adversarial_loss(refined_logits, REAL, self.reduction)

@@ -226,20 +226,26 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _gaze_section(metrics: dict[str, Any], errors: dict[str, np.ndarray]) -> str:
     gaze = metrics["gaze"]
     labels = {"synthetic": "Synthetic (raw)", "refined": "Refined (SimGAN)", "real": "Real (ceiling)"}
-    rows = [[labels.get(name, name), f"{r['mean_deg']:.2f}", f"{r['median_deg']:.2f}",
-             f"{100 * r['within_7deg']:.1f}%", f"{r['train_rows']:,}", f"{r['seconds']:.0f} s"]
+    model = {"gazenet": "The paper's gaze CNN", "small": "A small gaze CNN"}.get(gaze["model"], gaze["model"])
+    rows = [[labels.get(name, name), f"{r['mean_deg']:.2f} ± {r['mean_deg_std']:.2f}", f"{r['median_deg']:.2f}",
+             f"{100 * r['within_7deg']:.1f}%", ", ".join(str(s["best_epoch"]) for s in r["per_seed"]),
+             f"{r['train_rows']:,}", f"{r['seconds']:.0f} s"]
             for name, r in gaze["variants"].items()]
     losses = {name: (list(range(1, len(r["loss_curve"]) + 1)), r["loss_curve"])
               for name, r in gaze["variants"].items()}
     test_rows = next(iter(gaze["variants"].values()))["test_rows"]
+    per_seed = ", ".join(f"{100 * g:+.1f}%" for g in gaze["relative_improvement_per_seed"])
     return f"""
 <h2 id="gaze">Downstream gaze estimation</h2>
-<p>The paper's gaze CNN trained on each set, tested on {test_rows:,} labeled real test images
-(same seed, schedule and data order; no augmentation).</p>
-{_table(["Training data", "Mean error (°)", "Median error (°)", "Within 7°", "Train images", "Time"], rows)}
-<p>Refined vs synthetic: mean error <b>{describe_change(gaze["relative_improvement"])}</b>,
+<p>{model} trained on each set with seeds {gaze["seeds"]}, tested on {test_rows:,} labeled real test images
+(no augmentation). Mean ± std over seeds.</p>
+{_table(["Training data", "Mean error (°)", "Median error (°)", "Within 7°", "Epoch kept (per seed)",
+         "Train images", "Time"], rows)}
+<p>Refined vs synthetic, paired by seed: mean error <b>{describe_change(gaze["relative_improvement"])}</b>
+(± {100 * gaze["relative_improvement_std"]:.1f}%; per seed {per_seed}),
 <b>{100 * gaze["within_7deg_gain"]:+.1f}</b> points within 7° (the paper on MPIIGaze: about 30% and +22.3).</p>
-<div class="charts">{error_cdf(errors)}{svg_lines(losses, "GazeNet training loss", "epoch")}</div>"""
+<p class="note">Rule: {html.escape(gaze["rule"])}.</p>
+<div class="charts">{error_cdf(errors)}{svg_lines(losses, "Gaze training loss (first seed)", "epoch")}</div>"""
 
 
 def _preservation_section(p: dict[str, Any], shifts: np.ndarray) -> str:
@@ -310,7 +316,8 @@ def render_html(metrics: dict[str, Any], errors: dict[str, np.ndarray], shifts: 
 <html><head><meta charset="utf-8"><title>SimGAN evaluation</title><style>{STYLE}</style></head><body>
 <h1>SimGAN evaluation</h1>
 <p class="headline">Gaze error on real images: <b>{h["gaze_error_synthetic_deg"]:.2f}°</b> trained on synthetic →
-<b>{h["gaze_error_refined_deg"]:.2f}°</b> trained on refined ({describe_change(h["relative_improvement"])}).
+<b>{h["gaze_error_refined_deg"]:.2f}°</b> trained on refined ({describe_change(h["relative_improvement"])}
+± {100 * h["relative_improvement_std"]:.1f}% over {h["gaze_seeds"]} seeds).
 Pupil shift {_num(h["pupil_shift_px"])} px. Realism distance {h["realism_synthetic"]:.4f} → {h["realism_refined"]:.4f}
 (lower = more real).</p>
 {sources}{f"<ul class='note'>{notes}</ul>" if notes else ""}

@@ -134,8 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from simgan_dist import distributed_history as dh
-    from simgan_dist.algorithm import Schedule, SimGAN
-    from simgan_dist.checkpoint import STATE_FILE, rng_state, set_rng_state, write_checkpoint
+    from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, make_optimizer
+    from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, rng_state, set_rng_state, write_checkpoint
     from simgan_dist.imaging import to_model_input, to_storage
     from simgan_dist.losses import RefinerLoss
     from simgan_dist.models import build_discriminator, build_refiner
@@ -152,14 +152,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     engines = []
-    for module in (build_refiner(cfg.model), build_discriminator(cfg.model)):
+    for role, module in (("refiner", build_refiner(cfg.model)), ("disc", build_discriminator(cfg.model))):
         module = module.to(device, memory_format=memory_format)
         engine, *_ = deepspeed.initialize(
-            model=module, optimizer=torch.optim.Adam(module.parameters(), lr=cfg.train.lr),
+            model=module, optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
             config=deepspeed_config(cfg, bf16),
         )
         engines.append(engine)
     r_engine, d_engine = engines
+    # Every rank keeps the same EMA (same weights after each all-reduced step); rank 0 saves it.
+    ema = EmaWeights(r_engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    refining = ema.module if ema else r_engine.module  # what refiner.pt holds and the previews show
 
     to_input = functools.partial(to_model_input, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
                                  channels_last=channels_last)
@@ -176,6 +179,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             r_engine.load_checkpoint(os.path.join(folder, "deepspeed", "refiner"), tag=DS_TAG)
             d_engine.load_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
+            if ema:
+                ema.module.load_state_dict(torch.load(os.path.join(folder, REFINER_FILE), map_location=device))
             state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
             rank_rng = os.path.join(folder, f"rng_rank{rank}.pt")
             if os.path.exists(rank_rng):
@@ -190,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2)
     autocast = contextlib.nullcontext  # DeepSpeed holds bf16 weights itself
     algo = SimGAN(DeepSpeedUpdater(r_engine), DeepSpeedUpdater(d_engine), RefinerLoss(cfg.loss), history,
-                  schedule, synthetic, real, autocast)
+                  schedule, synthetic, real, autocast, ema=ema, disc_noise=cfg.train.disc_noise)
     if checkpoint:
         algo.load_state_dict(state["algorithm"])
     if rank == 0 and restored_from:
@@ -234,7 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["objective"] = float("nan")
         if sink and (step % cfg.train.image_every == 0 or algo.done):
             with torch.no_grad():
-                refined = r_engine.module(to_input(synthetic.preview))
+                refined = refining(to_input(synthetic.preview).to(next(refining.parameters()).dtype))
             real_preview = real.preview.numpy() if real.preview is not None else None
             sink.log.image(step, comparison_grid(synthetic.preview.numpy(), to_storage(refined), real_preview))
         if sink:
@@ -250,7 +255,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 d_engine.save_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
                 torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
                 if rank == 0:
-                    write_checkpoint(folder, cfg, r_engine.module, d_engine.module, {
+                    write_checkpoint(folder, cfg, refining, d_engine.module, {
                         "algorithm": algo.state_dict(), "history": dh.save_shards(shards),
                     })
                     if evaluator is not None and evaluate:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from toy_domains import toy_images
 
-from simgan_dist.algorithm import Schedule, SimGAN, TorchUpdater
+from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
 from simgan_dist.config import load_config
 from simgan_dist.history import HistoryBuffer
 from simgan_dist.imaging import to_model_input, to_storage
@@ -124,3 +124,43 @@ def test_toy_run_moves_refined_images_towards_real():
     # pretraining keeps R near identity; adversarial training pulls the mean towards real
     assert abs(before - syn_mean) < 0.25 * abs(syn_mean - real_mean)
     assert abs(after - real_mean) < 0.5 * abs(syn_mean - real_mean), (syn_mean, after, real_mean)
+
+
+def test_make_optimizer_reads_kind_betas_and_separate_learning_rates():
+    train = load_config("tiny", overrides=["train.lr=2e-4", "train.lr_disc=1e-3", "train.betas=[0.5, 0.99]"]).train
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    r, d = make_optimizer(params, train, "refiner"), make_optimizer(params, train, "disc")
+    assert isinstance(r, torch.optim.Adam) and r.defaults["lr"] == 2e-4 and r.defaults["betas"] == (0.5, 0.99)
+    assert d.defaults["lr"] == 1e-3
+    same = load_config("tiny", overrides=["train.lr=2e-4"]).train  # lr_disc 0: D uses lr
+    assert make_optimizer(params, same, "disc").defaults["lr"] == 2e-4
+    sgd = make_optimizer(params, load_config("tiny", overrides=["train.optimizer=sgd"]).train, "refiner")
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="role"):
+        make_optimizer(params, train, "generator")
+
+
+def test_ema_copies_r_in_pretraining_then_averages():
+    algo, r, _, _ = make_simgan(Schedule(2, 1, 2, k_g=1, k_d=1))
+    algo.ema = EmaWeights(r.module, decay=0.5)
+    algo.advance()
+    for average, current in zip(algo.ema.module.parameters(), r.module.parameters(), strict=True):
+        assert torch.equal(average, current)  # an exact copy while R learns the identity
+    while algo.phase != "adversarial":
+        algo.advance()
+    before = [p.clone() for p in algo.ema.module.parameters()]
+    algo.advance()  # one R step: average = (before + R) / 2
+    for old, average, current in zip(before, algo.ema.module.parameters(), r.module.parameters(), strict=True):
+        torch.testing.assert_close(average, (old + current) / 2)
+    assert not any(p.requires_grad for p in algo.ema.module.parameters())
+
+
+def test_disc_instance_noise_fades_over_the_iterations():
+    algo, *_ = make_simgan(Schedule(0, 0, 4, k_g=1, k_d=1))
+    algo.disc_noise = 0.2
+    x = torch.zeros(512, 1, 35, 55)
+    assert algo._noisy(x).std().item() == pytest.approx(0.2, rel=0.05)
+    algo.iterations_done = 3
+    assert algo._noisy(x).std().item() == pytest.approx(0.05, rel=0.05)
+    algo.disc_noise = 0.0
+    assert algo._noisy(x) is x

@@ -131,3 +131,28 @@ def test_bad_arguments():
         simulate.simulate_dataset("/tmp/unused", -1, 0, 0)
     with pytest.raises(ValueError, match="kind must be one of"):
         simulate.simulate_dataset("/tmp/unused", 1, 0, 0, kind="face")
+
+
+def test_appearance_oracle_keeps_rows_and_switches_parts():
+    synthetic = simulate.render_rows("eye", "synthetic", 3, 100, 400)
+    full = simulate.render_rows("eye", "synthetic", 3, 100, 400, simulate.APPEARANCE_PARTS)
+    # Same rows: ids and every label; only the appearance differs.
+    np.testing.assert_array_equal(full["id"], synthetic["id"])
+    for key in ("gaze", "pupil_xy", "head_pose"):
+        np.testing.assert_array_equal(full[key], synthetic[key])
+    np.testing.assert_array_equal(simulate.render_rows("eye", "synthetic", 3, 100, 400, ())["image"],
+                                  synthetic["image"])
+    assert pixel_noise(full["image"]) > pixel_noise(synthetic["image"]) + 1
+    deterministic = simulate.render_rows("eye", "synthetic", 3, 100, 400, simulate.DETERMINISTIC_PARTS)
+    assert pixel_noise(deterministic["image"]) < pixel_noise(full["image"]) - 1  # no sensor noise, no texture
+    # Glints are the only part that brightens the pupil: switching them off darkens it there.
+    no_glints = simulate.render_rows("eye", "synthetic", 3, 100, 400, ("light", "blur", "camera"))
+    x, y = np.rint(synthetic["pupil_xy"]).astype(int).T
+    rows = np.arange(len(x))
+    patch = lambda img: sum(img[rows, np.clip(y + dy, 0, 34), np.clip(x + dx, 0, 54), 0].astype(float)  # noqa: E731
+                            for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    assert (patch(deterministic["image"]) - patch(no_glints["image"])).mean() > 50
+    with pytest.raises(ValueError, match="unknown appearance parts"):
+        simulate.render_rows("eye", "synthetic", 3, 0, 10, ("texture", "sparkle"))
+    with pytest.raises(ValueError, match="eyes only"):
+        simulate.render_rows("hand", "synthetic", 3, 0, 1, ())

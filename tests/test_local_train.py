@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from toy_domains import toy_images
 
-from simgan_dist.checkpoint import load_refiner
+from simgan_dist.checkpoint import STATE_FILE, load_refiner
 from simgan_dist.config import load_config
 from simgan_dist.local_train import train_local
 
@@ -47,4 +47,25 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     a, _ = load_refiner(str(tmp_path / "a" / "checkpoint"))
     b, _ = load_refiner(str(tmp_path / "b" / "checkpoint"))
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=False):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_ema_checkpoint_holds_the_average_and_resumes(tmp_path):
+    overrides = ["train.pretrain_refiner_steps=3", "train.pretrain_disc_steps=2", "train.report_every=100",
+                 "train.image_every=100", "train.checkpoint_every=100", "train.ema_decay=0.9",
+                 "train.betas=[0.5, 0.999]", "loss.reg_reduction=mean", "loss.lambda_reg=1.0"]
+    synthetic, real = toy_images(96, 0, real=False), toy_images(96, 1, real=True)
+    cfg = load_config("tiny", overrides=[*overrides, "train.iterations=3"])
+    train_local(cfg, tmp_path / "run", synthetic, real, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint" / STATE_FILE, weights_only=False)
+    average, _ = load_refiner(str(tmp_path / "run" / "checkpoint"))
+    # refiner.pt (what refine loads) is the EMA, not the last weights of R
+    assert any(not torch.equal(state["refiner_training"][k], v) for k, v in average.state_dict().items())
+    longer = load_config("tiny", overrides=[*overrides, "train.iterations=5"])
+    train_local(longer, tmp_path / "run", synthetic, real, progress=False)
+    straight = load_config("tiny", overrides=[*overrides, "train.iterations=5"])
+    train_local(straight, tmp_path / "straight", synthetic, real, progress=False)
+    a, _ = load_refiner(str(tmp_path / "run" / "checkpoint"))
+    b, _ = load_refiner(str(tmp_path / "straight" / "checkpoint"))
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(x, y, atol=1e-6), name

@@ -42,3 +42,11 @@ def test_self_regularization_is_l1_per_image():
     a = torch.zeros(2, 1, 2, 2)
     b = torch.full((2, 1, 2, 2), 0.5)
     assert loss.regularization(b, a).item() == pytest.approx(2.0)
+
+
+def test_mean_reduction_is_the_sum_over_pixels_divided_by_their_number():
+    refined, synthetic = torch.rand(3, 1, 35, 55) * 2 - 1, torch.rand(3, 1, 35, 55) * 2 - 1
+    summed = RefinerLoss(LossConfig(reg_reduction="sum")).regularization(refined, synthetic)
+    mean = RefinerLoss(LossConfig(reg_reduction="mean")).regularization(refined, synthetic)
+    assert mean.item() == pytest.approx(summed.item() / (35 * 55), rel=1e-5)
+    assert mean.item() == pytest.approx((refined - synthetic).abs().mean().item(), rel=1e-5)

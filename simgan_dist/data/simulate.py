@@ -190,43 +190,75 @@ def _blur(img: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return img
 
 
-def add_real_eye_appearance(img: np.ndarray, p: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """What the synthetic renderer lacks: texture, lighting, glints, blur, gamma and sensor noise."""
+APPEARANCE_PARTS = ("texture", "light", "glints", "blur", "camera", "noise")
+# What a deterministic refiner of a clean render can reproduce: no fresh per-pixel noise or random texture.
+DETERMINISTIC_PARTS = ("light", "glints", "blur", "camera")
+
+
+def add_real_eye_appearance(img: np.ndarray, p: dict[str, np.ndarray], rng: np.random.Generator,
+                            parts: tuple[str, ...] = APPEARANCE_PARTS) -> np.ndarray:
+    """What the synthetic renderer lacks: texture, lighting, glints, blur, gamma and sensor noise.
+
+    `parts` switches pieces off (a subset of APPEARANCE_PARTS; "camera" is gamma and
+    contrast). Every random draw happens whatever is switched off, so an image keeps
+    the same glints, light and blur with or without its texture and noise.
+    """
+    unknown = set(parts) - set(APPEARANCE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown appearance parts {sorted(unknown)}: choose from {APPEARANCE_PARTS}")
     n = len(img)
     col = lambda a: a[:, None, None]  # noqa: E731
     # Skin/sclera texture: two octaves of smooth noise plus fine pores.
     texture = _smooth_noise(rng, n, (8, 12)) * col(_u(rng, 5.0, 12.0, n))
     texture += _smooth_noise(rng, n, (14, 22)) * col(_u(rng, 2.0, 5.0, n))
-    img = img + texture
+    if "texture" in parts:
+        img = img + texture
     # Illumination: a random linear gradient (a lamp off to one side) and exposure.
     slope = rng.normal(0.0, 0.35, (n, 2)).astype(np.float32)
     light = 1.0 + col(slope[:, 0]) * (_XX / EYE_W - 0.5) + col(slope[:, 1]) * (_YY / EYE_H - 0.5)
-    img = img * light * col(_u(rng, 0.75, 1.15, n))
+    exposure = col(_u(rng, 0.75, 1.15, n))
+    if "light" in parts:
+        img = img * light * exposure
     # Corneal glints: one or two bright spots near the pupil, at a per-image light direction.
     for k in range(2):
         gx = p["pupil_x"] + _u(rng, -2.5, 2.5, n)
         gy = p["pupil_y"] + _u(rng, -2.5, 1.5, n)
         amp = _u(rng, 60.0, 160.0, n) * (rng.random(n) < (0.9 if k == 0 else 0.4))
         width = col(-0.5 / _u(rng, 0.35, 0.8, n))
-        # A Gaussian spot is separable: two 1-D profiles instead of a full-image exp.
-        img = img + (col(amp) * np.exp(np.square(_YY[:, :1] - col(gy)) * width)) * np.exp(
-            np.square(_XX[:1] - col(gx)) * width)
-    img = _blur(np.clip(img, 1.0, 255.0), _u(rng, 0.6, 1.3, n))
+        if "glints" in parts:
+            # A Gaussian spot is separable: two 1-D profiles instead of a full-image exp.
+            img = img + (col(amp) * np.exp(np.square(_YY[:, :1] - col(gy)) * width)) * np.exp(
+                np.square(_XX[:1] - col(gx)) * width)
+    img = np.clip(img, 1.0, 255.0)
+    sigma_blur = _u(rng, 0.6, 1.3, n)
+    if "blur" in parts:
+        img = _blur(img, sigma_blur)
     # Camera response: gamma (as exp/log, twice as fast as a per-image power) and lower contrast.
-    img = 255.0 * np.exp(np.log(img * (1 / 255.0)) * col(_u(rng, 0.7, 1.4, n)))
-    mean = img.mean(axis=(1, 2), keepdims=True)
-    img = mean + (img - mean) * col(_u(rng, 0.65, 0.95, n))
+    gamma, contrast = col(_u(rng, 0.7, 1.4, n)), col(_u(rng, 0.65, 0.95, n))
+    if "camera" in parts:
+        img = 255.0 * np.exp(np.log(img * (1 / 255.0)) * gamma)
+        mean = img.mean(axis=(1, 2), keepdims=True)
+        img = mean + (img - mean) * contrast
     # Sensor noise: read noise plus shot noise that grows with brightness.
     sigma = np.sqrt(col(_u(rng, 2.0, 6.0, n)) ** 2 + 0.04 * np.maximum(img, 0.0))
-    return img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
+    noise = sigma * rng.standard_normal(img.shape, dtype=np.float32)
+    return img + noise if "noise" in parts else img
 
 
-def render_eyes(rng: np.random.Generator, n: int, domain: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """n eyes of a domain: uint8 images N×35×55×1 and float32 labels (gaze, pupil_xy, head_pose)."""
+def render_eyes(rng: np.random.Generator, n: int, domain: str,
+                appearance: tuple[str, ...] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n eyes of a domain: uint8 images N×35×55×1 and float32 labels (gaze, pupil_xy, head_pose).
+
+    `appearance` overrides which real-appearance parts are drawn (default: all for the
+    real domain, none for synthetic); the geometry and labels depend only on `rng` and
+    `domain`, so a synthetic row re-rendered with real appearance keeps its labels.
+    """
     p = sample_eye_params(rng, n, domain)
     img = render_eye_clean(p)
-    if domain == "real":
-        img = add_real_eye_appearance(img, p, rng)
+    if appearance is None:
+        appearance = APPEARANCE_PARTS if domain == "real" else ()
+    if appearance:
+        img = add_real_eye_appearance(img, p, rng, tuple(appearance))
     images = np.clip(img + 0.5, 0, 255).astype(np.uint8)[..., None]
     labels = {
         "gaze": p["gaze"],
@@ -354,8 +386,16 @@ def block_rng(seed: int, kind: str, split: str, block: int) -> np.random.Generat
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *codes, block])))
 
 
-def render_rows(kind: str, split: str, seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Rows [start, stop) of a split as a batch for the writer (labels only for labeled splits)."""
+def render_rows(kind: str, split: str, seed: int, start: int, stop: int,
+                appearance: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Rows [start, stop) of a split as a batch for the writer (labels only for labeled splits).
+
+    `appearance` (eyes only) re-renders the same rows, ids and labels with those parts of
+    the real appearance (see `add_real_eye_appearance`): `render_rows("eye", "synthetic",
+    seed, 0, n, APPEARANCE_PARTS)` is the appearance oracle, a perfect appearance-only refiner.
+    """
+    if appearance is not None and kind != "eye":
+        raise ValueError(f"appearance parts apply to eyes only, not {kind!r}")
     if kind not in RENDERERS:
         raise ValueError(f"kind must be one of {sorted(RENDERERS)}, got {kind!r}")
     if split not in SPLITS:
@@ -365,7 +405,9 @@ def render_rows(kind: str, split: str, seed: int, start: int, stop: int) -> dict
     parts = []
     for b in range(start // block, -(-stop // block)):
         lo, hi = b * block, (b + 1) * block
-        images, labels = RENDERERS[kind](block_rng(seed, kind, split, b), block, SPLITS[split])
+        rng = block_rng(seed, kind, split, b)
+        images, labels = (RENDERERS[kind](rng, block, SPLITS[split]) if appearance is None
+                          else render_eyes(rng, block, SPLITS[split], appearance))
         keep = slice(max(start, lo) - lo, min(stop, hi) - lo)
         parts.append({"image": images[keep], **({k: v[keep] for k, v in labels.items()}
                                                 if split in LABELED_SPLITS else {})})
