@@ -16,12 +16,11 @@ step "1/4 simulate: labeled synthetic eyes, unlabeled real eyes, a labeled real 
 simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed 0 "${config[@]}"
 
 step "2/4 train: SimGAN with 2 Ray Train workers, DeepSpeed engines, a shared history buffer"
-simgan-dist train "${config[@]}" --set train.iterations=300 | tee "$out/train.log"
-checkpoint=$(sed -n 's/^checkpoint: //p' "$out/train.log" | tail -1)
+simgan-dist train "${config[@]}" --set train.iterations=200 | tee "$out/train.log"
 
-step "3/4 refine: the whole synthetic corpus, exactly once"
-simgan-dist refine --checkpoint "$checkpoint" --input "$data/synthetic" --out "$data/refined" "${config[@]}"
+step "3/4 refine: the whole synthetic corpus with the run's best checkpoint by the label-free objective"
+simgan-dist refine --checkpoint "$out/runs/demo" --input "$data/synthetic" --out "$data/refined" "${config[@]}"
 
 step "4/4 evaluate: gaze error on real test images, pupil shift, realism"
 simgan-dist evaluate --synthetic "$data/synthetic" --refined "$data/refined" --real-test "$data/real_test" \
-    --run "$out/runs/demo" --out "$out/report" "${config[@]}" --set evaluate.gaze_epochs=2
+    --run "$out/runs/demo" --out "$out/report" "${config[@]}"
