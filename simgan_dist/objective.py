@@ -404,7 +404,7 @@ def write_scores(folder: str | Path, step: int, metrics: dict[str, Any]) -> None
 
 def score_text(metrics: dict[str, Any]) -> str:
     """' objective=… (realism=… drift=…px, eval …s)' for a progress line; '' without an evaluation."""
-    if "objective" not in metrics:
+    if "realism" not in metrics:  # no evaluation at this report (a checkpoint may still carry objective=NaN)
         return ""
     return (f" objective={metrics['objective']:.4g} (realism={metrics['realism']:.4g} drift={metrics['drift']:.3g}px, "
             f"eval {metrics['eval_s']:.2f}s)")
