@@ -96,7 +96,7 @@ class ShardStream:
         self.wait_s += time.perf_counter() - start
         images = batch["image"]
         if self.preview is None:
-            self.preview = images[:PREVIEW].clone()
+            self.preview = images[:PREVIEW].cpu().clone()  # kept on the host: the image grid reads it with .numpy()
         return self.to_input(images)
 
 
