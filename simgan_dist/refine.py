@@ -27,7 +27,7 @@ twice. (Ray Data's `write_parquet` names files by block and would need its separ
 id-checkpoint store to resume; this contract wants deterministic, checksummed shards.)
 
 At the end every output shard's ids and labels are compared with its input rows and
-the result is recorded in the manifest (`extra.refine.exactness`); `manifest.json` is
+the result is recorded in the manifest (`extra.refine.exactness`); `_manifest.json` is
 written last and is what makes the output a dataset.
 """
 
@@ -55,6 +55,7 @@ from simgan_dist.checkpoint import REFINER_FILE, CheckpointError, load_refiner
 from simgan_dist.config import Config, ModelConfig, StorageConfig, UserError, load_config
 from simgan_dist.data import storage
 from simgan_dist.data.schema import (
+    LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
     DatasetError,
     Layout,
@@ -65,6 +66,7 @@ from simgan_dist.data.schema import (
     labels_from_list,
     make_manifest,
     read_manifest,
+    read_manifest_bytes,
     shard_name,
     validate,
     write_manifest,
@@ -73,7 +75,8 @@ from simgan_dist.data.storage import StorageError
 from simgan_dist.imaging import to_model_input, to_storage
 from simgan_dist.models import Refiner, build_refiner
 
-JOB_FILE = "refine_job.json"
+JOB_FILE = "_refine_job.json"
+LEGACY_JOB_FILE = "refine_job.json"  # before the `_` convention; still honoured
 JOB_FORMAT = "simgan_dist.refine_job"
 # What makes two runs the same job; the URIs are recorded too but a copied checkpoint
 # or dataset with identical bytes is the same job.
@@ -216,7 +219,7 @@ def _load_checkpoint(uri: str, cfg: Config) -> tuple[Refiner, Config, str]:
 def _load_input(uri: str, cfg: Config, model: ModelConfig) -> tuple[Manifest, str]:
     try:
         manifest = validate(uri, cfg.storage)
-        manifest_sha = _sha256(storage.read_bytes(storage.join(uri, MANIFEST_NAME), cfg.storage))
+        manifest_sha = _sha256(read_manifest_bytes(uri, cfg.storage)[1])
     except (DatasetError, StorageError) as exc:
         raise RefineError(f"input {uri} is not a dataset in the simgan_dist contract: {exc}") from exc
     want = [model.image_height, model.image_width, model.image_channels]
@@ -238,15 +241,15 @@ def _check_output(out_uri: str, input_uri: str, cfg: Config, spec: dict[str, Any
             raise RefineError(f"--out {out_uri} is the input dataset itself: choose another prefix")
         storage.check_bucket(out_uri, cfg.storage)
         names = storage.list_files(out_uri, cfg.storage)
-        recorded = (json.loads(storage.read_bytes(storage.join(out_uri, JOB_FILE), cfg.storage))
-                    if JOB_FILE in names else None)
+        job_file = next((n for n in (JOB_FILE, LEGACY_JOB_FILE) if n in names), None)
+        recorded = json.loads(storage.read_bytes(storage.join(out_uri, job_file), cfg.storage)) if job_file else None
     except StorageError as exc:
         raise RefineError(f"output {out_uri} is not usable: {exc}") from exc
     except json.JSONDecodeError as exc:
-        raise RefineError(f"{storage.join(out_uri, JOB_FILE)} is not valid JSON ({exc}); "
+        raise RefineError(f"{storage.join(out_uri, job_file)} is not valid JSON ({exc}); "
                           "delete the output prefix to start over") from exc
     if recorded is None:
-        foreign = [n for n in names if n == MANIFEST_NAME or n.endswith(".parquet")]
+        foreign = [n for n in names if n in (MANIFEST_NAME, LEGACY_MANIFEST_NAME) or n.endswith(".parquet")]
         if foreign:
             raise RefineError(f"output {out_uri} already holds files that no refine job wrote ({foreign[:3]}...): "
                               "choose an empty prefix")
@@ -257,7 +260,7 @@ def _check_output(out_uri: str, input_uri: str, cfg: Config, spec: dict[str, Any
         raise RefineError(f"output {out_uri} belongs to another refine job ({'; '.join(changed) or 'unknown format'}; "
                           f"checkpoint {recorded.get('checkpoint')}, input {recorded.get('input')}): "
                           "refusing to mix outputs; choose another --out or delete that prefix")
-    return MANIFEST_NAME in names
+    return MANIFEST_NAME in names or LEGACY_MANIFEST_NAME in names
 
 
 def plan_job(checkpoint: str, input_uri: str, out_uri: str, cfg: Config) -> tuple[RefineJob, bool]:
@@ -478,7 +481,7 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
 
     job, complete = plan_job(checkpoint, input_uri, out_uri, cfg)
     if complete:
-        print(f"refine: {out_uri} is already complete (manifest.json written by this job)")
+        print(f"refine: {out_uri} is already complete (its manifest was written by this job)")
         return read_manifest(out_uri, cfg.storage)
     storage.write_bytes_atomic(storage.join(out_uri, JOB_FILE), (json.dumps(job.spec, indent=2) + "\n").encode(),
                                cfg.storage)

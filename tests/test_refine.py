@@ -171,7 +171,7 @@ def test_input_outside_the_contract_fails_before_output(corpus, s3_bucket):
     fs, base = storage.resolve(loose)
     with fs.open_output_stream(f"{base}/part-00000.parquet") as f:
         pq.write_table(pa.table({"id": ["a"], "image": [b"\0" * 1925]}), f)
-    refuses(checkpoint, loose, out, "not a dataset in the simgan_dist contract.*no manifest.json")
+    refuses(checkpoint, loose, out, "not a dataset in the simgan_dist contract.*no _manifest.json")
     refuses(checkpoint, f"{s3_bucket}/nothing", out, "no dataset here")
 
     wrong = f"{s3_bucket}/wrong_shape"
