@@ -19,7 +19,15 @@ import torch
 from tqdm import tqdm
 
 from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
-from simgan_dist.checkpoint import STATE_FILE, rng_state, set_rng_state, write_checkpoint
+from simgan_dist.checkpoint import (
+    DISCRIMINATOR_FILE,
+    REFINER_FILE,
+    STATE_FILE,
+    load_data,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from simgan_dist.config import Config
 from simgan_dist.history import HistoryBuffer
 from simgan_dist.imaging import to_model_input, to_storage
@@ -150,12 +158,12 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
 
     checkpoint = folder / "checkpoint"
     if (checkpoint / STATE_FILE).exists():
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-        saved = torch.load(checkpoint / "refiner.pt", map_location=device)
+        state = load_data(checkpoint / STATE_FILE, str(checkpoint / STATE_FILE))
+        saved = load_data(checkpoint / REFINER_FILE, str(checkpoint / REFINER_FILE), device)
         refiner.load_state_dict(state["refiner_training"] if ema else saved)
         if ema:
             ema.module.load_state_dict(saved)
-        disc.load_state_dict(torch.load(checkpoint / "discriminator.pt", map_location=device))
+        disc.load_state_dict(load_data(checkpoint / DISCRIMINATOR_FILE, str(checkpoint / DISCRIMINATOR_FILE), device))
         r_opt.load_state_dict(state["refiner_optimizer"])
         d_opt.load_state_dict(state["disc_optimizer"])
         algo.load_state_dict(state["algorithm"])

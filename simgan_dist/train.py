@@ -124,6 +124,27 @@ class MonitorSink:
             pafs.copy_files(str(self.log.folder), path, destination_filesystem=filesystem)
 
 
+def load_as_data(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files as data.
+
+    DeepSpeed 0.19 loads them with `torch.load(weights_only=False)`, which runs any code
+    pickled into a file; `load_data` refuses such a file. ZeRO optimizer files also hold
+    a loss scaler, the ZeRO stage enum and fragment addresses: plain data classes,
+    allowed by name.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from simgan_dist.checkpoint import load_data
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return load_data(path, f"DeepSpeed checkpoint file {os.path.basename(path)}", map_location,
+                         allowed=(LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address))
+
+    engine.checkpoint_engine.load = load
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     if not cfg.train.use_gpu:
@@ -135,7 +156,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from simgan_dist import distributed_history as dh
     from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, make_optimizer
-    from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, rng_state, set_rng_state, write_checkpoint
+    from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, load_data, rng_state, set_rng_state, write_checkpoint
     from simgan_dist.imaging import to_model_input, to_storage
     from simgan_dist.losses import RefinerLoss
     from simgan_dist.models import build_discriminator, build_refiner
@@ -158,6 +179,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model=module, optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
             config=deepspeed_config(cfg, bf16),
         )
+        load_as_data(engine)
         engines.append(engine)
     r_engine, d_engine = engines
     # Every rank keeps the same EMA (same weights after each all-reduced step); rank 0 saves it.
@@ -180,11 +202,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             r_engine.load_checkpoint(os.path.join(folder, "deepspeed", "refiner"), tag=DS_TAG)
             d_engine.load_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
             if ema:
-                ema.module.load_state_dict(torch.load(os.path.join(folder, REFINER_FILE), map_location=device))
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
+                ema.module.load_state_dict(load_data(os.path.join(folder, REFINER_FILE), f"checkpoint {REFINER_FILE}",
+                                                     device))
+            state = load_data(os.path.join(folder, STATE_FILE), f"checkpoint {STATE_FILE}")
             rank_rng = os.path.join(folder, f"rng_rank{rank}.pt")
             if os.path.exists(rank_rng):
-                set_rng_state(torch.load(rank_rng, weights_only=False))
+                set_rng_state(load_data(rank_rng, f"checkpoint rng_rank{rank}.pt"))
             if rank == 0:
                 history_restored = dh.load_shards(shards, state["history"])
         restored_from = sum(state["algorithm"].values())
