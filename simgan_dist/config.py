@@ -71,6 +71,12 @@ class StorageConfig:
     region: str = ""
     access_key_id: str = ""
     secret_access_key: str = ""
+    session_token: str = ""
+
+
+# Never written anywhere (config.yaml of checkpoints, Tune results, reports, logs): the
+# serialised forms carry "" (= "use the environment") and workers get them as AWS_* variables.
+SECRET_KEYS = ("storage.access_key_id", "storage.secret_access_key", "storage.session_token")
 
 
 @dataclass
@@ -176,11 +182,27 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain dict of the tree; the secrets in SECRET_KEYS become "" unless `redact=False`
+        (only for copies that stay in this process)."""
+        data = dataclasses.asdict(self)
+        if redact:
+            for key in SECRET_KEYS:
+                section, name = key.split(".")
+                data[section][name] = ""
+        return data
+
+    def redacted(self) -> list[str]:
+        """The secret keys that are set (and that serialising leaves out)."""
+        return [key for key in SECRET_KEYS if getattr(getattr(self, key.split(".")[0]), key.split(".")[1])]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """YAML for files and screens, secrets redacted (a comment says which were set)."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if self.redacted():
+            text = (f"# {', '.join(self.redacted())}: set, not written (secrets are never written; "
+                    "give them through the environment or a config file again)\n" + text)
+        return text
 
 
 # Presets are overlays on the defaults, written in the same form a YAML file uses.
@@ -364,7 +386,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: key must look like section.key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not a valid YAML scalar or list ({exc})") from None
     # YAML reads "1e-4" as a string; numbers written that way are common in overrides.
     if isinstance(value, str):
         try:
@@ -390,11 +415,11 @@ def load_config(
             raise ConfigError(f"config file {path} does not exist")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         file_preset = loaded.pop("preset", None) if isinstance(loaded, dict) else None
         if file_preset is not None:
-            if file_preset not in PRESETS:
+            if not isinstance(file_preset, str) or file_preset not in PRESETS:
                 raise ConfigError(f"{path}: unknown preset {file_preset!r}: choose one of {sorted(PRESETS)}")
             cfg = Config()
             _apply(cfg, copy.deepcopy(PRESETS[file_preset]), "")

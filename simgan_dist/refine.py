@@ -159,7 +159,7 @@ class ShardIo:
 
     out_uri: str
     layout: Layout
-    storage_cfg: StorageConfig  # effective settings: workers may lack the driver's AWS_* environment
+    storage_cfg: StorageConfig  # effective settings in the driver; actors get them without secrets
 
     def input_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
         return storage.resolve(task.input_uri, self.storage_cfg)
@@ -361,7 +361,10 @@ class RefinerActor:
     """Ray Data UDF: a batch of shard tasks in, one ShardInfo row per written shard out."""
 
     def __init__(self, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], io: ShardIo, batch_size: int,
-                 compile: bool):
+                 compile: bool, env: list | None = None):
+        from simgan_dist.data.pipeline import adopt_env
+
+        adopt_env(env)
         refiner = build_refiner(model_cfg)
         refiner.load_state_dict(weights)
         self.refiner = BatchRefiner(refiner, batch_size, compile=compile)
@@ -435,17 +438,22 @@ def _refine_pending(job: RefineJob, pending: list[ShardTask], done_rows: int, pr
     import ray
     from ray.data import ActorPoolStrategy
 
+    from simgan_dist.data.pipeline import share_env
+
     num_actors, resources = _actor_resources(job.cfg.refine.num_actors)
     stats: dict[str, Any] = {"actors": num_actors, "precision": "bf16" if "num_gpus" in resources else "fp32"}
     if not pending:
         return {}, stats
     todo = ray.data.from_items([dataclasses.asdict(t) for t in pending], override_num_blocks=len(pending))
+    # The actors get the storage credentials in their environment, never as arguments.
+    actor_io = dataclasses.replace(job.io, storage_cfg=storage.without_secrets(job.io.storage_cfg))
+    env = share_env(storage.worker_env(job.io.storage_cfg))
     refined = todo.map_batches(
         RefinerActor,
         batch_size=1,
         compute=ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR,
                                   max_concurrent_calls_per_actor=TASKS_PER_ACTOR, enable_true_multi_threading=True),
-        fn_constructor_kwargs={"model_cfg": job.model_cfg, "weights": job.weights, "io": job.io,
+        fn_constructor_kwargs={"model_cfg": job.model_cfg, "weights": job.weights, "io": actor_io, "env": env,
                                "batch_size": job.cfg.refine.batch_size, "compile": job.cfg.refine.compile},
         batch_format="numpy",
         **resources,

@@ -146,6 +146,9 @@ def load_as_data(engine) -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    from simgan_dist.data.pipeline import adopt_env
+
+    adopt_env(loop_config.get("env"))
     cfg = config_from_dict(loop_config["config"])
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -306,6 +309,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
 
     from simgan_dist import distributed_history as dh
     from simgan_dist.data import storage
+    from simgan_dist.data.pipeline import share_env
 
     if not ray.is_initialized():
         ray.init(**_local_resources(cfg))
@@ -326,7 +330,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         storage_filesystem, storage_path = storage.resolve(cfg.train.storage_path, cfg.storage)
     else:
         # Workers run in other folders: a relative path must mean the same place to all of them.
-        cfg = config_from_dict(cfg.to_dict())
+        cfg = config_from_dict(cfg.to_dict(redact=False))
         cfg.train.storage_path = storage_path = storage.resolve(cfg.train.storage_path)[1]
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)
@@ -339,7 +343,9 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     data_config = DataConfig(datasets_to_split="all")  # carries preserve_order over from the context
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "history_run": run},
+        # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
+        train_loop_config={"config": cfg.to_dict(), "history_run": run,
+                           "env": share_env(storage.worker_env(cfg.storage))},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(
             name=cfg.train.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
