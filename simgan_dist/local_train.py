@@ -29,6 +29,7 @@ from simgan_dist.checkpoint import (
     write_checkpoint,
 )
 from simgan_dist.config import Config
+from simgan_dist.data.schema import DatasetError
 from simgan_dist.history import HistoryBuffer
 from simgan_dist.imaging import to_model_input, to_storage
 from simgan_dist.losses import RefinerLoss
@@ -129,7 +130,11 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
     expected = (cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels)
     for name, images in (("synthetic", synthetic), ("real", real)):
         if tuple(images.shape[1:]) != expected:
-            raise ValueError(f"{name} images are {tuple(images.shape[1:])}, the model config expects {expected}")
+            raise DatasetError(f"data.{name}: images are {tuple(images.shape[1:])}, the model config expects "
+                               f"{expected}")
+        if len(images) < cfg.train.batch_size:
+            raise DatasetError(f"data.{name}: {len(images)} images, fewer than one batch "
+                               f"(train.batch_size {cfg.train.batch_size})")
 
     torch.manual_seed(cfg.train.seed)
     device, bf16 = _device_and_precision(cfg)

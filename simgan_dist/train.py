@@ -322,6 +322,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         for key in ("synthetic", "real"):
             if not getattr(cfg.data, key):
                 raise SystemExit(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
+        check_corpora(cfg)
         datasets = {key: _open_dataset(getattr(cfg.data, key), cfg, holdout=key == "real")
                     for key in ("synthetic", "real")}
     datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
@@ -332,6 +333,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         # Workers run in other folders: a relative path must mean the same place to all of them.
         cfg = config_from_dict(cfg.to_dict(redact=False))
         cfg.train.storage_path = storage_path = storage.resolve(cfg.train.storage_path)[1]
+    check_resumable(cfg)
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)
     if cfg.train.eval_every:  # the best checkpoints by the label-free objective, besides the latest
@@ -360,6 +362,70 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         return trainer.fit()
     finally:
         dh.destroy_shards(run, cfg.train.buffer_shards)
+
+
+def check_corpora(cfg: Config) -> None:
+    """Before any worker starts: both corpora are finished datasets of the model's image shape,
+    each large enough for one batch on every worker (batches drop the remainder)."""
+    from simgan_dist.config import UserError
+    from simgan_dist.data.schema import load_numpy, read_manifest
+    from simgan_dist.objective import holds_out_real, validation_mask
+
+    expected = [cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels]
+    need = cfg.train.batch_size * cfg.train.num_workers
+    for key in ("synthetic", "real"):
+        uri = getattr(cfg.data, key)
+        manifest = read_manifest(uri, cfg.storage)
+        if list(manifest.image_shape) != expected:
+            raise UserError(f"data.{key} {uri}: images are {manifest.image_shape} (HxWxC), the model "
+                            f"(model.image_height/width/channels) expects {expected}")
+        rows, held = manifest.rows, ""
+        if key == "real" and holds_out_real(cfg) and rows < 4 * need:  # ids are cheap to read when few
+            ids = load_numpy(uri, cfg.storage, columns=["id"])["id"]
+            rows -= int(validation_mask(ids, cfg.data.real_val_fraction).sum())
+            held = " once the objective's validation rows (data.real_val_fraction) are held out"
+        if rows < need:
+            raise UserError(f"data.{key} {uri}: {rows} rows{held}, fewer than one batch per worker "
+                            f"(train.batch_size {cfg.train.batch_size} x train.num_workers "
+                            f"{cfg.train.num_workers} = {need})")
+
+
+def check_resumable(cfg: Config) -> None:
+    """A run name reused with settings its checkpoint cannot continue under is refused up front,
+    not deep inside DeepSpeed on every worker: another model shape, another history sharding,
+    or ZeRO-partitioned optimizer state restored at another worker count."""
+    from pyarrow import fs as pafs
+
+    from simgan_dist.checkpoint import CONFIG_FILE, load_checkpoint_config
+    from simgan_dist.config import UserError
+    from simgan_dist.data import storage
+
+    run_uri = storage.join(cfg.train.storage_path, cfg.train.name)
+    filesystem, base = storage.resolve(run_uri, cfg.storage)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError as exc:
+        raise storage.explain(exc, run_uri, "list the run's checkpoints") from exc
+    folders = sorted(i.base_name for i in infos
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    complete = [f for f in folders
+                if filesystem.get_file_info(f"{base}/{f}/{CONFIG_FILE}").type == pafs.FileType.File]
+    if not complete:
+        return
+    latest = storage.join(run_uri, complete[-1])
+    saved = load_checkpoint_config(latest, cfg.storage)
+    problems = [f"model.{k}: {v!r} there, {getattr(cfg.model, k)!r} now"
+                for k, v in saved.model.__dict__.items() if getattr(cfg.model, k) != v]
+    if saved.train.buffer_shards != cfg.train.buffer_shards:
+        problems.append(f"train.buffer_shards: {saved.train.buffer_shards} there, {cfg.train.buffer_shards} now")
+    if (saved.train.zero_stage or cfg.train.zero_stage) and (saved.train.zero_stage, saved.train.num_workers) != (
+            cfg.train.zero_stage, cfg.train.num_workers):
+        problems.append(f"train.zero_stage/num_workers: {saved.train.zero_stage}/{saved.train.num_workers} there, "
+                        f"{cfg.train.zero_stage}/{cfg.train.num_workers} now (ZeRO partitions the optimizer "
+                        "state per worker)")
+    if problems:
+        raise UserError(f"train.name {cfg.train.name!r} already has a run at {run_uri} that this config cannot "
+                        f"continue ({'; '.join(problems)}): choose another train.name or storage_path")
 
 
 def _open_dataset(uri: str, cfg: Config, holdout: bool = False):
