@@ -15,6 +15,11 @@ run in `runs/<trial>/`, and the sweep's results:
     results.csv / results.md   one row per trial: parameters, objective, realism, drift, stop reason
     best_config.yaml           the winner's config: `simgan-dist train --config best_config.yaml`
     best_checkpoint.txt        the winner's best checkpoint (`refine --checkpoint` takes the sweep folder)
+
+None of it holds storage credentials: the trials' config (`base` in Tune's param space, hence
+Tune's params.json/params.pkl, result.json and experiment state) is redacted like every
+serialised Config, and the credentials reach each trial's process through the object store
+(`tune.with_parameters`), from which `train.fit` passes them on to its workers (`share_env`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
-    """A copy of `cfg` with a trial's K_g, lr and λ; D's learning rate keeps its ratio to R's."""
+    """A copy of `cfg` (secrets redacted) with a trial's K_g, lr and λ; D's learning rate keeps its ratio to R's."""
     out = config_from_dict(cfg.to_dict())
     out.train.k_g = int(params["k_g"])
     lr_disc = getattr(out.train, "lr_disc", None)
@@ -95,12 +100,17 @@ def _scored_report_callback():
     return ScoredReportCallback()
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one training run with this trial's parameters."""
+def run_trial(config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    """Tune function trainable: one training run with this trial's parameters.
+
+    `env`: the storage settings as AWS_* variables (`storage.worker_env`), given through
+    `tune.with_parameters` (the object store), never in `config`, which Tune writes to disk.
+    """
     import ray.tune
 
     from simgan_dist.train import fit
 
+    os.environ.update(env or {})  # this trial's own process; fit() hands them on to its workers
     cfg = trial_config(config["base"], config, ray.tune.get_context().get_trial_id())
     result = fit(cfg, callbacks=[_scored_report_callback()])
     if result.error:
@@ -155,9 +165,8 @@ def _total_steps(cfg: Config) -> int:
 
 
 def _redacted(cfg: Config) -> Config:
-    out = config_from_dict(cfg.to_dict())
-    out.storage.access_key_id = out.storage.secret_access_key = ""
-    return out
+    """A copy without the storage secrets (SECRET_KEYS): what may be written or handed to Tune."""
+    return config_from_dict(cfg.to_dict())
 
 
 def make_tuner(cfg: Config):
@@ -172,7 +181,9 @@ def make_tuner(cfg: Config):
     if not storage.is_s3(cfg.tune.output):
         filesystem = None
     # The trial only drives its worker group, which holds the CPUs/GPUs (Tune refuses an empty request).
-    trainable = tune.with_resources(run_trial, {"CPU": 0.01})
+    # Credentials go by reference through the object store, not in the (written) param space.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, env=storage.worker_env(cfg.storage)),
+                                    {"CPU": 0.01})
     path = storage.join(storage_path if filesystem is None else f"s3://{storage_path}", cfg.tune.name)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         print(f"[tune] resuming sweep {cfg.tune.name!r} from {path}", flush=True)
@@ -269,7 +280,7 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
 
     _check(cfg)
     if not storage.is_s3(cfg.tune.output):  # trial processes run in other folders
-        cfg = config_from_dict(cfg.to_dict())
+        cfg = config_from_dict(cfg.to_dict(redact=False))  # a copy in this process: keeps the credentials
         cfg.tune.output = storage.resolve(cfg.tune.output)[1]
     if not ray.is_initialized():
         resources = _local_resources(cfg)

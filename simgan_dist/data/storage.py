@@ -60,12 +60,14 @@ def effective_config(storage_cfg: StorageConfig | None = None) -> StorageConfig:
 
 
 def worker_env(storage_cfg: StorageConfig | None = None) -> dict[str, str]:
-    """The storage settings as AWS_* variables, for Ray workers' `runtime_env={"env_vars": ...}`.
+    """The storage settings as AWS_* variables, for Ray workers' environment.
 
     Credentials reach workers this way and never inside a config, which gets written
     (checkpoints, Tune results): workers read the redacted config's empty values from
-    their environment. Workers on other nodes may lack the driver's environment, so
-    settings that came from it are passed on too.
+    their environment. Hand the dict over by reference (`pipeline.share_env` / `adopt_env`,
+    or `tune.with_parameters`), never as `runtime_env={"env_vars": ...}`, which Ray logs.
+    Workers on other nodes may lack the driver's environment, so settings that came from
+    it are passed on too.
     """
     cfg = effective_config(storage_cfg)
     names = {"AWS_ENDPOINT_URL": cfg.endpoint_url, "AWS_DEFAULT_REGION": cfg.region,
