@@ -118,6 +118,13 @@ def test_empty_or_too_small_corpora_stop_training_before_it_starts(tmp_path, eye
         with pytest.raises(UserError, match=rf"data.real .*: {rows} rows, fewer than one batch per worker "
                                             r"\(train.batch_size 16 x train.num_workers 2 = 32\)"):
             check_corpora(cfg)
+    # 20 rows are enough for one batch of 16, but not once the objective's validation rows are held out
+    check_corpora(load_config("tiny", overrides=[*base, f"data.real={eyes}/real"]))
+    held = load_config("tiny", overrides=[*base, f"data.real={eyes}/real", "train.eval_every=5",
+                                          "data.real_val_fraction=0.5"])
+    with pytest.raises(UserError, match=r"data.real .*: \d+ rows once the objective's validation rows "
+                                        r"\(data.real_val_fraction\) are held out, fewer than one batch"):
+        check_corpora(held)
     cfg = load_config("tiny", overrides=[*base, f"data.real={eyes}/real", "model.image_width=56"])
     with pytest.raises(UserError, match=r"data.synthetic .*images are \[35, 55, 1\].*expects \[35, 56, 1\]"):
         check_corpora(cfg)

@@ -104,3 +104,80 @@ def test_deepspeed_checkpoint_files_load_as_data_and_a_payload_is_refused(tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED DeepSpeed checkpoint file mp_rank_00_model_states.pt: refusing to load" in out.stdout
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.fixture(scope="module")
+def eyes(tmp_path_factory):
+    from simgan_dist.data.simulate import simulate_dataset
+
+    folder = tmp_path_factory.mktemp("eyes")
+    simulate_dataset(str(folder), synthetic=96, real=128, real_test=0, seed=4, rows_per_shard=64)
+    return folder
+
+
+def _scored_config(eyes, *overrides):
+    """EMA of R and periodic evaluation with best-K checkpoints (the real validation rows held out)."""
+    return load_config("tiny", overrides=[
+        f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}", "data.real_val_fraction=0.2",
+        "train.ema_decay=0.9", "train.eval_every=3", "train.eval_samples=32", "train.keep_best=2",
+        "train.pretrain_refiner_steps=2", "train.pretrain_disc_steps=1", "train.report_every=100",
+        "train.image_every=100", "train.checkpoint_every=100", *overrides])
+
+
+def _data_only(folder) -> list[str]:
+    """Every .pt file under `folder` but DeepSpeed's, each loaded by plain torch.load(weights_only=True)."""
+    names = []
+    for path in sorted(folder.rglob("*.pt")):
+        if "deepspeed" not in path.parts:
+            torch.load(path, weights_only=True)
+            names.append(str(path.relative_to(folder)))
+    return names
+
+
+def test_ema_state_and_best_checkpoints_of_a_local_run_are_data(eyes, tmp_path):
+    from simgan_dist.refine import choose_checkpoint
+
+    run = train_local(_scored_config(eyes, "train.iterations=3"), tmp_path / "run", progress=False)
+    loaded = _data_only(run.folder)
+    assert "checkpoint/state.pt" in loaded and len([n for n in loaded if n.startswith("best/")]) == 4, loaded
+    state = torch.load(run.checkpoint / "state.pt", weights_only=True)
+    assert "refiner_training" in state  # R's raw weights beside the EMA in refiner.pt
+    resumed = train_local(_scored_config(eyes, "train.iterations=5"), tmp_path / "run", progress=False)
+    assert resumed.metrics and _data_only(run.folder)
+
+    cfg = _scored_config(eyes)
+    best = choose_checkpoint(str(run.folder), cfg)
+    assert "/best/step_" in best
+    load_refiner(best)
+    marker = tmp_path / "pwned"
+    plant(os.path.join(best, "refiner.pt"), marker)
+    with pytest.raises(CheckpointError, match=r"refiner.pt: refusing to load"):
+        load_refiner(choose_checkpoint(str(run.folder), cfg))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_ema_state_and_best_checkpoints_of_a_ray_run_are_data_and_resume(ray_local, eyes, tmp_path):
+    """Ray Train + DeepSpeed with EMA and evaluation: every checkpoint's own files load with
+    weights_only=True, a resubmitted run resumes through them (EMA from refiner.pt), and a
+    payload planted in the best checkpoint is refused by refine's choice of it."""
+    from simgan_dist.refine import choose_checkpoint
+    from simgan_dist.train import fit
+
+    overrides = [f"train.storage_path={tmp_path}", "train.name=ema", "train.buffer_shards=1"]
+    result = fit(_scored_config(eyes, *overrides, "train.iterations=3"))
+    assert result.error is None
+    loaded = _data_only(tmp_path / "ema")
+    assert any(n.endswith("/state.pt") for n in loaded) and any(n.endswith("/rng_rank0.pt") for n in loaded), loaded
+    again = fit(_scored_config(eyes, *overrides, "train.iterations=6"))
+    assert again.error is None and again.metrics["restored_from_step"] == 6 and again.metrics["step"] == 9
+    _data_only(tmp_path / "ema")
+
+    cfg = _scored_config(eyes)
+    best = choose_checkpoint(str(tmp_path / "ema"), cfg)
+    load_refiner(best)
+    marker = tmp_path / "pwned"
+    plant(os.path.join(best, "refiner.pt"), marker)
+    with pytest.raises(CheckpointError, match=r"refiner.pt: refusing to load"):
+        load_refiner(choose_checkpoint(str(tmp_path / "ema"), cfg))
+    assert not marker.exists()

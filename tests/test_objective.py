@@ -73,3 +73,34 @@ def test_local_training_keeps_best_checkpoints_without_reading_real_test(eyes, t
     assert json.loads(open(f"{chosen}/{objective.SCORES_FILE}").read())["objective"] == min(
         r["objective"] for r in evaluated)
     assert choose_checkpoint(str(run.checkpoint), cfg) == str(run.checkpoint)  # an explicit folder is used as is
+
+
+@pytest.mark.parametrize("layout", ["manifest", "legacy"])
+def test_real_validation_split_reads_exactly_the_datasets_good_rows(tmp_path, layout):
+    """The held-out split works on the `_manifest.json` layout (quarantine under `_quarantine/`) and on
+    the old one: validation rows are the good rows a plain reader sees whose id falls in the split,
+    and the real training images are exactly the others."""
+    import shutil
+
+    import pandas as pd
+
+    from simgan_dist.data.schema import LEGACY_MANIFEST_NAME, MANIFEST_NAME
+    from simgan_dist.local_train import _load_images
+
+    simulate_dataset(str(tmp_path / "eyes"), synthetic=8, real=120, real_test=0, seed=7, rows_per_shard=50)
+    simulate_dataset(str(tmp_path / "other"), synthetic=0, real=30, real_test=0, seed=8, rows_per_shard=50)
+    real = tmp_path / "eyes" / "real"
+    (real / "_quarantine").mkdir()  # rows that are not the dataset's: every reader must skip them
+    shutil.copy(tmp_path / "other" / "real" / "part-00000.parquet", real / "_quarantine" / "quarantine.parquet")
+    plain_ids = pd.read_parquet(real)["id"].to_numpy()
+    if layout == "legacy":
+        (real / MANIFEST_NAME).rename(real / LEGACY_MANIFEST_NAME)
+    cfg = load_config("tiny", overrides=[f"data.real={real}", "data.real_val_fraction=0.25", "train.eval_every=1"])
+
+    rows = load_numpy(str(real), columns=["id", "image"])
+    assert sorted(rows["id"]) == sorted(plain_ids) and len(plain_ids) == 120
+    held = objective.validation_mask(rows["id"], 0.25)
+    assert 10 < held.sum() < 50
+    np.testing.assert_array_equal(objective._load_real_val(cfg, 1000), rows["image"][held])
+    np.testing.assert_array_equal(objective._load_real_val(cfg, 5), rows["image"][held][:5])
+    np.testing.assert_array_equal(_load_images(str(real), "real", cfg), rows["image"][~held])
