@@ -207,10 +207,10 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
         step = algo.global_step
         scores = {}
         if evaluator is not None and (step % cfg.train.eval_every == 0 or algo.done):
-            with autocast():
-                scores = evaluator(refiner, device)
+            with autocast():  # the weights refine would use (the EMA when there is one)
+                scores = evaluator(refining, device)
             keep_if_best(folder / "best", step, scores, cfg.train.keep_best,
-                         lambda best: write_checkpoint(best, cfg, refiner, disc))
+                         lambda best: write_checkpoint(best, cfg, refining, disc))
         if step % cfg.train.report_every == 0 or algo.done or scores:
             elapsed = time.perf_counter() - t_report
             last = {**averager.pop(), "images_per_s": images_done / max(elapsed, 1e-9),

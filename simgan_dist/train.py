@@ -258,7 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "history_run": loop_config["history_run"],
         }
         if evaluator is not None and evaluate:
-            metrics.update(evaluator(r_engine.module, device, torch.bfloat16 if bf16 else torch.float32))
+            # Score what the checkpoint holds and refine uses: the EMA when there is one.
+            metrics.update(evaluator(refining, device, next(refining.parameters()).dtype))
         elif evaluator is not None and save:
             # Ray Train ranks every checkpoint by "objective" and would rank a missing one first;
             # NaN ranks last (kept only while it is the latest).

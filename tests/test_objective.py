@@ -75,6 +75,23 @@ def test_local_training_keeps_best_checkpoints_without_reading_real_test(eyes, t
     assert choose_checkpoint(str(run.checkpoint), cfg) == str(run.checkpoint)  # an explicit folder is used as is
 
 
+def test_scores_describe_the_weights_the_checkpoint_holds_with_an_ema(eyes, tmp_path):
+    """With an EMA, a best checkpoint's scores are those of its refiner.pt (the EMA refine loads), not of raw R."""
+    from simgan_dist.checkpoint import load_refiner
+
+    cfg = load_config("tiny", overrides=[
+        f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}", "data.real_val_fraction=0.2",
+        "train.eval_every=4", "train.eval_samples=64", "train.keep_best=3", "train.pretrain_refiner_steps=4",
+        "train.pretrain_disc_steps=2", "train.iterations=6", "train.ema_decay=0.9"])
+    run = train_local(cfg, tmp_path / "run", progress=False)
+    evaluator = objective.Evaluator.from_config(cfg)
+    for folder in sorted((run.folder / "best").iterdir()):
+        saved = json.loads((folder / objective.SCORES_FILE).read_text())
+        refiner, _ = load_refiner(str(folder))
+        if saved["step"] > 4:  # after pretraining the EMA and raw R differ
+            assert evaluator(refiner)["objective"] == pytest.approx(saved["objective"], rel=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["manifest", "legacy"])
 def test_real_validation_split_reads_exactly_the_datasets_good_rows(tmp_path, layout):
     """The held-out split works on the `_manifest.json` layout (quarantine under `_quarantine/`) and on
