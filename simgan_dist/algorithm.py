@@ -72,6 +72,10 @@ class EmaWeights:
         self.decay = decay
         # fp32 whatever R trains in: a 1% step is below bf16's resolution.
         self.module = copy.deepcopy(module).float().requires_grad_(False).eval()
+        # A module compiled in place (train.compile) keeps its compiled call in the copy, still bound
+        # to the original module: the copy would silently run R's current weights. The EMA runs eager.
+        if getattr(self.module, "_compiled_call_impl", None) is not None:
+            self.module._compiled_call_impl = None
 
     @torch.no_grad()
     def update(self, module: nn.Module, decay: float | None = None) -> None:
