@@ -48,12 +48,17 @@ def make_optimizer(params: Iterable[torch.Tensor], train_cfg: TrainConfig, role:
 
     Adam with β1 = 0.5 is the usual GAN choice (a short gradient memory lets each network
     follow the other's moves); "sgd" is the paper's plain SGD (β1 is its momentum). D's
-    learning rate is `train.lr_disc`, or `train.lr` when that is 0. Fused kernels on CUDA.
+    learning rate is `train.lr_disc`, or `train.lr` when that is 0.
+
+    Fused kernels on every device (CUDA and CPU): one kernel per step, and Adam's step counter
+    stays a device tensor, so a step never calls `.item()` (the unfused CPU path does, and a
+    DeepSpeed step must not sync: tests/test_deepspeed_config.py). `device` is where the
+    parameters live (other device types get the default, unfused kernels).
     """
     if role not in ("refiner", "disc"):
         raise ValueError(f"role must be 'refiner' or 'disc', got {role!r}")
     lr = train_cfg.lr_disc if role == "disc" and train_cfg.lr_disc > 0 else train_cfg.lr
-    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
+    fused = {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=train_cfg.betas[0], **fused)
     return torch.optim.Adam(params, lr=lr, betas=tuple(train_cfg.betas), **fused)

@@ -26,18 +26,12 @@ import numpy as np
 import ray
 import torch
 
-from simgan_dist.config import ModelConfig
 from simgan_dist.history import HistoryBuffer
 from simgan_dist.imaging import from_history_codes, history_codes, to_host
 
 NAMESPACE = "simgan_dist"
 SHARD_CPUS = 0.25  # a push or sample is a few ms of copying; enough to be scheduled, not to crowd
 MAX_RESTARTS = 3
-
-
-def wide_codes(model: ModelConfig) -> bool:
-    """Depth (the hand architecture) keeps 16-bit codes; 8-bit images need no more than 8."""
-    return model.architecture == "hand"
 
 
 @ray.remote

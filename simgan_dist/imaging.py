@@ -100,6 +100,11 @@ def to_storage(x: torch.Tensor, dtype: np.dtype = np.uint8, centres: torch.Tenso
     return to_host(y.permute(0, 2, 3, 1)).astype(dtype, copy=False)
 
 
+def wide_codes(model) -> bool:
+    """Whether a model's images need 16-bit history codes: depth (the hand architecture) does."""
+    return model.architecture == "hand"
+
+
 def history_codes(x: torch.Tensor, wide: bool) -> torch.Tensor:
     """Model-form images → integer codes for the history buffer, computed on the device.
 

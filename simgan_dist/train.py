@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from simgan_dist.config import Config, config_from_dict, load_config
-from simgan_dist.imaging import to_host
+from simgan_dist.imaging import to_host, wide_codes
+from simgan_dist.models import build_discriminator, build_refiner
 
 PREVIEW = 8
 DS_TAG = "engine"  # DeepSpeed writes a file named "latest" beside the tag folder
@@ -83,6 +84,31 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "steps_per_print": 1 << 30,
     }
+
+
+def build_engines(cfg: Config, device: torch.device, bf16: bool,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Any, Any]:
+    """R's and D's DeepSpeed engines, with identical initial weights on every rank.
+
+    The optimizers come from `algorithm.make_optimizer` (train.optimizer/betas/lr/lr_disc), fused
+    on every device: one kernel, and the step counter stays a device tensor (no .item() per step).
+    """
+    import deepspeed
+
+    from simgan_dist.algorithm import make_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    engines = []
+    for role, module in (("refiner", build_refiner(cfg.model)), ("disc", build_discriminator(cfg.model))):
+        module = module.to(device, memory_format=memory_format)
+        engine, *_ = deepspeed.initialize(
+            model=module, config=deepspeed_config(cfg, bf16),
+            optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
+        )
+        if cfg.train.compile:
+            engine.compile()  # compiles engine.module in place: the bare-module calls use it too
+        engines.append(engine)
+    return engines[0], engines[1]
 
 
 class ShardStream:
@@ -154,17 +180,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
     from simgan_dist import distributed_history as dh
-    from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, make_optimizer
+    from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN
     from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, rng_state, set_rng_state, write_checkpoint
     from simgan_dist.imaging import to_model_input
     from simgan_dist.losses import RefinerLoss
-    from simgan_dist.models import build_discriminator, build_refiner
     from simgan_dist.monitor import MetricAverager, progress_line
     from simgan_dist.objective import score_text, write_scores
 
@@ -176,18 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     channels_last = cfg.train.channels_last and on_gpu
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engines = []
-    for role, module in (("refiner", build_refiner(cfg.model)), ("disc", build_discriminator(cfg.model))):
-        module = module.to(device, memory_format=memory_format)
-        engine, *_ = deepspeed.initialize(
-            model=module, config=deepspeed_config(cfg, bf16),
-            optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
-        )
-        if cfg.train.compile:
-            engine.compile()  # compiles engine.module in place: the bare-module calls use it too
-        engines.append(engine)
-    r_engine, d_engine = engines
+    r_engine, d_engine = build_engines(cfg, device, bf16, memory_format)
     # Every rank keeps the same EMA (same weights after each all-reduced step); rank 0 saves it.
     ema = EmaWeights(r_engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     refining = ema.module if ema else r_engine.module  # what refiner.pt holds and the previews show
@@ -221,7 +234,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dist.barrier()  # nobody samples the buffer before rank 0 restored or cleared it
 
     history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2, device=device,
-                               wide=dh.wide_codes(cfg.model))
+                               wide=wide_codes(cfg.model))
     # The engines autocast their own forward; R's adversarial loss and the D step's refined half
     # go through the bare modules, which need the same context.
     autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16
@@ -384,7 +397,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         dataset_config=data_config,
     )
     dh.create_shards(run, cfg.train.buffer_size * cfg.train.num_workers, image_shape, cfg.train.buffer_shards,
-                     cfg.train.seed + 3, wide=dh.wide_codes(cfg.model))
+                     cfg.train.seed + 3, wide=wide_codes(cfg.model))
     try:
         return trainer.fit()
     finally:
