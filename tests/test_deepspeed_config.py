@@ -11,7 +11,7 @@ import torch
 
 from simgan_dist.algorithm import Schedule, SimGAN
 from simgan_dist.config import load_config
-from simgan_dist.history import HistoryBuffer
+from simgan_dist.history import CodedHistory
 from simgan_dist.imaging import to_model_input
 from simgan_dist.local_train import ArraySampler
 from simgan_dist.losses import RefinerLoss
@@ -21,18 +21,20 @@ from tests.toy_domains import toy_images
 
 @pytest.fixture(scope="module")
 def process_group():
+    """A one-process group: gloo on the CPU accelerator (DS_ACCELERATOR=cpu), nccl on a GPU (tests/gpu)."""
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as env:
         for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}.items():
+                           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
             env.setenv(key, value)
-        deepspeed.init_distributed("gloo", verbose=False)
-        yield
+        deepspeed.init_distributed("nccl" if get_accelerator().device_name() == "cuda" else "gloo", verbose=False)
+        yield torch.device(get_accelerator().device_name())
         dist.destroy_process_group()
 
 
@@ -50,11 +52,11 @@ def test_config_asks_for_autocast_not_bf16_weights():
     assert deepspeed_config(_cfg(), bf16=False)["torch_autocast"]["enabled"] is False
 
 
-def _simgan(cfg, r_engine, d_engine):
-    to_input = to_model_input
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+def _simgan(cfg, r_engine, d_engine, device=torch.device("cpu")):
+    to_input = functools.partial(to_model_input, device=device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     return SimGAN(DeepSpeedUpdater(r_engine), DeepSpeedUpdater(d_engine), RefinerLoss(cfg.loss),
-                  HistoryBuffer(64, (1, 35, 55)),
+                  CodedHistory(64, (1, 35, 55), device=device),
                   Schedule(cfg.train.pretrain_refiner_steps, cfg.train.pretrain_disc_steps, 4, cfg.train.k_g, 1),
                   ArraySampler(toy_images(32, 0, real=False), cfg.train.batch_size, 1, to_input),
                   ArraySampler(toy_images(32, 1, real=True), cfg.train.batch_size, 2, to_input),
