@@ -129,11 +129,11 @@ class FolderMirror:
         else:
             self.push_changed()
 
-    def push_changed(self) -> int:
-        """Upload every file that is new or grew since its last upload; returns how many."""
+    def push_changed(self) -> list[str]:
+        """Upload every file that is new or grew since its last upload; returns their names."""
         from simgan_dist.data import storage
 
-        sent = 0
+        sent = []
         for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and ".tmp" not in p.name):
             name = path.relative_to(self.folder).as_posix()
             data = path.read_bytes()
@@ -141,8 +141,8 @@ class FolderMirror:
                 continue
             storage.write_bytes_atomic(storage.join(self.remote, name), data, self.storage_cfg)
             self.sent[name] = len(data)
-            sent += 1
-        self.uploads += sent
+            sent.append(name)
+        self.uploads += len(sent)
         return sent
 
     def _run(self) -> None:
