@@ -140,8 +140,12 @@ def silhouette_centroid(depth: np.ndarray) -> np.ndarray:
 
     The threshold sits halfway between the 2nd and 98th depth percentile of each map, so
     it follows the hand's distance and ignores a refiner's global depth offset or noise.
+    A 0 is no reading, never the hand: it counts as farther than any reading. Refined depth
+    (`imaging.to_storage`) stores its background as 0 where the synthetic map had its wall,
+    so its silhouette is what is left, the hand.
     """
     d = np.asarray(depth, dtype=np.float32)[..., 0]
+    d = np.where(d > 0, d, 65536.0)
     lo, hi = np.percentile(d.reshape(len(d), -1), [2, 98], axis=1)
     near = d < ((lo + hi) / 2)[:, None, None]
     count = np.maximum(near.sum((1, 2)), 1)
