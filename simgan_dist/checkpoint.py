@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 
 from simgan_dist.config import Config, ConfigError, StorageConfig, UserError, config_from_dict
+from simgan_dist.imaging import to_host
 from simgan_dist.models import Refiner, build_refiner
 
 CONFIG_FILE = "config.yaml"
@@ -147,7 +148,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+    np.random.set_state((npy["name"], to_host(npy["keys"]).astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

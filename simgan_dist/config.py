@@ -101,12 +101,16 @@ class TrainConfig:
     pretrain_refiner_steps: int = 1000
     pretrain_disc_steps: int = 200
     iterations: int = 2000
+    # History images PER WORKER: the shared buffer holds buffer_size × num_workers, so its
+    # turnover per D step stays the same whatever the worker count.
     buffer_size: int = 25600
     buffer_shards: int = 4
     zero_stage: int = 0
     seed: int = 0
     report_every: int = 10
     checkpoint_every: int = 100
+    # Also checkpoint at the first report this many seconds after the last checkpoint (0: steps only).
+    checkpoint_every_s: float = 900.0
     image_every: int = 100
     max_failures: int = 2
     channels_last: bool = True
@@ -120,14 +124,25 @@ class TrainConfig:
     eval_every: int = 100
     eval_samples: int = 1000
     keep_best: int = 3
+    # torch.compile R and D (in place: checkpoints keep their keys); worth it on GPU.
+    compile: bool = False
 
 
 @dataclass
 class RefineConfig:
-    batch_size: int = 4096
-    num_actors: int = 1
+    # Images per forward pass; 0: from the image size, so activations fit in batch_memory_gb.
+    batch_size: int = 0
+    batch_memory_gb: float = 4.0
+    # Rows per shard task; 0: as many as make task_mb of input images (several tasks in flight per actor).
+    rows_per_shard: int = 0
+    task_mb: float = 32.0
+    # GPUs per refiner actor (0: CPU actors, fp32). Explicit, never read from the cluster: an
+    # autoscaling cluster with its GPU nodes scaled to zero must scale them up, not fall back to CPUs.
+    num_gpus: float = 0.0
+    # The actor pool grows from min_actors to max_actors as the cluster (autoscaler) provides resources.
+    min_actors: int = 1
+    max_actors: int = 1
     compile: bool = False
-    rows_per_shard: int = 100_000
 
 
 @dataclass
@@ -307,9 +322,8 @@ def _validate(cfg: Config) -> None:
         "train.keep_best": cfg.train.keep_best,
         "tune.num_samples": cfg.tune.num_samples,
         "tune.grace_steps": cfg.tune.grace_steps,
-        "refine.batch_size": cfg.refine.batch_size,
-        "refine.num_actors": cfg.refine.num_actors,
-        "refine.rows_per_shard": cfg.refine.rows_per_shard,
+        "refine.min_actors": cfg.refine.min_actors,
+        "refine.max_actors": cfg.refine.max_actors,
     }
     for key, value in positive.items():
         if value < 1:
@@ -340,6 +354,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.disc_noise: must be >= 0, got {cfg.train.disc_noise}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
+    for key in ("refine.batch_size", "refine.rows_per_shard", "refine.num_gpus", "train.checkpoint_every_s"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key}: must be >= 0 (0 = automatic/off), got {getattr(getattr(cfg, section), name)}")
+    if cfg.refine.max_actors < cfg.refine.min_actors:
+        raise ConfigError(f"refine.max_actors ({cfg.refine.max_actors}) is below refine.min_actors "
+                          f"({cfg.refine.min_actors})")
     if cfg.train.batch_size % 2:
         raise ConfigError(f"train.batch_size: must be even (half real, half history), got {cfg.train.batch_size}")
     if cfg.train.buffer_size < cfg.train.batch_size // 2:

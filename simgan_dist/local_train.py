@@ -30,8 +30,8 @@ from simgan_dist.checkpoint import (
 )
 from simgan_dist.config import Config
 from simgan_dist.data.schema import DatasetError
-from simgan_dist.history import HistoryBuffer
-from simgan_dist.imaging import to_model_input, to_storage
+from simgan_dist.history import CodedHistory
+from simgan_dist.imaging import to_model_input, to_storage, wide_codes
 from simgan_dist.losses import RefinerLoss
 from simgan_dist.models import build_discriminator, build_refiner
 from simgan_dist.monitor import MetricAverager, RunLog, comparison_grid, progress_line
@@ -147,8 +147,8 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
     to_input = functools.partial(to_model_input, device=device, channels_last=channels_last)
     next_synthetic = ArraySampler(synthetic, cfg.train.batch_size, cfg.train.seed + 1, to_input, cfg.train.shuffle)
     next_real = ArraySampler(real, cfg.train.batch_size, cfg.train.seed + 2, to_input, cfg.train.shuffle)
-    history = HistoryBuffer(cfg.train.buffer_size, (cfg.model.image_channels, *expected[:2]),
-                            seed=cfg.train.seed + 3)
+    history = CodedHistory(cfg.train.buffer_size, (cfg.model.image_channels, *expected[:2]),
+                           seed=cfg.train.seed + 3, wide=wide_codes(cfg.model), device=device)
     autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext)
     ema = EmaWeights(refiner, cfg.train.ema_decay) if cfg.train.ema_decay else None

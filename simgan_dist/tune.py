@@ -140,13 +140,20 @@ def _history_cleanup():
 
 
 def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
-    """How many trials fit at once: a worker group's GPUs, or its CPUs plus one for its Ray Data readers.
+    """How many trials fit at once: a worker group's GPUs, or its CPUs plus one for its Ray Data readers
+    plus what its history shard actors ask for (the same actors, with the same resources, as `train.fit`'s).
 
     (Without that spare CPU per trial, concurrent trials' dataset reads starve and every trial waits.)
     """
     if cfg.train.use_gpu:
         return max(1, int(resources.get("GPU", 0) // cfg.train.num_workers))
-    return max(1, int(resources.get("CPU", 1) // (cfg.train.num_workers + 1)))
+    return max(1, int(resources.get("CPU", 1) // _trial_cpus(cfg)))
+
+
+def _trial_cpus(cfg: Config) -> float:
+    from simgan_dist.distributed_history import SHARD_CPUS
+
+    return cfg.train.num_workers + 1 + cfg.train.buffer_shards * SHARD_CPUS
 
 
 def _check(cfg: Config) -> None:
@@ -286,7 +293,7 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         resources = _local_resources(cfg)
         if "num_cpus" in resources and cfg.tune.max_concurrent_trials:  # room for the trials asked for
             resources["num_cpus"] = max(resources["num_cpus"],
-                                        cfg.tune.max_concurrent_trials * (cfg.train.num_workers + 1))
+                                        math.ceil(cfg.tune.max_concurrent_trials * _trial_cpus(cfg)))
         ray.init(**resources)
     grid = make_tuner(cfg).fit()
     rows = [_row(result, cfg) for result in grid]

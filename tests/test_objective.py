@@ -37,6 +37,9 @@ def test_identity_scores_one_and_a_shifted_refiner_pays_for_drift(eyes):
     hands = np.full((4, 64, 64, 1), 900, np.uint16)
     hands[:, 20:40, 10:30] = 500
     assert objective.label_drift(hands, np.roll(hands, 5, axis=2), kind="hand") == pytest.approx(5.0)
+    # refined depth comes back with its background as 0 (no reading): the silhouette stays the hand
+    refined = np.where(hands < 900, hands, 0).astype(np.uint16)
+    assert objective.label_drift(hands, refined, kind="hand") == pytest.approx(0.0)
 
 
 def test_validation_split_is_deterministic_and_excluded_from_training():

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 # 3 input shards (3000, 3000, 2000 rows) cut into 6 + 6 + 4 output shards.
 ROWS, INPUT_SHARD_ROWS, OUTPUT_SHARD_ROWS, OUTPUT_SHARDS = 8000, 3000, 500, 16
-OVERRIDES = [f"refine.rows_per_shard={OUTPUT_SHARD_ROWS}", "refine.num_actors=2", "refine.batch_size=200"]
+OVERRIDES = [f"refine.rows_per_shard={OUTPUT_SHARD_ROWS}", "refine.min_actors=1", "refine.max_actors=2",
+             "refine.batch_size=200"]
 
 
 def make_corpus(root: str, rows: int) -> str:

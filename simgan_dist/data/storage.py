@@ -13,6 +13,7 @@ endpoint.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import uuid
@@ -82,12 +83,30 @@ def without_secrets(storage_cfg: StorageConfig | None = None) -> StorageConfig:
     return StorageConfig(endpoint_url=cfg.endpoint_url, region=cfg.region)
 
 
-def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
-    """An S3 filesystem from `storage.*`, falling back to the AWS_* environment variables."""
+@functools.lru_cache(maxsize=256)
+def bucket_region(bucket: str) -> str:
+    """The AWS region a bucket lives in (one anonymous HEAD request to AWS, cached per process)."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError as exc:
+        raise StorageError(f"s3://{bucket}: cannot find the bucket's AWS region ({exc}); set storage.region or "
+                           "AWS_DEFAULT_REGION, or storage.endpoint_url for S3-compatible storage") from exc
+
+
+def s3_filesystem(storage_cfg: StorageConfig | None = None, bucket: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem from `storage.*`, falling back to the AWS_* environment variables.
+
+    The region: the configured one; else, on AWS itself (no endpoint set), the region of
+    `bucket`, looked up (a fixed default breaks buckets elsewhere); else us-east-1, which
+    S3-compatible servers (MinIO, moto) accept.
+    """
     cfg = storage_cfg or StorageConfig()
     endpoint = _setting(cfg.endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    region = _setting(cfg.region, "AWS_DEFAULT_REGION", "AWS_REGION")
+    if not region:
+        region = bucket_region(bucket) if bucket and not endpoint else DEFAULT_REGION
     kwargs: dict = {
-        "region": _setting(cfg.region, "AWS_DEFAULT_REGION", "AWS_REGION") or DEFAULT_REGION,
+        "region": region,
         "connect_timeout": CONNECT_TIMEOUT_S,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
     }
@@ -114,7 +133,7 @@ def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.Fi
         path = uri[len("s3://"):].strip("/")
         if not path:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket, like s3://bucket/prefix")
-        return s3_filesystem(storage_cfg), path
+        return s3_filesystem(storage_cfg, bucket=path.split("/", 1)[0]), path
     scheme = urlparse(uri).scheme
     if scheme == "file":
         uri = urlparse(uri).path
