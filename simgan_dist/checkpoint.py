@@ -112,7 +112,7 @@ def load_data(source: str | Path | bytes | IO[bytes], what: str, map_location: A
 def load_checkpoint_config(uri: str, storage: StorageConfig | None = None) -> Config:
     text = _read_bytes(uri, CONFIG_FILE, storage).decode()
     try:
-        return config_from_dict(yaml.safe_load(text))
+        return config_from_dict(yaml.safe_load(text), drop_retired=True)
     except (ConfigError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{uri}/{CONFIG_FILE} is not a valid simgan_dist config: {exc}") from exc
 

@@ -278,6 +278,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+# Keys older releases wrote (checkpoints keep their config): what replaced them.
+RETIRED_KEYS = {"refine.num_actors": "refine.min_actors and refine.max_actors (an autoscaling actor pool)"}
+
+
 def _apply(section: Any, overlay: dict[str, Any], prefix: str) -> None:
     if not isinstance(overlay, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {overlay!r}")
@@ -285,6 +289,8 @@ def _apply(section: Any, overlay: dict[str, Any], prefix: str) -> None:
     for key, value in overlay.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
+            if path in RETIRED_KEYS:
+                raise ConfigError(f"config key '{path}' was replaced by {RETIRED_KEYS[path]}")
             known = ", ".join(hints)
             raise ConfigError(f"unknown config key '{path}' (known here: {known})")
         current = getattr(section, key)
@@ -458,9 +464,19 @@ def load_config(
     return cfg
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from `Config.to_dict()` (checkpoints, Ray workers)."""
+def config_from_dict(data: dict[str, Any], drop_retired: bool = False) -> Config:
+    """Rebuild a Config from `Config.to_dict()` (Ray workers), or from an older release's checkpoint
+    with `drop_retired` (its RETIRED_KEYS no longer mean anything)."""
+    data = copy.deepcopy(data)
+    if drop_retired:
+        for path in RETIRED_KEYS:
+            *sections, key = path.split(".")
+            parent = data
+            for name in sections:
+                parent = parent.get(name) if isinstance(parent, dict) else None
+            if isinstance(parent, dict):
+                parent.pop(key, None)
     cfg = Config()
-    _apply(cfg, copy.deepcopy(data), "")
+    _apply(cfg, data, "")
     _validate(cfg)
     return cfg

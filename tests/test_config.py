@@ -57,3 +57,13 @@ def test_cli_config_show(capsys):
     assert "k_g: 7" in out and "image_width: 55" in out
     assert main(["config", "show", "--set", "model.nope=1"]) == 2
     assert "unknown config key 'model.nope'" in capsys.readouterr().err
+
+
+def test_a_retired_key_names_its_replacement_and_old_checkpoints_still_load():
+    with pytest.raises(ConfigError, match="refine.min_actors"):
+        load_config("tiny", overrides=["refine.num_actors=2"])
+    old = load_config("tiny").to_dict()
+    old["refine"]["num_actors"] = 2  # what an older release wrote into every checkpoint
+    assert config_from_dict(old, drop_retired=True).refine.max_actors == load_config("tiny").refine.max_actors
+    with pytest.raises(ConfigError, match="replaced by"):
+        config_from_dict(old)
