@@ -10,7 +10,7 @@ real_test is read only for that final measurement, never by training or checkpoi
 
     simgan-dist simulate --out demo_output/data --synthetic 4000 --real 2000 --real-test 1000 --seed 0
     nice -n 5 python bench/objective_validation.py --data demo_output/data --out bench/objective_validation \
-        --trials 8 --seeds 2 --gaze-epochs 5
+        --trials 8 --seeds 2
 
 Each finished trial is appended to OUT/trials.jsonl; a rerun skips trials already there (resumable).
 """
@@ -35,18 +35,19 @@ from simgan_dist.local_train import train_local
 from simgan_dist.refine import choose_checkpoint
 from simgan_dist.tune import apply_params
 
-# Spread over the default space (choices and log ranges around the paper's values), fixed order.
+# Spread over the demo recipe's space (jobs/configs/tiny.yaml: λ weighs the per-pixel mean |R(x) − x|,
+# loss.reg_reduction=mean), around its K_g 2, lr 1e-3, λ 2; fixed order.
 TRIALS = [
-    {"k_g": 1, "lr": 1e-3, "lambda_reg": 1e-3},
-    {"k_g": 2, "lr": 3e-4, "lambda_reg": 1e-2},
-    {"k_g": 5, "lr": 1e-4, "lambda_reg": 1e-4},
-    {"k_g": 2, "lr": 3e-3, "lambda_reg": 1e-4},
-    {"k_g": 1, "lr": 1e-4, "lambda_reg": 1e-2},
-    {"k_g": 5, "lr": 1e-3, "lambda_reg": 1e-5},
-    {"k_g": 2, "lr": 1e-3, "lambda_reg": 1e-3},
-    {"k_g": 1, "lr": 3e-3, "lambda_reg": 1e-5},
-    {"k_g": 5, "lr": 3e-4, "lambda_reg": 1e-3},
-    {"k_g": 2, "lr": 1e-4, "lambda_reg": 1e-5},
+    {"k_g": 1, "lr": 1e-3, "lambda_reg": 0.5},
+    {"k_g": 2, "lr": 3e-4, "lambda_reg": 5.0},
+    {"k_g": 5, "lr": 1e-4, "lambda_reg": 2.0},
+    {"k_g": 2, "lr": 3e-3, "lambda_reg": 2.0},
+    {"k_g": 1, "lr": 3e-4, "lambda_reg": 20.0},
+    {"k_g": 5, "lr": 1e-3, "lambda_reg": 0.2},
+    {"k_g": 2, "lr": 1e-3, "lambda_reg": 2.0},
+    {"k_g": 1, "lr": 3e-3, "lambda_reg": 0.2},
+    {"k_g": 5, "lr": 3e-4, "lambda_reg": 5.0},
+    {"k_g": 2, "lr": 1e-4, "lambda_reg": 0.5},
 ]
 
 
@@ -64,8 +65,8 @@ def main() -> None:
     parser.add_argument("--config", default="jobs/configs/tiny.yaml")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2, help="gaze estimator seeds per trial")
-    parser.add_argument("--gaze-epochs", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--gaze-epochs", type=int, default=15)
+    parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
     args = parser.parse_args()
     out = Path(args.out)

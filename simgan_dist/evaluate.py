@@ -445,7 +445,7 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
     pick = np.sort(rng.choice(len(data.ids), n_a, replace=False))  # the same pairs for both scores
     reference = data.real_test[np.sort(rng.choice(len(data.real_test), n_b, replace=False))]
     realism = {
-        "feature_space": "fixed random 3-layer conv net (seeded): per-channel mean/std per layer + 4x4 thumbnail",
+        "feature_space": "fixed random 3-layer conv net (seeded): per-channel mean/std/max per layer + 4x4 thumbnail",
         "distance": "unbiased MMD², mixture of RBF kernels, features standardised by the real set",
         "reference": "real_test images (held out: the refiner never saw them)",
         "samples": [int(n_a), int(n_b)], "seed": seed,
