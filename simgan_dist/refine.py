@@ -474,7 +474,6 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     Safe to rerun with the same arguments after a crash: finished shards are verified
     and kept, the rest are refined. Returns the manifest of the complete output.
     """
-    import ray
 
     job, complete = plan_job(checkpoint, input_uri, out_uri, cfg)
     if complete:
@@ -482,8 +481,9 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
         return read_manifest(out_uri, cfg.storage)
     storage.write_bytes_atomic(storage.join(out_uri, JOB_FILE), (json.dumps(job.spec, indent=2) + "\n").encode(),
                                cfg.storage)
-    if not ray.is_initialized():
-        ray.init()
+    from simgan_dist.ray_cluster import connect
+
+    connect()
     infos = _reuse_finished(job, progress)
     reused = len(infos)
     pending = [t for t in job.tasks if t.index not in infos]

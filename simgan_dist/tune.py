@@ -262,21 +262,14 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
 
 def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run (or resume) the sweep; returns the table's rows and the winning row."""
-    import ray
-
     from simgan_dist.data import storage
-    from simgan_dist.train import _local_resources
+    from simgan_dist.ray_cluster import connect
 
     _check(cfg)
     if not storage.is_s3(cfg.tune.output):  # trial processes run in other folders
         cfg = config_from_dict(cfg.to_dict())
         cfg.tune.output = storage.resolve(cfg.tune.output)[1]
-    if not ray.is_initialized():
-        resources = _local_resources(cfg)
-        if "num_cpus" in resources and cfg.tune.max_concurrent_trials:  # room for the trials asked for
-            resources["num_cpus"] = max(resources["num_cpus"],
-                                        cfg.tune.max_concurrent_trials * (cfg.train.num_workers + 1))
-        ray.init(**resources)
+    connect()  # as every command: RAY_ADDRESS, a registered cluster, or a local instance
     grid = make_tuner(cfg).fit()
     rows = [_row(result, cfg) for result in grid]
     return rows, write_results(cfg, rows)

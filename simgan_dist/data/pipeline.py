@@ -76,14 +76,15 @@ def parallel_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = 
                  num_cpus: float = 1.0) -> list[Any]:
     """Run `fn(*args)` for every tuple in `tasks` as Ray tasks; results in task order.
 
-    Starts a local Ray instance when none is running (or joins RAY_ADDRESS). The
+    Joins or starts Ray as every command does (`ray_cluster.connect`). The
     progress bar counts `weights` (e.g. rows) as tasks finish. Tasks are retried
     on worker failure, so `fn` must be idempotent (writing a fixed shard path is).
     """
     from tqdm import tqdm
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from simgan_dist.ray_cluster import connect
+
+    connect()
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
     refs = [remote.remote(*args) for args in tasks]
     position = {ref: i for i, ref in enumerate(refs)}

@@ -1,0 +1,201 @@
+"""Joining or starting Ray for every command, quiet consoles, and what a training run needs.
+
+`connect()` does what `ray.init()` does about *where* (RAY_ADDRESS, else the cluster a
+`ray start` on this machine registered, else a new local instance) but checks first that
+the address answers, says which it chose, and never passes local-only arguments to a
+cluster it joins. `training_resources()` makes Ray Data's read tasks part of a training
+run's plan on any cluster and fails at once, naming what to change, when the run cannot fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simgan_dist.config import Config, UserError
+
+# A training run streams its corpora through Ray Data tasks that each hold one CPU; the
+# workers must leave at least that much free or the read tasks never start.
+DATA_CPUS = 1.0
+# Below this a CPU worker shares a core with more than one other process and crawls.
+MIN_WORKER_CPUS = 0.5
+QUIET_RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
+_verbose = False
+
+
+def configure_console(verbose: bool) -> None:
+    """Set Ray's own console settings for this process and the processes it starts.
+
+    Must run before Ray is imported: Ray reads these variables at import and at start-up.
+    Quiet (the default): workers' output stays in Ray's log folder, the driver prints
+    warnings and errors only, Ray Data logs to its file. Verbose: everything, undeduplicated.
+    """
+    global _verbose
+    _verbose = verbose
+    # Ray 2.60 turns token auth on for a new local instance anyway; saying so explicitly
+    # keeps it on without the per-command warning that it was turned on.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    else:
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(QUIET_RAY_DATA_LOGGING))
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+def say(line: str) -> None:
+    """One of our own console lines (stdout, flushed: `ray job logs` shows it at once)."""
+    print(line, flush=True)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str | None  # None: a local instance this process started
+    cpus: float
+    gpus: float
+    logs: str
+
+
+def cluster_address() -> tuple[str | None, str]:
+    """The address `ray.init()` would join and where it came from; (None, "") means start one."""
+    from ray._common.utils import get_ray_address_file
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        return (None, "") if address == "local" else (address, "RAY_ADDRESS")
+    address_file = get_ray_address_file(None)
+    if os.path.exists(address_file):
+        with open(address_file) as f:
+            return f.read().strip() or None, address_file
+    return None, ""
+
+
+def _check_answers(address: str, source: str) -> None:
+    """A clear error instead of Ray's connection retries when nothing listens at `address`."""
+    if address == "auto" or "://" in address:
+        return  # Ray resolves these itself (ray:// is Ray Client)
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            return
+    except (OSError, ValueError):
+        pass
+    if source == "RAY_ADDRESS":
+        fix = ("start that cluster, correct RAY_ADDRESS (the GCS address HOST:6379, not the dashboard's "
+               "http://HOST:8265), or unset it to start a local instance")
+    else:
+        fix = (f"it was registered by a `ray start` whose cluster has stopped without `ray stop`; run "
+               f"`ray stop`, or delete {source}, to start a local instance instead")
+    raise UserError(f"no Ray cluster answers at {address} (from {source}): {fix}")
+
+
+def connect() -> Cluster:
+    """Join the cluster Ray would join, or start a local instance; says which on the console."""
+    import ray
+
+    if ray.is_initialized():
+        return _cluster(ray, "current")
+    address, source = cluster_address()
+    # Quiet: workers' output and Ray's INFO lines ("Started a local Ray instance", token setup)
+    # stay in the log folder; errors Ray publishes to drivers (a worker died, OOM) still show.
+    console = {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.WARNING}
+    if address is None:
+        # A run starts ~10 helper processes at once (train controller, data coordinators, buffer
+        # shards); Ray's default limit of one starting process per CPU warns about that on a laptop.
+        ray.init(address="local", _system_config={"worker_maximum_startup_concurrency": max(local_cpus(), 4)},
+                 **console)
+    else:
+        _check_answers(address, source)
+        ray.init(**console)
+    cluster = _cluster(ray, address)
+    where = (f"joined the Ray cluster at {address} (from {source})" if address
+             else "started a local Ray instance (no RAY_ADDRESS, no cluster registered on this machine)")
+    say(f"ray: {where}: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; full logs in {cluster.logs}"
+        + ("" if _verbose else " (--verbose shows them here)"))
+    return cluster
+
+
+def local_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def _cluster(ray, address: str | None) -> Cluster:
+    resources = ray.cluster_resources()
+    node = ray._private.worker.global_worker.node
+    return Cluster(address, resources.get("CPU", 0.0), resources.get("GPU", 0.0),
+                   node.get_logs_dir_path() if node else "")
+
+
+def _worker_cpus(cpus: float, workers: int) -> float:
+    return min(1.0, (cpus - DATA_CPUS) / workers)
+
+
+def _fits(cfg: Config, resources: dict[str, float]) -> bool:
+    workers = cfg.train.num_workers
+    gpus_ok = not cfg.train.use_gpu or resources.get("GPU", 0) >= workers
+    return gpus_ok and _worker_cpus(resources.get("CPU", 0), workers) >= MIN_WORKER_CPUS
+
+
+def training_resources(cfg: Config, wait_s: float | None = None) -> dict[str, float]:
+    """Each training worker's resources on the connected cluster, leaving Ray Data's CPUs free.
+
+    A CPU worker holds up to one CPU, less when the cluster is small (2 workers on a 2-CPU
+    node get half a CPU each and the read tasks the other). A run that cannot fit fails here
+    with what to change, unless the cluster grows (autoscaling) within `train.resource_wait_s`.
+    """
+    import ray
+
+    workers = cfg.train.num_workers
+    wait_s = cfg.train.resource_wait_s if wait_s is None else wait_s
+    resources = ray.cluster_resources()
+    if not _fits(cfg, resources) and wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+        request_resources(bundles=[bundle] * workers + [{"CPU": DATA_CPUS}])
+        say(f"ray: waiting up to {wait_s:g} s for the cluster to add {workers} x {bundle} + {DATA_CPUS:g} CPU")
+        deadline = time.monotonic() + wait_s
+        while not _fits(cfg, resources) and time.monotonic() < deadline:
+            time.sleep(5)
+            resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if cfg.train.use_gpu and gpus < workers:
+        raise UserError(
+            f"train.num_workers={workers} with train.use_gpu=true needs {workers} GPUs; the Ray cluster has "
+            f"{gpus:g}. Set train.num_workers={int(gpus)} or add GPU nodes (on an autoscaling cluster, "
+            "set train.resource_wait_s to give it time to add them)" if gpus >= 1 else
+            "train.use_gpu=true but the Ray cluster has no GPUs: set train.use_gpu=false, add GPU nodes, "
+            "or see the README's troubleshooting 'GPU not visible'")
+    per_worker = _worker_cpus(cpus, workers)
+    if per_worker < MIN_WORKER_CPUS:
+        most = int((cpus - DATA_CPUS) / MIN_WORKER_CPUS)
+        need = workers * MIN_WORKER_CPUS + DATA_CPUS
+        raise UserError(
+            f"train.num_workers={workers} needs at least {need:g} CPUs on the Ray cluster ({MIN_WORKER_CPUS:g} per "
+            f"worker plus {DATA_CPUS:g} for Ray Data's read tasks); it has {cpus:g}. "
+            + (f"Set train.num_workers={most} or fewer, or add CPUs" if most >= 1 else "Add CPUs to the cluster"))
+    return {"CPU": per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+
+
+def describe(resources: dict[str, Any], workers: int) -> str:
+    return f"{workers} worker(s) x {', '.join(f'{v:g} {k}' for k, v in resources.items())}"
+
+
+def progress_printer(channel, done) -> None:
+    """Print the lines rank 0 sends through `channel` (a ray.util.queue.Queue) until `done` is set."""
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            say(channel.get(timeout=1))
+        except Empty:
+            if done.is_set() and channel.empty():
+                return
