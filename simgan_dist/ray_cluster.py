@@ -47,10 +47,6 @@ def configure_console(verbose: bool) -> None:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(QUIET_RAY_DATA_LOGGING))
 
 
-def is_verbose() -> bool:
-    return _verbose
-
-
 def say(line: str) -> None:
     """One of our own console lines (stdout, flushed: `ray job logs` shows it at once)."""
     print(line, flush=True)
@@ -110,7 +106,7 @@ def connect() -> Cluster:
     if address is None:
         # A run starts ~10 helper processes at once (train controller, data coordinators, buffer
         # shards); Ray's default limit of one starting process per CPU warns about that on a laptop.
-        ray.init(address="local", _system_config={"worker_maximum_startup_concurrency": max(local_cpus(), 4)},
+        ray.init(address="local", _system_config={"worker_maximum_startup_concurrency": max(os.cpu_count() or 1, 4)},
                  **console)
     else:
         _check_answers(address, source)
@@ -123,10 +119,6 @@ def connect() -> Cluster:
     return cluster
 
 
-def local_cpus() -> int:
-    return os.cpu_count() or 1
-
-
 def _cluster(ray, address: str | None) -> Cluster:
     resources = ray.cluster_resources()
     node = ray._private.worker.global_worker.node
@@ -134,55 +126,59 @@ def _cluster(ray, address: str | None) -> Cluster:
                    node.get_logs_dir_path() if node else "")
 
 
-def _worker_cpus(cpus: float, workers: int) -> float:
-    return min(1.0, (cpus - DATA_CPUS) / workers)
-
-
 def _fits(cfg: Config, resources: dict[str, float]) -> bool:
-    workers = cfg.train.num_workers
-    gpus_ok = not cfg.train.use_gpu or resources.get("GPU", 0) >= workers
-    return gpus_ok and _worker_cpus(resources.get("CPU", 0), workers) >= MIN_WORKER_CPUS
+    try:
+        plan_workers(cfg, resources)
+        return True
+    except UserError:
+        return False
 
 
-def training_resources(cfg: Config, wait_s: float | None = None) -> dict[str, float]:
-    """Each training worker's resources on the connected cluster, leaving Ray Data's CPUs free.
+def plan_workers(cfg: Config, resources: dict[str, float]) -> dict[str, float]:
+    """Each training worker's resources on a cluster with `resources`, leaving Ray Data's CPUs free.
 
     A CPU worker holds up to one CPU, less when the cluster is small (2 workers on a 2-CPU
-    node get half a CPU each and the read tasks the other). A run that cannot fit fails here
-    with what to change, unless the cluster grows (autoscaling) within `train.resource_wait_s`.
+    node get half a CPU each, the read tasks the other). A run that cannot fit is a UserError
+    that says what to change.
     """
+    workers = cfg.train.num_workers
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if cfg.train.use_gpu and gpus < workers:
+        if gpus < 1:
+            raise UserError("train.use_gpu=true but the Ray cluster has no GPUs: set train.use_gpu=false, add GPU "
+                            "nodes, or see the README's troubleshooting 'GPU not visible'")
+        raise UserError(f"train.num_workers={workers} with train.use_gpu=true needs {workers} GPUs; the Ray cluster "
+                        f"has {gpus:g}. Set train.num_workers={int(gpus)} or add GPU nodes (an autoscaling cluster "
+                        "needs train.resource_wait_s to add them)")
+    per_worker = min(1.0, (cpus - DATA_CPUS) / workers)
+    if per_worker < MIN_WORKER_CPUS:
+        most = int((cpus - DATA_CPUS) / MIN_WORKER_CPUS)
+        raise UserError(
+            f"train.num_workers={workers} needs at least {workers * MIN_WORKER_CPUS + DATA_CPUS:g} CPUs on the Ray "
+            f"cluster ({MIN_WORKER_CPUS:g} per worker plus {DATA_CPUS:g} for Ray Data's read tasks); it has "
+            f"{cpus:g}. " + (f"Set train.num_workers={most} or fewer, or add CPUs" if most >= 1 else "Add CPUs"))
+    return {"CPU": per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+
+
+def training_resources(cfg: Config) -> dict[str, float]:
+    """`plan_workers` on the connected cluster; waits up to train.resource_wait_s for an
+    autoscaling cluster to add what the run needs, instead of failing at once."""
     import ray
 
-    workers = cfg.train.num_workers
-    wait_s = cfg.train.resource_wait_s if wait_s is None else wait_s
     resources = ray.cluster_resources()
+    wait_s = cfg.train.resource_wait_s
     if not _fits(cfg, resources) and wait_s > 0:
         from ray.autoscaler.sdk import request_resources
 
         bundle = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
-        request_resources(bundles=[bundle] * workers + [{"CPU": DATA_CPUS}])
-        say(f"ray: waiting up to {wait_s:g} s for the cluster to add {workers} x {bundle} + {DATA_CPUS:g} CPU")
+        request_resources(bundles=[bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}])
+        say(f"ray: waiting up to {wait_s:g} s (train.resource_wait_s) for the cluster to add "
+            f"{cfg.train.num_workers} x {bundle} + {DATA_CPUS:g} CPU")
         deadline = time.monotonic() + wait_s
         while not _fits(cfg, resources) and time.monotonic() < deadline:
             time.sleep(5)
             resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if cfg.train.use_gpu and gpus < workers:
-        raise UserError(
-            f"train.num_workers={workers} with train.use_gpu=true needs {workers} GPUs; the Ray cluster has "
-            f"{gpus:g}. Set train.num_workers={int(gpus)} or add GPU nodes (on an autoscaling cluster, "
-            "set train.resource_wait_s to give it time to add them)" if gpus >= 1 else
-            "train.use_gpu=true but the Ray cluster has no GPUs: set train.use_gpu=false, add GPU nodes, "
-            "or see the README's troubleshooting 'GPU not visible'")
-    per_worker = _worker_cpus(cpus, workers)
-    if per_worker < MIN_WORKER_CPUS:
-        most = int((cpus - DATA_CPUS) / MIN_WORKER_CPUS)
-        need = workers * MIN_WORKER_CPUS + DATA_CPUS
-        raise UserError(
-            f"train.num_workers={workers} needs at least {need:g} CPUs on the Ray cluster ({MIN_WORKER_CPUS:g} per "
-            f"worker plus {DATA_CPUS:g} for Ray Data's read tasks); it has {cpus:g}. "
-            + (f"Set train.num_workers={most} or fewer, or add CPUs" if most >= 1 else "Add CPUs to the cluster"))
-    return {"CPU": per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    return plan_workers(cfg, resources)
 
 
 def describe(resources: dict[str, Any], workers: int) -> str:

@@ -1,0 +1,68 @@
+"""Joining or starting Ray, and planning a training run's resources (simgan_dist.ray_cluster)."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from simgan_dist.config import UserError, load_config
+from simgan_dist.ray_cluster import DATA_CPUS, plan_workers
+
+
+def _cfg(*overrides):
+    return load_config("tiny", overrides=list(overrides))
+
+
+def test_cpu_workers_leave_a_cpu_for_ray_data():
+    assert plan_workers(_cfg("train.num_workers=2"), {"CPU": 2}) == {"CPU": 0.5}
+    assert plan_workers(_cfg("train.num_workers=2"), {"CPU": 16}) == {"CPU": 1.0}
+    plan = plan_workers(_cfg("train.num_workers=3"), {"CPU": 3})
+    assert 3 * plan["CPU"] + DATA_CPUS <= 3
+
+
+def test_gpu_workers_need_a_gpu_each():
+    assert plan_workers(_cfg("train.num_workers=2", "train.use_gpu=true"), {"CPU": 16, "GPU": 2}) == {
+        "CPU": 1.0, "GPU": 1.0}
+    with pytest.raises(UserError, match=r"needs 4 GPUs; the Ray cluster has 2\. Set train.num_workers=2"):
+        plan_workers(_cfg("train.num_workers=4", "train.use_gpu=true"), {"CPU": 64, "GPU": 2})
+    with pytest.raises(UserError, match="has no GPUs: set train.use_gpu=false"):
+        plan_workers(_cfg("train.use_gpu=true"), {"CPU": 8})
+
+
+def test_a_run_that_cannot_fit_says_what_to_change():
+    with pytest.raises(UserError, match=r"num_workers=4 needs at least 3 CPUs .* it has 2\. Set train.num_workers=2"):
+        plan_workers(_cfg("train.num_workers=4"), {"CPU": 2})
+    with pytest.raises(UserError, match="Add CPUs"):
+        plan_workers(_cfg("train.num_workers=1"), {"CPU": 1})
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_cli(tmp_path, **env):
+    """`simgan-dist train` in a subprocess whose Ray temp dir is `tmp_path` (nothing else joins)."""
+    return subprocess.run(
+        [sys.executable, "-m", "simgan_dist.cli", "train", "--preset", "tiny"],
+        env={**os.environ, "TMPDIR": str(tmp_path), **env}, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize("where", ["address file", "RAY_ADDRESS"])
+def test_an_address_nothing_answers_at_is_a_clear_error(tmp_path, where):
+    address = f"127.0.0.1:{_closed_port()}"
+    if where == "address file":
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(address)
+        env = {}
+    else:
+        env = {"RAY_ADDRESS": address}
+    run = _train_cli(tmp_path, **env)
+    assert run.returncode == 1, run.stderr
+    assert f"no Ray cluster answers at {address}" in run.stderr
+    assert ("ray stop" if where == "address file" else "unset it") in run.stderr
+    assert "Traceback" not in run.stderr
