@@ -43,6 +43,8 @@ def configure_console(verbose: bool) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        if os.environ.get("RAY_DATA_LOGGING_CONFIG") == str(QUIET_RAY_DATA_LOGGING):
+            del os.environ["RAY_DATA_LOGGING_CONFIG"]  # left by a quiet command earlier in this process
     else:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(QUIET_RAY_DATA_LOGGING))
 
