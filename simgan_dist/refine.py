@@ -474,7 +474,6 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     Safe to rerun with the same arguments after a crash: finished shards are verified
     and kept, the rest are refined. Returns the manifest of the complete output.
     """
-
     job, complete = plan_job(checkpoint, input_uri, out_uri, cfg)
     if complete:
         print(f"refine: {out_uri} is already complete (manifest.json written by this job)")

@@ -205,7 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         algo.load_state_dict(state["algorithm"])
     if rank == 0 and restored_from:
         say(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
-             f"with {history_restored} history images")
+            f"with {history_restored} history images")
 
     sink = MonitorSink(cfg) if rank == 0 else None
     evaluator = None

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,13 +92,14 @@ def _job_id(submit_output: str) -> str:
     return re.search(r"Job '([^']+)' submitted successfully", submit_output).group(1)
 
 
-def _wait_for_jobs_api(env: dict[str, str], timeout: float = 180) -> None:
+def _wait_for_jobs_api(env: dict[str, str], timeout: float = 300) -> None:
     """`ray start` returns before the dashboard (the jobs API) answers."""
     deadline = time.monotonic() + timeout
-    while True:
-        out = _sh("ray job list", env, timeout=60, check=False)
-        if "Failed to connect" not in out or time.monotonic() > deadline:
-            return
+    while "Failed to connect" in (out := _sh("ray job list", env, timeout=60, check=False)):
+        if time.monotonic() > deadline:
+            logs = glob.glob(f"{env['TMPDIR']}/ray/session_latest/logs/dashboard.*")
+            tails = {log: Path(log).read_text()[-2000:] for log in logs}
+            pytest.fail(f"the jobs API did not answer within {timeout} s: {out[-500:]}\n{tails}")
         time.sleep(2)
 
 
@@ -107,7 +109,8 @@ def head(tmp_path_factory):
     work = tmp_path_factory.mktemp("cluster-demo")
     dashboard = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", "RAY_AUTH_MODE")}
-    env.update(TMPDIR=temp_dir, DATA=str(work / "data"), RUNS=str(work / "runs"), DS_ACCELERATOR="cpu")
+    env.update(TMPDIR=temp_dir, DATA=str(work / "data"), RUNS=str(work / "runs"), DS_ACCELERATOR="cpu",
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}")  # `ray`, `simgan-dist` of this venv
     ports = (f" --port {_free_port()} --dashboard-port {dashboard} --ray-client-server-port {_free_port()}"
              f" --dashboard-agent-listen-port {_free_port()} --disable-usage-stats")
     try:
@@ -187,3 +190,13 @@ def test_submitted_job_after_training(name, trained, head):
     assert wrote_it(head), logs
     for line in NOISE + NEVER:
         assert line not in logs, line
+
+
+def test_cli_on_the_head_node_joins_its_cluster(trained, head):
+    """What failed with "num_cpus and num_gpus must not be provided": a command run on a machine
+    where `ray start` registered a cluster joins that cluster."""
+    out = _sh(f"simgan-dist refine --preset tiny --checkpoint {CHECKPOINT} --input $DATA/synthetic "
+              "--out $DATA/refined-on-head", {**head, "PYTHONPATH": str(REPO)})
+    assert "joined the Ray cluster at " in out, out
+    assert f"(from {head['TMPDIR']}/ray/ray_current_cluster)" in out, out
+    assert read_manifest(f"{head['DATA']}/refined-on-head").rows == 256
