@@ -11,10 +11,12 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,7 +107,8 @@ def _wait_for_jobs_api(env: dict[str, str], timeout: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    temp_dir = str(tmp_path_factory.mktemp("ray-head"))
+    # Short: Ray's unix sockets live under it and their paths may not exceed 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     work = tmp_path_factory.mktemp("cluster-demo")
     dashboard = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", "RAY_AUTH_MODE")}
@@ -123,6 +126,7 @@ def head(tmp_path_factory):
         yield client
     finally:
         _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_readme_shows_the_commands_this_test_runs():
