@@ -111,7 +111,9 @@ def head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     work = tmp_path_factory.mktemp("cluster-demo")
     dashboard = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", "RAY_AUTH_MODE")}
+    # As a user's shell: none of the settings a command run in this process may have left behind.
+    left = ("RAY_ADDRESS", "PYTHONPATH", "RAY_AUTH_MODE", "RAY_DATA_LOGGING_CONFIG", "RAY_DEDUP_LOGS")
+    env = {k: v for k, v in os.environ.items() if k not in left}
     env.update(TMPDIR=temp_dir, DATA=str(work / "data"), RUNS=str(work / "runs"), DS_ACCELERATOR="cpu",
                PATH=f"{Path(sys.executable).parent}:{env['PATH']}")  # `ray`, `simgan-dist` of this venv
     ports = (f" --port {_free_port()} --dashboard-port {dashboard} --ray-client-server-port {_free_port()}"
