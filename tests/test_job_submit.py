@@ -33,7 +33,8 @@ HEAD = "ray start --head --num-cpus 2"
 CLIENT = "export RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265"
 TRAIN = ("ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/smoke.yaml "
          "--set data.synthetic=$DATA/synthetic --set data.real=$DATA/real --set train.storage_path=$RUNS")
-CHECKPOINT = "$(ls -d $RUNS/smoke/checkpoint_* | tail -1)"
+# Folders only: Ray Train keeps a checkpoint_manager_snapshot.json beside them.
+CHECKPOINT = "$(ls -d $RUNS/smoke/checkpoint_*/ | tail -1)"
 REFINE = (f"ray job submit --working-dir . -- python jobs/refine.py --preset tiny --checkpoint {CHECKPOINT} "
           "--input $DATA/synthetic --out $DATA/refined")
 
