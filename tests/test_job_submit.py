@@ -86,7 +86,7 @@ def _stop_head(temp_dir: str) -> None:
             proc.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for proc in alive:
         proc.kill()
 
