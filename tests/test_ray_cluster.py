@@ -1,9 +1,11 @@
 """Joining or starting Ray, and planning a training run's resources (simgan_dist.ray_cluster)."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -44,10 +46,10 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_cli(tmp_path, **env):
+def _train_cli(tmp_path, *args, **env):
     """`simgan-dist train` in a subprocess whose Ray temp dir is `tmp_path` (nothing else joins)."""
     return subprocess.run(
-        [sys.executable, "-m", "simgan_dist.cli", "train", "--preset", "tiny"],
+        [sys.executable, "-m", "simgan_dist.cli", "train", "--preset", "tiny", *args],
         env={**os.environ, "TMPDIR": str(tmp_path), **env}, capture_output=True, text=True, timeout=120,
     )
 
@@ -66,3 +68,17 @@ def test_an_address_nothing_answers_at_is_a_clear_error(tmp_path, where):
     assert f"no Ray cluster answers at {address}" in run.stderr
     assert ("ray stop" if where == "address file" else "unset it") in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_run_too_big_for_the_cluster_fails_at_once():
+    """A local instance on this machine's CPUs: 2 + CPUs workers cannot fit beside Ray Data."""
+    workers = 2 + (os.cpu_count() or 1)
+    # Short: Ray's unix sockets live under it and their paths may not exceed 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="raylocal-", dir="/tmp")
+    try:
+        run = _train_cli(temp_dir, "--set", f"train.num_workers={workers}")
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert run.returncode == 1, run.stderr
+    assert "started a local Ray instance" in run.stdout
+    assert f"train.num_workers={workers} needs at least" in run.stderr and "Set train.num_workers=" in run.stderr
