@@ -10,6 +10,7 @@ run's plan on any cluster and fails at once, naming what to change, when the run
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -128,59 +129,65 @@ def _cluster(ray, address: str | None) -> Cluster:
                    node.get_logs_dir_path() if node else "")
 
 
-def _fits(cfg: Config, resources: dict[str, float]) -> bool:
+def _fits(cfg: Config, resources: dict[str, float], runs: int = 1, reserved_cpus: float = 0.0) -> bool:
     try:
-        plan_workers(cfg, resources)
+        plan_workers(cfg, resources, runs, reserved_cpus)
         return True
     except UserError:
         return False
 
 
-def plan_workers(cfg: Config, resources: dict[str, float]) -> dict[str, float]:
+def plan_workers(cfg: Config, resources: dict[str, float], runs: int = 1,
+                 reserved_cpus: float = 0.0) -> dict[str, float]:
     """Each training worker's resources on a cluster with `resources`, leaving Ray Data's CPUs free.
 
     A CPU worker holds up to one CPU, less when the cluster is small (2 workers on a 2-CPU
-    node get half a CPU each, the read tasks the other). A run that cannot fit is a UserError
-    that says what to change.
+    node get half a CPU each, the read tasks the other). `runs` runs share the cluster evenly
+    (a sweep's concurrent trials); `reserved_cpus` is what the process driving each run already
+    holds (a Tune trial's sliver), taken from its workers' share. A run that cannot fit is a
+    UserError that says what to change.
     """
     workers = cfg.train.num_workers
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    cpus, gpus = resources.get("CPU", 0) / runs, resources.get("GPU", 0) / runs
+    where = "the Ray cluster" if runs == 1 else f"each of {runs} concurrent runs' share of the Ray cluster"
     if cfg.train.use_gpu and gpus < workers:
-        if gpus < 1:
+        if resources.get("GPU", 0) < 1:
             raise UserError("train.use_gpu=true but the Ray cluster has no GPUs: set train.use_gpu=false, add GPU "
                             "nodes, or see the README's troubleshooting 'GPU not visible'")
-        raise UserError(f"train.num_workers={workers} with train.use_gpu=true needs {workers} GPUs; the Ray cluster "
-                        f"has {gpus:g}. Set train.num_workers={int(gpus)} or add GPU nodes (an autoscaling cluster "
-                        "needs train.resource_wait_s to add them)")
-    per_worker = min(1.0, (cpus - DATA_CPUS) / workers)
-    if per_worker < MIN_WORKER_CPUS:
+        raise UserError(f"train.num_workers={workers} with train.use_gpu=true needs {workers} GPUs; {where} "
+                        f"has {gpus:g}. Set train.num_workers={max(1, int(gpus))} or add GPU nodes (an autoscaling "
+                        "cluster needs train.resource_wait_s to add them)")
+    if (cpus - DATA_CPUS) / workers < MIN_WORKER_CPUS:
         most = int((cpus - DATA_CPUS) / MIN_WORKER_CPUS)
         raise UserError(
-            f"train.num_workers={workers} needs at least {workers * MIN_WORKER_CPUS + DATA_CPUS:g} CPUs on the Ray "
-            f"cluster ({MIN_WORKER_CPUS:g} per worker plus {DATA_CPUS:g} for Ray Data's read tasks); it has "
+            f"train.num_workers={workers} needs at least {workers * MIN_WORKER_CPUS + DATA_CPUS:g} CPUs on {where} "
+            f"({MIN_WORKER_CPUS:g} per worker plus {DATA_CPUS:g} for Ray Data's read tasks); it has "
             f"{cpus:g}. " + (f"Set train.num_workers={most} or fewer, or add CPUs" if most >= 1 else "Add CPUs"))
+    # Rounded down to Ray's resource granularity (1e-4), so the shares never add up to more than there is.
+    per_worker = math.floor(min(1.0, (cpus - DATA_CPUS - reserved_cpus) / workers) * 1e4) / 1e4
     return {"CPU": per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
 
 
-def training_resources(cfg: Config) -> dict[str, float]:
+def training_resources(cfg: Config, runs: int = 1, reserved_cpus: float = 0.0) -> dict[str, float]:
     """`plan_workers` on the connected cluster; waits up to train.resource_wait_s for an
-    autoscaling cluster to add what the run needs, instead of failing at once."""
+    autoscaling cluster to add what the run (or `runs` runs) needs, instead of failing at once."""
     import ray
 
     resources = ray.cluster_resources()
     wait_s = cfg.train.resource_wait_s
-    if not _fits(cfg, resources) and wait_s > 0:
+    if not _fits(cfg, resources, runs, reserved_cpus) and wait_s > 0:
         from ray.autoscaler.sdk import request_resources
 
         bundle = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
-        request_resources(bundles=[bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}])
+        request_resources(bundles=([bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}]) * runs)
         say(f"ray: waiting up to {wait_s:g} s (train.resource_wait_s) for the cluster to add "
-            f"{cfg.train.num_workers} x {bundle} + {DATA_CPUS:g} CPU")
+            + (f"{runs} x (" if runs > 1 else "") + f"{cfg.train.num_workers} x {bundle} + {DATA_CPUS:g} CPU"
+            + (")" if runs > 1 else ""))
         deadline = time.monotonic() + wait_s
-        while not _fits(cfg, resources) and time.monotonic() < deadline:
+        while not _fits(cfg, resources, runs, reserved_cpus) and time.monotonic() < deadline:
             time.sleep(5)
             resources = ray.cluster_resources()
-    return plan_workers(cfg, resources)
+    return plan_workers(cfg, resources, runs, reserved_cpus)
 
 
 def describe(resources: dict[str, Any], workers: int) -> str:

@@ -273,13 +273,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sink.sync()
 
 
-def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None):
+def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
+        worker_resources: dict[str, float] | None = None):
     """Train on the connected Ray cluster (or a local one); returns the ray.train.Result.
 
     `datasets` ({"synthetic", "real"} Ray Datasets with a uint8 N×H×W×C `image` column)
     replaces reading `data.synthetic` / `data.real`. `callbacks`: Ray Train callbacks (Tune's
-    report callback in a sweep). The run's history-buffer actors are removed when it ends,
-    however it ends.
+    report callback in a sweep). `worker_resources`: each worker's share, as planned by a sweep
+    for its concurrent trials; by default `ray_cluster.training_resources` plans it on the
+    connected cluster (and fails at once when the run cannot fit). The run's history-buffer
+    actors are removed when it ends, however it ends.
     """
     import threading
 
@@ -293,7 +296,8 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     from simgan_dist.data import storage
 
     ray_cluster.connect()
-    worker_resources = ray_cluster.training_resources(cfg)
+    if worker_resources is None:
+        worker_resources = ray_cluster.training_resources(cfg)
     context = ray.data.DataContext.get_current()
     # Our progress line says what matters; per-epoch Ray Data bars would bury it.
     context.enable_progress_bars = False

@@ -40,6 +40,17 @@ def test_a_run_that_cannot_fit_says_what_to_change():
         plan_workers(_cfg("train.num_workers=1"), {"CPU": 1})
 
 
+def test_concurrent_runs_share_the_cluster_and_their_drivers_sliver_is_taken_from_the_workers():
+    # a sweep's trial on a 2-CPU head: its own 0.01 CPU, 2 workers, Ray Data's CPU; never more than 2
+    plan = plan_workers(_cfg("train.num_workers=2"), {"CPU": 2}, reserved_cpus=0.01)
+    assert plan == {"CPU": 0.495} and 0.01 + 2 * plan["CPU"] + DATA_CPUS <= 2
+    assert plan_workers(_cfg("train.num_workers=1"), {"CPU": 8}, runs=4, reserved_cpus=0.01) == {"CPU": 0.99}
+    with pytest.raises(UserError, match=r"on each of 3 concurrent runs' share of the Ray cluster .* it has 1\.33"):
+        plan_workers(_cfg("train.num_workers=2"), {"CPU": 4}, runs=3)
+    with pytest.raises(UserError, match=r"needs 2 GPUs; each of 2 concurrent runs' share of the Ray cluster has 1\."):
+        plan_workers(_cfg("train.num_workers=2", "train.use_gpu=true"), {"CPU": 32, "GPU": 2}, runs=2)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

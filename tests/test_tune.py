@@ -9,7 +9,7 @@ from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.local_train import train_local
 from simgan_dist.train import history_run_id
-from simgan_dist.tune import sweep, trial_config
+from simgan_dist.tune import default_concurrency, sweep, trial_config
 
 
 def _trial_reports(folder) -> dict[str, int]:
@@ -66,3 +66,12 @@ def test_trials_get_their_own_history_buffer():
     runs = {history_run_id(trial_config(base, params, trial)) for trial in ("abc_00000", "abc_00001")}
     assert len(runs) == 2
     assert yaml.safe_load(load_config("tiny").to_yaml())["tune"]["k_g"] == [1, 2]
+
+
+def test_default_concurrency_leaves_each_trial_a_cpu_for_its_data():
+    cfg = load_config("tiny", overrides=["train.num_workers=1"])
+    assert default_concurrency(cfg, {"CPU": 2}) == 1
+    assert default_concurrency(cfg, {"CPU": 8}) == 4
+    gpu = load_config("tiny", overrides=["train.num_workers=1", "train.use_gpu=true"])
+    assert default_concurrency(gpu, {"CPU": 64, "GPU": 8}) == 8
+    assert default_concurrency(gpu, {"CPU": 4, "GPU": 8}) == 2  # each trial: 0.5 CPU + 1 for Ray Data
