@@ -37,10 +37,15 @@ TRAIN = ("ray job submit --working-dir . -- python jobs/train.py --config jobs/c
 CHECKPOINT = "$(ls -d $RUNS/smoke/checkpoint_*/ | tail -1)"
 REFINE = (f"ray job submit --working-dir . -- python jobs/refine.py --preset tiny --checkpoint {CHECKPOINT} "
           "--input $DATA/synthetic --out $DATA/refined")
+TUNE = ("ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune-smoke.yaml "
+        "--set data.synthetic=$DATA/synthetic --set data.real=$DATA/real --set tune.output=$RUNS/sweeps")
 
 # Jobs submitted after training: name -> (command, check of what it wrote given the test's env).
 JOBS = {
     "refine": (REFINE, lambda env: read_manifest(f"{env['DATA']}/refined").rows == 256),
+    # Two trials of 12 steps, one at a time; the winner's best checkpoint is recorded.
+    "tune": (TUNE, lambda env: Path(env["RUNS"], "sweeps", "tune-smoke", "best_checkpoint.txt").is_file()
+             and len(Path(env["RUNS"], "sweeps", "tune-smoke", "results.csv").read_text().splitlines()) == 3),
 }
 
 # Framework output a quiet console must not show, and --verbose must bring back.
