@@ -164,7 +164,8 @@ def sweep_resources(cfg: Config) -> tuple[int, dict[str, float]]:
     except UserError as e:
         if concurrency == 1:
             raise
-        asked = f"tune.max_concurrent_trials={concurrency}"
+        asked = (f"tune.max_concurrent_trials={concurrency}" if cfg.tune.max_concurrent_trials
+                 else "the default, as many as the cluster's GPUs fit")
         raise TuneError(f"{concurrency} trials at once ({asked}) do not fit: {e}; or lower "
                         "tune.max_concurrent_trials (0: as many as fit)") from None
     return concurrency, plan

@@ -9,7 +9,7 @@ from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.local_train import train_local
 from simgan_dist.train import history_run_id
-from simgan_dist.tune import default_concurrency, sweep, trial_config
+from simgan_dist.tune import TuneError, default_concurrency, sweep, sweep_resources, trial_config
 
 
 def _trial_reports(folder) -> dict[str, int]:
@@ -75,3 +75,14 @@ def test_default_concurrency_leaves_each_trial_a_cpu_for_its_data():
     gpu = load_config("tiny", overrides=["train.num_workers=1", "train.use_gpu=true"])
     assert default_concurrency(gpu, {"CPU": 64, "GPU": 8}) == 8
     assert default_concurrency(gpu, {"CPU": 4, "GPU": 8}) == 2  # each trial: 0.5 CPU + 1 for Ray Data
+
+
+def test_a_sweep_too_wide_for_the_cluster_fails_before_its_first_trial(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert sweep_resources(load_config("tiny", overrides=["train.num_workers=1"])) == (2, {"CPU": 0.99})
+    too_wide = load_config("tiny", overrides=["train.num_workers=2", "tune.max_concurrent_trials=3"])
+    with pytest.raises(TuneError, match=r"3 trials at once \(tune.max_concurrent_trials=3\) do not fit: "
+                                        r".*lower tune.max_concurrent_trials"):
+        sweep_resources(too_wide)
