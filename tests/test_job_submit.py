@@ -202,6 +202,8 @@ def test_submitted_job_after_training(name, trained, head):
     assert wrote_it(head), logs
     for line in NOISE + NEVER:
         assert line not in logs, line
+    if name == "tune":  # each trial's worker leaves a CPU for Ray Data beside the trial's own 0.01
+        assert "tune: each trial 1 worker(s) x 0.99 CPU (+1 CPU for Ray Data)" in logs, logs
 
 
 def test_cli_on_the_head_node_joins_its_cluster(trained, head):
