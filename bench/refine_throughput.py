@@ -38,7 +38,7 @@ from simgan_dist.data import storage
 from simgan_dist.data.schema import DatasetWriter, Layout
 from simgan_dist.imaging import to_model_input
 from simgan_dist.models import build_discriminator, build_refiner
-from simgan_dist.refine import BatchRefiner, refine
+from simgan_dist.refine import BatchRefiner, refine, refine_sizes
 
 WRITE_CHUNK = 65536
 
@@ -91,10 +91,13 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=[*args.overrides, f"refine.compile={str(args.compile).lower()}"])
     gpus = torch.cuda.device_count()
     if gpus:
-        cfg.refine.num_actors = min(cfg.refine.num_actors, gpus)
+        cfg.refine.num_gpus = cfg.refine.num_gpus or 1
+        cfg.refine.max_actors = min(cfg.refine.max_actors, gpus)
+        cfg.refine.min_actors = min(cfg.refine.min_actors, cfg.refine.max_actors)
     root = args.root or tempfile.mkdtemp(prefix="refine_bench_")
     layout = Layout((cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels), "uint8",
                     {"gaze": (3,)})
+    cfg.refine.batch_size, cfg.refine.rows_per_shard = refine_sizes(cfg.model, layout, cfg.refine)
     torch.manual_seed(0)
     model = build_refiner(cfg.model)
     checkpoint = write_checkpoint(os.path.join(tempfile.mkdtemp(prefix="refine_ckpt_"), "ckpt"), cfg, model,
@@ -105,7 +108,7 @@ def main() -> None:
     print(f"corpus: {args.rows} rows in {time.perf_counter() - start:.1f} s at {data}")
 
     if not gpus:
-        torch.set_num_threads(cfg.refine.num_actors)  # the job's actors run one thread each
+        torch.set_num_threads(cfg.refine.max_actors)  # the job's actors run one thread each
     baseline = BatchRefiner(model, cfg.refine.batch_size, compile=args.compile)
     before = plain_pytorch(baseline, layout.image_shape, batches=4, seconds=args.seconds)
     start = time.perf_counter()

@@ -48,12 +48,17 @@ def make_optimizer(params: Iterable[torch.Tensor], train_cfg: TrainConfig, role:
 
     Adam with β1 = 0.5 is the usual GAN choice (a short gradient memory lets each network
     follow the other's moves); "sgd" is the paper's plain SGD (β1 is its momentum). D's
-    learning rate is `train.lr_disc`, or `train.lr` when that is 0. Fused kernels on CUDA.
+    learning rate is `train.lr_disc`, or `train.lr` when that is 0.
+
+    Fused kernels on every device (CUDA and CPU): one kernel per step, and Adam's step counter
+    stays a device tensor, so a step never calls `.item()` (the unfused CPU path does, and a
+    DeepSpeed step must not sync: tests/test_deepspeed_config.py). `device` is where the
+    parameters live (other device types get the default, unfused kernels).
     """
     if role not in ("refiner", "disc"):
         raise ValueError(f"role must be 'refiner' or 'disc', got {role!r}")
     lr = train_cfg.lr_disc if role == "disc" and train_cfg.lr_disc > 0 else train_cfg.lr
-    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
+    fused = {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=train_cfg.betas[0], **fused)
     return torch.optim.Adam(params, lr=lr, betas=tuple(train_cfg.betas), **fused)
@@ -72,6 +77,10 @@ class EmaWeights:
         self.decay = decay
         # fp32 whatever R trains in: a 1% step is below bf16's resolution.
         self.module = copy.deepcopy(module).float().requires_grad_(False).eval()
+        # A module compiled in place (train.compile) keeps its compiled call in the copy, still bound
+        # to the original module: the copy would silently run R's current weights. The EMA runs eager.
+        if getattr(self.module, "_compiled_call_impl", None) is not None:
+            self.module._compiled_call_impl = None
 
     @torch.no_grad()
     def update(self, module: nn.Module, decay: float | None = None) -> None:

@@ -7,14 +7,24 @@
 
 Folders may be local or on object storage (`s3://…`); they are read with the same
 storage layer as the datasets.
+
+Checkpoints are data, not code: every file holds only tensors and plain containers
+(dicts, lists, tuples, numbers, strings) — RNG states included — and is read with
+`load_data`, i.e. `torch.load(weights_only=True)`. A file carrying any other pickled
+object (which could run code on every worker that loads it) is refused with a
+`CheckpointError`, before anything in it is used. `config.yaml` never holds storage
+credentials (`Config.to_yaml` redacts them).
 """
 
 from __future__ import annotations
 
 import io
+import pickle
 import random
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -22,6 +32,7 @@ import yaml
 from torch import nn
 
 from simgan_dist.config import Config, ConfigError, StorageConfig, UserError, config_from_dict
+from simgan_dist.imaging import to_host
 from simgan_dist.models import Refiner, build_refiner
 
 CONFIG_FILE = "config.yaml"
@@ -75,6 +86,29 @@ def _read_bytes(uri: str, name: str, storage: StorageConfig | None) -> bytes:
     return store.read_bytes(path_uri, storage)
 
 
+def load_data(source: str | Path | bytes | IO[bytes], what: str, map_location: Any = "cpu",
+              allowed: Iterable[type] = ()) -> Any:
+    """`torch.load` that accepts only tensors and plain containers (plus the `allowed` data classes).
+
+    Anything else in the pickle — a class, a function, a `__reduce__` payload — is refused
+    with a CheckpointError naming `what`, and nothing from the file is executed.
+    """
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+\.\w+)", str(exc))
+        reason = f"it references {found[1]}" if found else str(exc)
+        raise CheckpointError(
+            f"{what}: refusing to load: it holds pickled Python objects, not only tensors and plain "
+            f"containers ({reason}). A checkpoint is data; one that carries code may have been tampered "
+            "with, or was written by an older simgan_dist (start that run afresh)") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{what}: not a readable checkpoint file ({type(exc).__name__}: {exc})") from exc
+
+
 def load_checkpoint_config(uri: str, storage: StorageConfig | None = None) -> Config:
     text = _read_bytes(uri, CONFIG_FILE, storage).decode()
     try:
@@ -88,8 +122,7 @@ def load_refiner(uri: str, storage: StorageConfig | None = None,
     """Rebuild the trained refiner (eval mode) and the config it was trained with."""
     cfg = load_checkpoint_config(uri, storage)
     refiner = build_refiner(cfg.model)
-    state = torch.load(io.BytesIO(_read_bytes(uri, REFINER_FILE, storage)), map_location="cpu",
-                       weights_only=True)
+    state = load_data(_read_bytes(uri, REFINER_FILE, storage), f"{uri}/{REFINER_FILE}")
     try:
         refiner.load_state_dict(state)
     except RuntimeError as exc:
@@ -98,15 +131,25 @@ def load_refiner(uri: str, storage: StorageConfig | None = None,
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and numbers: loadable with weights_only."""
+    version, words, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["name"], to_host(npy["keys"]).astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -71,6 +71,12 @@ class StorageConfig:
     region: str = ""
     access_key_id: str = ""
     secret_access_key: str = ""
+    session_token: str = ""
+
+
+# Never written anywhere (config.yaml of checkpoints, Tune results, reports, logs): the
+# serialised forms carry "" (= "use the environment") and workers get them as AWS_* variables.
+SECRET_KEYS = ("storage.access_key_id", "storage.secret_access_key", "storage.session_token")
 
 
 @dataclass
@@ -95,12 +101,16 @@ class TrainConfig:
     pretrain_refiner_steps: int = 1000
     pretrain_disc_steps: int = 200
     iterations: int = 2000
+    # History images PER WORKER: the shared buffer holds buffer_size × num_workers, so its
+    # turnover per D step stays the same whatever the worker count.
     buffer_size: int = 25600
     buffer_shards: int = 4
     zero_stage: int = 0
     seed: int = 0
     report_every: int = 10
     checkpoint_every: int = 100
+    # Also checkpoint at the first report this many seconds after the last checkpoint (0: steps only).
+    checkpoint_every_s: float = 900.0
     image_every: int = 100
     max_failures: int = 2
     channels_last: bool = True
@@ -116,14 +126,25 @@ class TrainConfig:
     keep_best: int = 3
     # Seconds an autoscaling cluster gets to add the CPUs/GPUs a run needs; 0: fail at once.
     resource_wait_s: float = 0.0
+    # torch.compile R and D (in place: checkpoints keep their keys); worth it on GPU.
+    compile: bool = False
 
 
 @dataclass
 class RefineConfig:
-    batch_size: int = 4096
-    num_actors: int = 1
+    # Images per forward pass; 0: from the image size, so activations fit in batch_memory_gb.
+    batch_size: int = 0
+    batch_memory_gb: float = 4.0
+    # Rows per shard task; 0: as many as make task_mb of input images (several tasks in flight per actor).
+    rows_per_shard: int = 0
+    task_mb: float = 32.0
+    # GPUs per refiner actor (0: CPU actors, fp32). Explicit, never read from the cluster: an
+    # autoscaling cluster with its GPU nodes scaled to zero must scale them up, not fall back to CPUs.
+    num_gpus: float = 0.0
+    # The actor pool grows from min_actors to max_actors as the cluster (autoscaler) provides resources.
+    min_actors: int = 1
+    max_actors: int = 1
     compile: bool = False
-    rows_per_shard: int = 100_000
 
 
 @dataclass
@@ -178,11 +199,27 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain dict of the tree; the secrets in SECRET_KEYS become "" unless `redact=False`
+        (only for copies that stay in this process)."""
+        data = dataclasses.asdict(self)
+        if redact:
+            for key in SECRET_KEYS:
+                section, name = key.split(".")
+                data[section][name] = ""
+        return data
+
+    def redacted(self) -> list[str]:
+        """The secret keys that are set (and that serialising leaves out)."""
+        return [key for key in SECRET_KEYS if getattr(getattr(self, key.split(".")[0]), key.split(".")[1])]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """YAML for files and screens, secrets redacted (a comment says which were set)."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if self.redacted():
+            text = (f"# {', '.join(self.redacted())}: set, not written (secrets are never written; "
+                    "give them through the environment or a config file again)\n" + text)
+        return text
 
 
 # Presets are overlays on the defaults, written in the same form a YAML file uses.
@@ -287,9 +324,8 @@ def _validate(cfg: Config) -> None:
         "train.keep_best": cfg.train.keep_best,
         "tune.num_samples": cfg.tune.num_samples,
         "tune.grace_steps": cfg.tune.grace_steps,
-        "refine.batch_size": cfg.refine.batch_size,
-        "refine.num_actors": cfg.refine.num_actors,
-        "refine.rows_per_shard": cfg.refine.rows_per_shard,
+        "refine.min_actors": cfg.refine.min_actors,
+        "refine.max_actors": cfg.refine.max_actors,
     }
     for key, value in positive.items():
         if value < 1:
@@ -320,6 +356,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.disc_noise: must be >= 0, got {cfg.train.disc_noise}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {cfg.train.betas}")
+    for key in ("refine.batch_size", "refine.rows_per_shard", "refine.num_gpus", "train.checkpoint_every_s"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key}: must be >= 0 (0 = automatic/off), got {getattr(getattr(cfg, section), name)}")
+    if cfg.refine.max_actors < cfg.refine.min_actors:
+        raise ConfigError(f"refine.max_actors ({cfg.refine.max_actors}) is below refine.min_actors "
+                          f"({cfg.refine.min_actors})")
     if cfg.train.batch_size % 2:
         raise ConfigError(f"train.batch_size: must be even (half real, half history), got {cfg.train.batch_size}")
     if cfg.train.buffer_size < cfg.train.batch_size // 2:
@@ -366,7 +409,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: key must look like section.key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not a valid YAML scalar or list ({exc})") from None
     # YAML reads "1e-4" as a string; numbers written that way are common in overrides.
     if isinstance(value, str):
         try:
@@ -392,11 +438,11 @@ def load_config(
             raise ConfigError(f"config file {path} does not exist")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         file_preset = loaded.pop("preset", None) if isinstance(loaded, dict) else None
         if file_preset is not None:
-            if file_preset not in PRESETS:
+            if not isinstance(file_preset, str) or file_preset not in PRESETS:
                 raise ConfigError(f"{path}: unknown preset {file_preset!r}: choose one of {sorted(PRESETS)}")
             cfg = Config()
             _apply(cfg, copy.deepcopy(PRESETS[file_preset]), "")

@@ -7,37 +7,53 @@ then travels while the refiner steps run. Because every shard receives the same 
 every push, the shards fill evenly and sampling the same share from each is uniform over
 the logical buffer.
 
+Images travel and are stored as integer codes (`imaging.history_codes`): uint8 for
+8-bit data (half the bytes of fp16, and exactly the data's own precision), int16 for
+depth. They are encoded on the training device and decoded there after a sample.
+
 Actors are named after the run (`simgan-history/<run>/<shard>`): one buffer per run, and
-a restarted worker group finds the same buffer.
+a restarted worker group finds the same buffer. Each asks for a little CPU and the memory
+its images take, so the scheduler places them where that exists (a head node started
+with `--num-cpus=0` gets none), spread over nodes; a shard whose node dies is restarted
+empty and refills within a few D steps (the checkpoint still holds the last contents).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import ray
 import torch
 
 from simgan_dist.history import HistoryBuffer
+from simgan_dist.imaging import from_history_codes, history_codes, to_host
 
 NAMESPACE = "simgan_dist"
+SHARD_CPUS = 0.25  # a push or sample is a few ms of copying; enough to be scheduled, not to crowd
+MAX_RESTARTS = 3
 
 
-@ray.remote(num_cpus=0)
+@ray.remote
 class HistoryShard:
-    def __init__(self, capacity: int, image_shape: tuple[int, ...], seed: int):
+    def __init__(self, capacity: int, image_shape: tuple[int, ...], seed: int, wide: bool = False):
         self.args = (capacity, image_shape)
         self.seed = seed
+        self.dtype = torch.int16 if wide else torch.uint8
         self.clear()
 
     def clear(self) -> int:
         """Start empty (a fresh run that reuses the name of one that left no checkpoint)."""
-        self.buffer = HistoryBuffer(*self.args, seed=self.seed)
+        self.buffer = HistoryBuffer(*self.args, seed=self.seed, dtype=self.dtype)
         return 0
 
-    def push(self, images: torch.Tensor) -> int:
-        self.buffer.push(images)
+    def push(self, codes: np.ndarray) -> int:
+        self.buffer.push(torch.from_numpy(codes))
         return len(self.buffer)
 
     def sample(self, k: int) -> tuple[torch.Tensor, int]:
+        if not len(self.buffer):  # restarted after a node failure: empty until the next push
+            return torch.empty((0, *self.buffer.image_shape), dtype=self.dtype), 0
         return self.buffer.sample(k), len(self.buffer)
 
     def size(self) -> int:
@@ -55,13 +71,28 @@ def _shard_name(run: str, index: int) -> str:
     return f"simgan-history/{run}/{index}"
 
 
+def shard_options(capacity: int, image_shape: tuple[int, ...], wide: bool) -> dict:
+    """Resources and placement of one shard actor holding `capacity` images."""
+    image_bytes = math.prod(image_shape) * (2 if wide else 1)
+    return {
+        "num_cpus": SHARD_CPUS,
+        # the images, a checkpoint's copy of them, and slack for samples in flight
+        "memory": 2 * capacity * image_bytes + (64 << 20),
+        "max_restarts": MAX_RESTARTS,
+        "max_task_retries": MAX_RESTARTS,
+        "scheduling_strategy": "SPREAD",
+    }
+
+
 def create_shards(run: str, capacity: int, image_shape: tuple[int, ...], num_shards: int, seed: int,
-                  ) -> list[ray.actor.ActorHandle]:
-    """Create (or find, for a resumed run) the run's buffer shards; capacity is split evenly."""
+                  wide: bool = False) -> list[ray.actor.ActorHandle]:
+    """Create (or find, for a resumed run) the run's buffer shards; `capacity` (the logical
+    buffer, all workers together) is split evenly."""
     per_shard = -(-capacity // num_shards)
+    options = shard_options(per_shard, tuple(image_shape), wide)
     return [
         HistoryShard.options(name=_shard_name(run, i), namespace=NAMESPACE, get_if_exists=True,
-                             lifetime="detached").remote(per_shard, tuple(image_shape), seed + i)
+                             lifetime="detached", **options).remote(per_shard, tuple(image_shape), seed + i, wide)
         for i in range(num_shards)
     ]
 
@@ -93,11 +124,18 @@ def load_shards(shards: list[ray.actor.ActorHandle], states: list[dict]) -> int:
 
 
 class SharedHistory:
-    """The `History` interface of algorithm.py over the shard actors, with one-step prefetch."""
+    """The `History` interface of algorithm.py over the shard actors, with one-step prefetch.
 
-    def __init__(self, shards: list[ray.actor.ActorHandle], sample_size: int):
+    One host sync per D step (the push's device→host copy of b/2 integer images); the
+    K_g refiner steps between two D steps never wait on the buffer.
+    """
+
+    def __init__(self, shards: list[ray.actor.ActorHandle], sample_size: int,
+                 device: torch.device | str = "cpu", wide: bool = False):
         self.shards = shards
         self.sample_size = sample_size
+        self.device = torch.device(device)
+        self.wide = wide
         self.known_size = sum(ray.get([s.size.remote() for s in shards]))
         self.pending: list[ray.ObjectRef] | None = None
         self.pushes: list[ray.ObjectRef] = []
@@ -115,10 +153,11 @@ class SharedHistory:
         refs, self.pending = self.pending or self._request(), None
         replies = ray.get(refs)
         self.known_size = sum(size for _, size in replies)
-        return torch.cat([images for images, _ in replies])[:k]
+        codes = torch.cat([images for images, _ in replies])[:k]
+        return from_history_codes(codes, self.device, torch.float32)
 
     def push(self, images: torch.Tensor) -> None:
-        chunks = images.detach().to("cpu", torch.float16).chunk(len(self.shards))
+        chunks = np.array_split(to_host(history_codes(images, self.wide)), len(self.shards))
         # Fire-and-forget: an actor runs one caller's calls in order; refs are kept for flush().
         self.pushes = [shard.push.remote(chunk) for shard, chunk in zip(self.shards, chunks, strict=False)]
         self.known_size = max(self.known_size, 1)

@@ -31,7 +31,7 @@ import torch
 
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, UserError, load_config
-from simgan_dist.imaging import to_model_input
+from simgan_dist.imaging import to_host, to_model_input
 from simgan_dist.models import GAZE_MODELS
 from simgan_dist.objective import PUPIL_RADIUS, detect_pupil, pupil_shift, realism_score
 
@@ -183,8 +183,7 @@ def train_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, test_ima
     def predict(x: torch.Tensor) -> np.ndarray:
         model.eval()
         with torch.no_grad(), autocast():
-            return torch.cat([model(to_input(x[lo:lo + 1024])).float().cpu()
-                              for lo in range(0, len(x), 1024)]).numpy()
+            return to_host(torch.cat([model(to_input(x[lo:lo + 1024])).float() for lo in range(0, len(x), 1024)]))
 
     h, w, c = train_images.shape[1:]
     model = GAZE_MODELS[cfg.gaze_model](c, h, w).to(device, memory_format=memory_format)

@@ -1,7 +1,7 @@
 """The history of refined images (paper §2.3): D's fake half-batch is half current, half past.
 
-Pure tensors, no Ray: the distributed buffer actors wrap exactly this class. Images are
-stored in float16 on the CPU: half the memory of fp32, and finer than the uint8 data.
+Pure tensors, no Ray: the distributed buffer actors wrap exactly this class. Training stores
+integer codes (`CodedHistory`: uint8 for 8-bit images, the data's own precision; int16 for depth).
 
 Semantics:
 - fill phase: while fewer than `capacity` images are stored, pushes append;
@@ -12,6 +12,8 @@ Semantics:
 from __future__ import annotations
 
 import torch
+
+from simgan_dist.imaging import from_history_codes, history_codes
 
 
 class HistoryBuffer:
@@ -74,3 +76,33 @@ class HistoryBuffer:
         self.size = len(stored)
         self.images[: self.size] = stored
         self.generator.set_state(state["generator"])
+
+
+class CodedHistory:
+    """A `HistoryBuffer` of integer codes (`imaging.history_codes`): uint8 for 8-bit images, int16 for depth.
+
+    The `History` interface for one process, with exactly the shared buffer's storage
+    (distributed_history), so local and distributed runs see the same past images.
+    """
+
+    def __init__(self, capacity: int, image_shape: tuple[int, ...], seed: int = 0, wide: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.buffer = HistoryBuffer(capacity, image_shape, seed, dtype=torch.int16 if wide else torch.uint8)
+        self.wide = wide
+        self.device = torch.device(device)
+        self.capacity = capacity
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def push(self, images: torch.Tensor) -> torch.Tensor:
+        return self.buffer.push(history_codes(images, self.wide))
+
+    def sample(self, k: int) -> torch.Tensor:
+        return from_history_codes(self.buffer.sample(k), self.device, torch.float32)
+
+    def state_dict(self) -> dict:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state)

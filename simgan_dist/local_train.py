@@ -19,10 +19,19 @@ import torch
 from tqdm import tqdm
 
 from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
-from simgan_dist.checkpoint import STATE_FILE, rng_state, set_rng_state, write_checkpoint
+from simgan_dist.checkpoint import (
+    DISCRIMINATOR_FILE,
+    REFINER_FILE,
+    STATE_FILE,
+    load_data,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from simgan_dist.config import Config
-from simgan_dist.history import HistoryBuffer
-from simgan_dist.imaging import to_model_input, to_storage
+from simgan_dist.data.schema import DatasetError
+from simgan_dist.history import CodedHistory
+from simgan_dist.imaging import to_model_input, to_storage, wide_codes
 from simgan_dist.losses import RefinerLoss
 from simgan_dist.models import build_discriminator, build_refiner
 from simgan_dist.monitor import MetricAverager, RunLog, comparison_grid, progress_line
@@ -121,7 +130,11 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
     expected = (cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels)
     for name, images in (("synthetic", synthetic), ("real", real)):
         if tuple(images.shape[1:]) != expected:
-            raise ValueError(f"{name} images are {tuple(images.shape[1:])}, the model config expects {expected}")
+            raise DatasetError(f"data.{name}: images are {tuple(images.shape[1:])}, the model config expects "
+                               f"{expected}")
+        if len(images) < cfg.train.batch_size:
+            raise DatasetError(f"data.{name}: {len(images)} images, fewer than one batch "
+                               f"(train.batch_size {cfg.train.batch_size})")
 
     torch.manual_seed(cfg.train.seed)
     device, bf16 = _device_and_precision(cfg)
@@ -134,8 +147,8 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
     to_input = functools.partial(to_model_input, device=device, channels_last=channels_last)
     next_synthetic = ArraySampler(synthetic, cfg.train.batch_size, cfg.train.seed + 1, to_input, cfg.train.shuffle)
     next_real = ArraySampler(real, cfg.train.batch_size, cfg.train.seed + 2, to_input, cfg.train.shuffle)
-    history = HistoryBuffer(cfg.train.buffer_size, (cfg.model.image_channels, *expected[:2]),
-                            seed=cfg.train.seed + 3)
+    history = CodedHistory(cfg.train.buffer_size, (cfg.model.image_channels, *expected[:2]),
+                           seed=cfg.train.seed + 3, wide=wide_codes(cfg.model), device=device)
     autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext)
     ema = EmaWeights(refiner, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -150,12 +163,12 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
 
     checkpoint = folder / "checkpoint"
     if (checkpoint / STATE_FILE).exists():
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-        saved = torch.load(checkpoint / "refiner.pt", map_location=device)
+        state = load_data(checkpoint / STATE_FILE, str(checkpoint / STATE_FILE))
+        saved = load_data(checkpoint / REFINER_FILE, str(checkpoint / REFINER_FILE), device)
         refiner.load_state_dict(state["refiner_training"] if ema else saved)
         if ema:
             ema.module.load_state_dict(saved)
-        disc.load_state_dict(torch.load(checkpoint / "discriminator.pt", map_location=device))
+        disc.load_state_dict(load_data(checkpoint / DISCRIMINATOR_FILE, str(checkpoint / DISCRIMINATOR_FILE), device))
         r_opt.load_state_dict(state["refiner_optimizer"])
         d_opt.load_state_dict(state["disc_optimizer"])
         algo.load_state_dict(state["algorithm"])
@@ -194,10 +207,10 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
         step = algo.global_step
         scores = {}
         if evaluator is not None and (step % cfg.train.eval_every == 0 or algo.done):
-            with autocast():
-                scores = evaluator(refiner, device)
+            with autocast():  # the weights refine would use (the EMA when there is one)
+                scores = evaluator(refining, device)
             keep_if_best(folder / "best", step, scores, cfg.train.keep_best,
-                         lambda best: write_checkpoint(best, cfg, refiner, disc))
+                         lambda best: write_checkpoint(best, cfg, refining, disc))
         if step % cfg.train.report_every == 0 or algo.done or scores:
             elapsed = time.perf_counter() - t_report
             last = {**averager.pop(), "images_per_s": images_done / max(elapsed, 1e-9),

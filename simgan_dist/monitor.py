@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simgan_dist.imaging import grid, save_png
+from simgan_dist.imaging import grid, save_png, to_host
 
 
 class MetricAverager:
@@ -29,7 +31,7 @@ class MetricAverager:
         keys = sorted(self.sums)
         if not keys:
             return {}
-        values = torch.stack([self.sums[k].float().cpu() for k in keys]).tolist()
+        values = to_host(torch.stack([self.sums[k].float() for k in keys])).tolist()
         out = {k: v / self.counts[k] for k, v in zip(keys, values, strict=False)}
         self.sums.clear()
         self.counts.clear()
@@ -89,3 +91,84 @@ def comparison_grid(synthetic: np.ndarray, refined: np.ndarray, real: np.ndarray
     """Rows: synthetic | refined | real (N×H×W×C integer images); no real row before D has seen any."""
     rows = [synthetic[:n], refined[:n]] + ([real[:n]] if real is not None else [])
     return grid(rows)
+
+
+class FolderMirror:
+    """Copies a local run folder to object storage from a background thread, changed files only.
+
+    `sync()` returns at once: the training step never waits on storage. Files only grow
+    (metrics.jsonl, TensorBoard events) or are new (image grids), so a file whose size is
+    unchanged is not sent again. S3 cannot append, so `restore()` first brings back the
+    `metrics.jsonl` an earlier attempt left there: a restarted run appends to it instead
+    of replacing it with post-restart lines only.
+    """
+
+    APPEND_ONLY = "metrics.jsonl"
+
+    def __init__(self, folder: str | Path, remote_uri: str, storage_cfg=None):
+        self.folder = Path(folder)
+        self.remote = remote_uri
+        self.storage_cfg = storage_cfg
+        self.sent: dict[str, int] = {}
+        self.uploads = 0
+        self.wake = threading.Event()
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="monitor-sync", daemon=True)
+
+    def restore(self) -> int:
+        """Bring the remote metrics.jsonl into the local folder (before anything is written); its bytes."""
+        from simgan_dist.data import storage
+
+        try:
+            data = storage.read_bytes(storage.join(self.remote, self.APPEND_ONLY), self.storage_cfg)
+        except storage.MissingFileError:
+            return 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / self.APPEND_ONLY).write_bytes(data)
+        self.sent[self.APPEND_ONLY] = len(data)
+        return len(data)
+
+    def start(self) -> FolderMirror:
+        self.thread.start()
+        return self
+
+    def sync(self) -> None:
+        self.wake.set()
+
+    def close(self) -> None:
+        """Send what is left and stop the thread."""
+        self.closing = True
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        else:
+            self.push_changed()
+
+    def push_changed(self) -> list[str]:
+        """Upload every file that is new or grew since its last upload; returns their names."""
+        from simgan_dist.data import storage
+
+        sent = []
+        for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and ".tmp" not in p.name):
+            name = path.relative_to(self.folder).as_posix()
+            data = path.read_bytes()
+            if self.sent.get(name) == len(data):
+                continue
+            storage.write_bytes_atomic(storage.join(self.remote, name), data, self.storage_cfg)
+            self.sent[name] = len(data)
+            sent.append(name)
+        self.uploads += len(sent)
+        return sent
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            final = self.closing  # read before the pass: files written during it go in one more pass
+            try:
+                self.push_changed()
+            except Exception as exc:  # a storage hiccup must not stop training; the next sync retries
+                print(f"monitor: upload to {self.remote} failed, retrying at the next report: {exc}",
+                      file=sys.stderr)
+            if final:
+                return

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from simgan_dist.config import Config, StorageConfig, UserError
-from simgan_dist.imaging import to_model_input, to_storage
+from simgan_dist.imaging import normalize, to_model_input, to_storage
 
 PUPIL_RADIUS = 4  # search window (px) around a pupil in a 35x55 eye; the pupil radius is ~2-3 px
 DETECT_CHUNK = 8192  # images per detector chunk (bounds memory at 1M-image scale)
@@ -140,8 +140,12 @@ def silhouette_centroid(depth: np.ndarray) -> np.ndarray:
 
     The threshold sits halfway between the 2nd and 98th depth percentile of each map, so
     it follows the hand's distance and ignores a refiner's global depth offset or noise.
+    A 0 is no reading, never the hand: it counts as farther than any reading. Refined depth
+    (`imaging.to_storage`) stores its background as 0 where the synthetic map had its wall,
+    so its silhouette is what is left, the hand.
     """
     d = np.asarray(depth, dtype=np.float32)[..., 0]
+    d = np.where(d > 0, d, 65536.0)
     lo, hi = np.percentile(d.reshape(len(d), -1), [2, 98], axis=1)
     near = d < ((lo + hi) / 2)[:, None, None]
     count = np.maximum(near.sum((1, 2)), 1)
@@ -381,8 +385,9 @@ class Evaluator:
         start = time.perf_counter()
         out = []
         for lo in range(0, len(self.synthetic), self.batch_size):
-            x = to_model_input(self.synthetic[lo:lo + self.batch_size], device=device, dtype=dtype)
-            out.append(to_storage(refine(x), self.synthetic.dtype))
+            # depth comes back to millimetres around each image's own hand centre
+            x, centres = normalize(self.synthetic[lo:lo + self.batch_size], device=device, dtype=dtype)
+            out.append(to_storage(refine(x), self.synthetic.dtype, centres))  # the device→host copy (to_host)
         refined = np.concatenate(out)
         scores = label_free_scores(self.synthetic, refined, self.reference, kind=self.kind, seed=self.seed,
                                    pupil_xy=self.anchors, realism_synthetic=self.realism_synthetic)

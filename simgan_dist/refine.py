@@ -9,25 +9,31 @@ shard size); a rerun with other weights or another input into the same prefix is
 refused instead of mixing two refinements.
 
 Work is cut into shard tasks: output shard k (`part-0000k.parquet`) holds input rows
-[start, stop) of one input shard, at most `refine.rows_per_shard` of them. Ray Data
-runs the tasks on a fixed pool of `RefinerActor`s (one GPU each when the cluster has
-GPUs): an actor reads its input rows, refines them in batches of `refine.batch_size`
-(uint8 shipped to the device and normalised there; bf16 and channels-last on GPU;
-optional torch.compile) and writes the shard atomically (one PUT, or a rename).
-`id`, labels and `source` are passed through as Arrow columns, never decoded, so
-they stay bit-identical. Two tasks run per actor so one's read/encode/upload hides behind the
-other's forward passes.
+[start, stop) of one input shard, at most `refine.rows_per_shard` of them. Sizes come
+from the image size in bytes, not a fixed row count (`refine_sizes`): a batch's
+activations fit `refine.batch_memory_gb` (eye: ~4,000 images, hand: ~80), a task holds
+`refine.task_mb` of input images. Ray Data runs the tasks on an autoscaling pool of
+`RefinerActor`s (`refine.min_actors`..`refine.max_actors`, each with `refine.num_gpus`
+GPUs — explicit, so a cluster whose GPU nodes are scaled to zero scales them up rather
+than refining on CPUs): an actor reads its input rows, refines them in batches (uint8
+shipped to the device and normalised there; bf16 and channels-last on GPU, depth fp32;
+optional torch.compile) and writes the shard atomically (one PUT, or a rename). `id`,
+labels and `source` are passed through as Arrow columns, never decoded, so they stay
+bit-identical. Several tasks are in flight per actor, two running, so one's
+read/encode/upload hides behind the other's forward passes.
 
 The output shards themselves are the job's checkpoint, with no second record that
 could disagree with them: a shard is either complete or absent, its name says which
-input rows it holds, and rerunning the same command verifies the shards already
-there (sha256, schema, ids and labels against the input) and refines only the rest.
-A shard task that Ray retries overwrites the same name, so no row can be written
-twice. (Ray Data's `write_parquet` names files by block and would need its separate
-id-checkpoint store to resume; this contract wants deterministic, checksummed shards.)
+input rows it holds. Verification happens in the actors, beside the data they already
+hold: after writing a shard an actor reads it back (footer, ids, labels) and compares it
+with its input rows; a shard an earlier run left is checked the same way, plus its
+sha256, and kept or redone. A shard task that Ray retries overwrites the same name, so
+no row can be written twice. (Ray Data's `write_parquet` names files by block and would
+need its separate id-checkpoint store to resume; this contract wants deterministic,
+checksummed shards.) The driver only lists the output once at the end: every shard
+present with the size its actor verified.
 
-At the end every output shard's ids and labels are compared with its input rows and
-the result is recorded in the manifest (`extra.refine.exactness`); `manifest.json` is
+The result is recorded in the manifest (`extra.refine.exactness`); `_manifest.json` is
 written last and is what makes the output a dataset.
 """
 
@@ -41,7 +47,6 @@ import json
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +57,10 @@ import pyarrow.parquet as pq
 import torch
 
 from simgan_dist.checkpoint import REFINER_FILE, CheckpointError, load_refiner
-from simgan_dist.config import Config, ModelConfig, StorageConfig, UserError, load_config
+from simgan_dist.config import Config, ModelConfig, RefineConfig, StorageConfig, UserError, load_config
 from simgan_dist.data import storage
 from simgan_dist.data.schema import (
+    LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
     DatasetError,
     Layout,
@@ -65,22 +71,28 @@ from simgan_dist.data.schema import (
     labels_from_list,
     make_manifest,
     read_manifest,
+    read_manifest_bytes,
     shard_name,
     validate,
     write_manifest,
 )
 from simgan_dist.data.storage import StorageError
-from simgan_dist.imaging import to_model_input, to_storage
+from simgan_dist.imaging import normalize, to_storage
 from simgan_dist.models import Refiner, build_refiner
 
-JOB_FILE = "refine_job.json"
+JOB_FILE = "_refine_job.json"
+LEGACY_JOB_FILE = "refine_job.json"  # before the `_` convention; still honoured
 JOB_FORMAT = "simgan_dist.refine_job"
 # What makes two runs the same job; the URIs are recorded too but a copied checkpoint
 # or dataset with identical bytes is the same job.
 JOB_IDENTITY = ("checkpoint_sha256", "input_manifest_sha256", "rows_per_shard")
-# Shard tasks running at once in one actor: while one waits on storage, the other computes.
-TASKS_PER_ACTOR = 2
-VERIFY_THREADS = 16
+# Shard tasks running at once in one actor (while one waits on storage, the other computes),
+# and queued per actor so the next starts without a round trip to the scheduler.
+TASKS_RUNNING_PER_ACTOR = 2
+TASKS_IN_FLIGHT_PER_ACTOR = 4
+# Live activation maps of the refiner's width per image during a forward pass
+# (a residual block's input, its two convolutions, the sum), measured within ~2x.
+LIVE_ACTIVATIONS = 4
 
 
 class RefineError(UserError, RuntimeError):
@@ -94,17 +106,18 @@ class RefineError(UserError, RuntimeError):
 class BatchRefiner:
     """N×H×W×C uint8/uint16 images → refined images of the same shape and dtype.
 
-    On GPU: bf16 weights and activations, channels-last, normalisation on the device,
-    optional torch.compile (tail batches are padded so it compiles one shape only).
+    On GPU: bf16 weights and activations for 8-bit images (depth: fp32 weights and inputs,
+    TF32 convolutions, so millimetres are not quantised), channels-last, normalisation on
+    the device, optional torch.compile (tail batches are padded so it compiles one shape only).
     On CPU: fp32, the same arithmetic as `to_model_input` → model → `to_storage`.
     Thread-safe: while one caller runs the model, the others do their I/O and host work.
     """
 
     def __init__(self, refiner: Refiner, batch_size: int, device: str | torch.device | None = None,
-                 compile: bool = False):
+                 compile: bool = False, depth: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_gpu = self.device.type == "cuda"
-        self.dtype = torch.bfloat16 if on_gpu else torch.float32
+        self.dtype = torch.bfloat16 if on_gpu and not depth else torch.float32
         self.channels_last = on_gpu
         self.batch_size = batch_size
         model = refiner.to(self.device, self.dtype).eval()
@@ -123,9 +136,28 @@ class BatchRefiner:
             if self.pad and n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
             with self.lock:  # one forward at a time; the download and cast below overlap the next one
-                y = self.model(to_model_input(chunk, self.device, self.dtype, self.channels_last))
-            out[start:start + n] = to_storage(y[:n], images.dtype)
+                x, centres = normalize(chunk, self.device, self.dtype, self.channels_last)
+                y = self.model(x)
+            out[start:start + n] = to_storage(y[:n], images.dtype, None if centres is None else centres[:n])
         return out
+
+
+def refine_sizes(model: ModelConfig, layout: Layout, refine_cfg: RefineConfig) -> tuple[int, int]:
+    """(images per forward pass, rows per shard task) from the image size in bytes.
+
+    A batch's activations — `LIVE_ACTIVATIONS` maps of `refiner_channels` × H × W, bf16 on
+    GPU for 8-bit images and fp32 otherwise — fit `batch_memory_gb`; a task holds about
+    `task_mb` of input images and a whole number of batches. Set values win.
+    """
+    h, w = layout.image_shape[:2]
+    element = 2 if refine_cfg.num_gpus and layout.image_dtype == "uint8" else 4
+    per_image = LIVE_ACTIVATIONS * model.refiner_channels * h * w * element
+    batch = refine_cfg.batch_size or max(1, int(refine_cfg.batch_memory_gb * 2**30 // per_image))
+    if not refine_cfg.batch_size and batch >= 64:
+        batch -= batch % 32  # tensor-core friendly
+    rows = refine_cfg.rows_per_shard or max(batch, int(refine_cfg.task_mb * 2**20 // layout.image_nbytes)
+                                            // batch * batch)
+    return batch, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +188,7 @@ class ShardIo:
 
     out_uri: str
     layout: Layout
-    storage_cfg: StorageConfig  # effective settings: workers may lack the driver's AWS_* environment
+    storage_cfg: StorageConfig  # effective settings in the driver; actors get them without secrets
 
     def input_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
         return storage.resolve(task.input_uri, self.storage_cfg)
@@ -180,6 +212,7 @@ class RefineJob:
     spec: dict[str, Any]
     io: ShardIo
     tasks: list[ShardTask]
+    batch_size: int
 
 
 def _sha256(data: bytes) -> str:
@@ -216,7 +249,7 @@ def _load_checkpoint(uri: str, cfg: Config) -> tuple[Refiner, Config, str]:
 def _load_input(uri: str, cfg: Config, model: ModelConfig) -> tuple[Manifest, str]:
     try:
         manifest = validate(uri, cfg.storage)
-        manifest_sha = _sha256(storage.read_bytes(storage.join(uri, MANIFEST_NAME), cfg.storage))
+        manifest_sha = _sha256(read_manifest_bytes(uri, cfg.storage)[1])
     except (DatasetError, StorageError) as exc:
         raise RefineError(f"input {uri} is not a dataset in the simgan_dist contract: {exc}") from exc
     want = [model.image_height, model.image_width, model.image_channels]
@@ -238,15 +271,15 @@ def _check_output(out_uri: str, input_uri: str, cfg: Config, spec: dict[str, Any
             raise RefineError(f"--out {out_uri} is the input dataset itself: choose another prefix")
         storage.check_bucket(out_uri, cfg.storage)
         names = storage.list_files(out_uri, cfg.storage)
-        recorded = (json.loads(storage.read_bytes(storage.join(out_uri, JOB_FILE), cfg.storage))
-                    if JOB_FILE in names else None)
+        job_file = next((n for n in (JOB_FILE, LEGACY_JOB_FILE) if n in names), None)
+        recorded = json.loads(storage.read_bytes(storage.join(out_uri, job_file), cfg.storage)) if job_file else None
     except StorageError as exc:
         raise RefineError(f"output {out_uri} is not usable: {exc}") from exc
     except json.JSONDecodeError as exc:
-        raise RefineError(f"{storage.join(out_uri, JOB_FILE)} is not valid JSON ({exc}); "
+        raise RefineError(f"{storage.join(out_uri, job_file)} is not valid JSON ({exc}); "
                           "delete the output prefix to start over") from exc
     if recorded is None:
-        foreign = [n for n in names if n == MANIFEST_NAME or n.endswith(".parquet")]
+        foreign = [n for n in names if n in (MANIFEST_NAME, LEGACY_MANIFEST_NAME) or n.endswith(".parquet")]
         if foreign:
             raise RefineError(f"output {out_uri} already holds files that no refine job wrote ({foreign[:3]}...): "
                               "choose an empty prefix")
@@ -257,7 +290,7 @@ def _check_output(out_uri: str, input_uri: str, cfg: Config, spec: dict[str, Any
         raise RefineError(f"output {out_uri} belongs to another refine job ({'; '.join(changed) or 'unknown format'}; "
                           f"checkpoint {recorded.get('checkpoint')}, input {recorded.get('input')}): "
                           "refusing to mix outputs; choose another --out or delete that prefix")
-    return MANIFEST_NAME in names
+    return MANIFEST_NAME in names or LEGACY_MANIFEST_NAME in names
 
 
 def plan_job(checkpoint: str, input_uri: str, out_uri: str, cfg: Config) -> tuple[RefineJob, bool]:
@@ -265,25 +298,26 @@ def plan_job(checkpoint: str, input_uri: str, out_uri: str, cfg: Config) -> tupl
 
     Returns the job and whether its output is already complete (a finished rerun).
     """
-    for key in ("batch_size", "num_actors", "rows_per_shard"):
+    for key in ("min_actors", "max_actors"):
         if getattr(cfg.refine, key) < 1:
             raise RefineError(f"refine.{key} must be >= 1, got {getattr(cfg.refine, key)}")
     refiner, ckpt_cfg, weights_sha = _load_checkpoint(checkpoint, cfg)
     manifest, manifest_sha = _load_input(input_uri, cfg, ckpt_cfg.model)
+    batch_size, rows_per_shard = refine_sizes(ckpt_cfg.model, manifest.layout, cfg.refine)
     spec = {
         "format": JOB_FORMAT,
         "checkpoint": checkpoint,
         "checkpoint_sha256": weights_sha,
         "input": input_uri,
         "input_manifest_sha256": manifest_sha,
-        "rows_per_shard": cfg.refine.rows_per_shard,
+        "rows_per_shard": rows_per_shard,
     }
     complete = _check_output(out_uri, input_uri, cfg, spec)
     job = RefineJob(
         out_uri=out_uri, cfg=cfg, model_cfg=ckpt_cfg.model,
         weights=refiner.state_dict(), input_manifest=manifest, spec=spec,
         io=ShardIo(out_uri, manifest.layout, storage.effective_config(cfg.storage)),
-        tasks=plan_shards(input_uri, manifest, cfg.refine.rows_per_shard),
+        tasks=plan_shards(input_uri, manifest, rows_per_shard), batch_size=batch_size,
     )
     return job, complete
 
@@ -355,22 +389,44 @@ def verify_shard(task: ShardTask, io: ShardIo, checksum: bool) -> tuple[ShardInf
 
 
 class RefinerActor:
-    """Ray Data UDF: a batch of shard tasks in, one ShardInfo row per written shard out."""
+    """Ray Data UDF: a batch of shard tasks in, one verified ShardInfo row per shard out.
+
+    A shard an earlier run left (`exists`) is checked in full (sha256, ids, labels) and kept
+    if sound; anything else is refined, written, read back and compared with its input.
+    """
 
     def __init__(self, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], io: ShardIo, batch_size: int,
-                 compile: bool):
+                 compile: bool, env: list | None = None):
+        from simgan_dist.data.pipeline import adopt_env
+
+        adopt_env(env)
         refiner = build_refiner(model_cfg)
         refiner.load_state_dict(weights)
-        self.refiner = BatchRefiner(refiner, batch_size, compile=compile)
+        self.refiner = BatchRefiner(refiner, batch_size, compile=compile, depth=io.layout.image_dtype == "uint16")
         self.io = io
 
+    def run(self, task: ShardTask, exists: bool) -> tuple[ShardInfo, bool]:
+        """(info, reused)."""
+        if exists:
+            info, problem = verify_shard(task, self.io, checksum=True)
+            if info is not None:
+                return info, True
+            print(f"refine: redoing {problem}", file=sys.stderr)
+        written = refine_shard(task, self.io, self.refiner)
+        info, problem = verify_shard(task, self.io, checksum=False)
+        if info is None or info.bytes != written.bytes:
+            raise RefineError(f"{task.name} read back wrong after writing: {problem or 'size changed'}")
+        return written, False
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        infos = []
+        rows = []
         for i in range(len(batch["index"])):
             task = ShardTask(int(batch["index"][i]), str(batch["input_uri"][i]), int(batch["start"][i]),
                              int(batch["stop"][i]))
-            infos.append(refine_shard(task, self.io, self.refiner))
-        return {f.name: [getattr(info, f.name) for info in infos] for f in dataclasses.fields(ShardInfo)}
+            rows.append(self.run(task, bool(batch["exists"][i])))
+        out = {f.name: [getattr(info, f.name) for info, _ in rows] for f in dataclasses.fields(ShardInfo)}
+        out["reused"] = [reused for _, reused in rows]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,88 +440,80 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
                 disable=not enabled, file=sys.stdout)
 
 
-def _actor_resources(requested: int) -> tuple[int, dict[str, float]]:
-    """One GPU per actor when the cluster has GPUs, one CPU otherwise; never more actors than fit."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    fit = gpus if gpus else max(cpus, 1)
-    if requested > fit:
-        print(f"refine: {requested} actors requested, the cluster fits {fit} ({'GPUs' if gpus else 'CPUs'}); "
-              f"using {fit}", file=sys.stderr)
-    return min(requested, fit), ({"num_gpus": 1} if gpus else {"num_cpus": 1})
+def actor_resources(refine_cfg: RefineConfig) -> dict[str, float]:
+    """What each actor asks of the scheduler: `refine.num_gpus` GPUs, or one CPU. Never read from
+    the cluster's current state — the autoscaler adds what is asked for."""
+    return {"num_gpus": refine_cfg.num_gpus} if refine_cfg.num_gpus else {"num_cpus": 1}
 
 
-def _verify_all(job: RefineJob, tasks: list[ShardTask], checksum: bool, desc: str, progress: bool
-                ) -> list[tuple[ShardInfo | None, str | None]]:
-    """`verify_shard` over many shards in driver threads: it is I/O (ids and labels, or hashing whole
-    shards), and threads skip the worker start-up and torch import that Ray tasks would pay."""
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool, _progress(sum(t.rows for t in tasks), 0, desc, progress) as bar:
-        futures = [pool.submit(verify_shard, task, job.io, checksum) for task in tasks]
-        for task, future in zip(tasks, futures, strict=True):
-            future.add_done_callback(lambda _, n=task.rows: bar.update(n))
-        return [f.result() for f in futures]
+def _output_sizes(job: RefineJob) -> dict[str, int]:
+    """One listing of the output prefix: shard name → size in bytes."""
+    fs, base = storage.resolve(job.out_uri, job.cfg.storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError as exc:
+        raise storage.explain(exc, job.out_uri, "list") from exc
+    return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
 
 
-def _reuse_finished(job: RefineJob, progress: bool) -> dict[int, ShardInfo]:
-    """Shards an earlier run of this job finished and that check out; broken ones are deleted."""
-    present = set(storage.list_files(job.out_uri, job.cfg.storage))
-    candidates = [t for t in job.tasks if t.name in present]
-    if not candidates:
-        return {}
-    reused, broken = {}, []
-    for task, (info, problem) in zip(candidates, _verify_all(job, candidates, True, "check earlier shards",
-                                                             progress), strict=True):
-        if info is None:
-            print(f"refine: redoing {problem}", file=sys.stderr)
-            broken.append(task.name)
-        else:
-            reused[task.index] = info
-    storage.delete_files(job.out_uri, broken, job.cfg.storage)
-    return reused
-
-
-def _refine_pending(job: RefineJob, pending: list[ShardTask], done_rows: int, progress: bool
-                    ) -> tuple[dict[int, ShardInfo], dict[str, Any]]:
-    """Run the shard tasks on the actor pool; returns their ShardInfos and the stage's speed."""
+def _run_tasks(job: RefineJob, present: dict[str, int], progress: bool
+               ) -> tuple[dict[int, ShardInfo], int, dict[str, Any]]:
+    """Every shard task on the actor pool; returns the verified ShardInfos, how many were kept from
+    an earlier run, and the stage's speed."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    num_actors, resources = _actor_resources(job.cfg.refine.num_actors)
-    stats: dict[str, Any] = {"actors": num_actors, "precision": "bf16" if "num_gpus" in resources else "fp32"}
-    if not pending:
-        return {}, stats
-    todo = ray.data.from_items([dataclasses.asdict(t) for t in pending], override_num_blocks=len(pending))
+    from simgan_dist.data.pipeline import share_env
+
+    cfg = job.cfg.refine
+    resources = actor_resources(cfg)
+    stats: dict[str, Any] = {"actors": f"{cfg.min_actors}-{cfg.max_actors}", "num_gpus": cfg.num_gpus,
+                             "precision": "bf16" if cfg.num_gpus and job.io.layout.image_dtype == "uint8" else "fp32",
+                             "batch_size": job.batch_size}
+    if cfg.num_gpus and not ray.cluster_resources().get("GPU"):
+        print(f"refine: no GPU in the cluster yet; the actors wait for the autoscaler to add nodes with "
+              f"{cfg.num_gpus} GPU(s) each (refine.num_gpus=0 refines on CPUs)", file=sys.stderr)
+    todo = ray.data.from_items([{**dataclasses.asdict(t), "exists": t.name in present} for t in job.tasks],
+                               override_num_blocks=len(job.tasks))
+    # The actors get the storage credentials in their environment, never as arguments.
+    actor_io = dataclasses.replace(job.io, storage_cfg=storage.without_secrets(job.io.storage_cfg))
+    env = share_env(storage.worker_env(job.io.storage_cfg))
     refined = todo.map_batches(
         RefinerActor,
         batch_size=1,
-        compute=ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR,
-                                  max_concurrent_calls_per_actor=TASKS_PER_ACTOR, enable_true_multi_threading=True),
-        fn_constructor_kwargs={"model_cfg": job.model_cfg, "weights": job.weights, "io": job.io,
-                               "batch_size": job.cfg.refine.batch_size, "compile": job.cfg.refine.compile},
+        compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
+                                  max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
+                                  max_concurrent_calls_per_actor=TASKS_RUNNING_PER_ACTOR,
+                                  enable_true_multi_threading=True),
+        fn_constructor_kwargs={"model_cfg": job.model_cfg, "weights": job.weights, "io": actor_io, "env": env,
+                               "batch_size": job.batch_size, "compile": cfg.compile},
         batch_format="numpy",
         **resources,
     )
-    infos, finished_at = {}, []
-    index_of = {t.name: t.index for t in pending}
+    infos, finished_at, reused = {}, [], 0
+    index_of = {t.name: t.index for t in job.tasks}
     started = time.perf_counter()
-    desc = f"refine ({num_actors} actors, {stats['precision']})"
-    with _progress(sum(t.rows for t in job.tasks), done_rows, desc, progress) as bar:
+    desc = f"refine ({stats['actors']} actors, {stats['precision']})"
+    with _progress(sum(t.rows for t in job.tasks), 0, desc, progress) as bar:
         for row in refined.iter_rows():
             info = ShardInfo(str(row["path"]), int(row["rows"]), int(row["bytes"]), str(row["sha256"]))
             infos[index_of[info.path]] = info
-            finished_at.append((time.perf_counter(), info.rows))
+            if row["reused"]:
+                reused += 1
+            else:
+                finished_at.append((time.perf_counter(), info.rows))
             bar.update(info.rows)
-    stats["seconds"] = round(finished_at[-1][0] - started, 3)
-    stats["images_per_s"] = round(sum(n for _, n in finished_at) / max(stats["seconds"], 1e-9))
-    # The rate a long job runs at: counted once the first wave of shards (started together,
-    # slowed by actor start-up) is out, from then to the last shard.
-    wave = num_actors * TASKS_PER_ACTOR
-    if len(finished_at) > wave:
-        span = finished_at[-1][0] - finished_at[wave - 1][0]
-        stats["steady_images_per_s"] = round(sum(n for _, n in finished_at[wave:]) / max(span, 1e-9))
-    return infos, stats
+    stats["rows_refined"] = sum(n for _, n in finished_at)
+    if finished_at:
+        stats["seconds"] = round(finished_at[-1][0] - started, 3)
+        stats["images_per_s"] = round(sum(n for _, n in finished_at) / max(stats["seconds"], 1e-9))
+        # The rate a long job runs at: counted once the first wave of shards (started together,
+        # slowed by actor start-up) is out, from then to the last shard.
+        wave = cfg.min_actors * TASKS_RUNNING_PER_ACTOR
+        if len(finished_at) > wave:
+            span = finished_at[-1][0] - finished_at[wave - 1][0]
+            stats["steady_images_per_s"] = round(sum(n for _, n in finished_at[wave:]) / max(span, 1e-9))
+    return infos, reused, stats
 
 
 def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress: bool = True) -> Manifest:
@@ -476,24 +524,20 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     """
     job, complete = plan_job(checkpoint, input_uri, out_uri, cfg)
     if complete:
-        print(f"refine: {out_uri} is already complete (manifest.json written by this job)")
+        print(f"refine: {out_uri} is already complete (its manifest was written by this job)")
         return read_manifest(out_uri, cfg.storage)
     storage.write_bytes_atomic(storage.join(out_uri, JOB_FILE), (json.dumps(job.spec, indent=2) + "\n").encode(),
                                cfg.storage)
     from simgan_dist.ray_cluster import connect
 
     connect()
-    infos = _reuse_finished(job, progress)
-    reused = len(infos)
-    pending = [t for t in job.tasks if t.index not in infos]
-    new, stats = _refine_pending(job, pending, sum(i.rows for i in infos.values()), progress)
-    infos.update(new)
+    infos, reused, stats = _run_tasks(job, _output_sizes(job), progress)
 
-    checks = _verify_all(job, job.tasks, False, "verify exactness", progress)
+    # The actors verified every shard; one listing confirms each is still there, as verified.
+    sizes = _output_sizes(job)
     problems = [f"{t.name}: never written" for t in job.tasks if t.index not in infos]
-    problems += [problem or f"{t.name}: {info.bytes} bytes now, {infos[t.index].bytes} when written (replaced?)"
-                 for t, (info, problem) in zip(job.tasks, checks, strict=True)
-                 if t.index in infos and (problem or info.bytes != infos[t.index].bytes)]
+    problems += [f"{t.name}: {sizes.get(t.name, 'no')} bytes now, {infos[t.index].bytes} when verified (replaced?)"
+                 for t in job.tasks if t.index in infos and sizes.get(t.name) != infos[t.index].bytes]
     rows = sum(info.rows for info in infos.values())
     if problems or rows != job.input_manifest.rows:
         raise RefineError(f"{out_uri} is not an exact refinement of {input_uri} ({len(problems)} bad shard(s): "
@@ -502,7 +546,7 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     extra = {"refine": {
         **job.spec,
         "shards_reused": reused,
-        "shards_refined": len(new),
+        "shards_refined": len(job.tasks) - reused,
         **stats,
         "exactness": {
             "verified": True,
@@ -511,13 +555,14 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
             "shards": len(shards),
             "ids": "equal to the input's, in input order",
             "labels": "bit-identical to the input's",
+            "by": "each actor, reading every shard back after writing it (kept shards: sha256 too)",
             "checked": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }}
     manifest = make_manifest(job.io.layout, shards, kind="refined", source="refine", extra=extra)
     write_manifest(out_uri, manifest, cfg.storage)
-    refined_rows = sum(info.rows for info in new.values())
-    speed = f" in {stats['seconds']:.1f} s ({stats['images_per_s']:,} images/s)" if new else ""
+    refined_rows = stats["rows_refined"]
+    speed = f" in {stats['seconds']:.1f} s ({stats['images_per_s']:,} images/s)" if "seconds" in stats else ""
     print(f"refine: {refined_rows} of {rows} rows refined into {out_uri}{speed}, {reused} shard(s) kept from an "
           "earlier run; ids and labels verified exact")
     return manifest

@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from simgan_dist.config import Config, config_from_dict, load_config
+from simgan_dist.imaging import to_host, wide_codes
+from simgan_dist.models import build_discriminator, build_refiner
 
 PREVIEW = 8
 DS_TAG = "engine"  # DeepSpeed writes a file named "latest" beside the tag folder
@@ -62,14 +65,55 @@ class DeepSpeedUpdater:
 
 
 def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
+    """The engines' config: fp32 master weights, bf16 compute through torch autocast, no wrapper optimizer.
+
+    With `"bf16": {"enabled": true}` DeepSpeed would hold bf16 weights and wrap the client
+    optimizer in an fp32-master wrapper whose overflow check calls `.item()` parameter by
+    parameter: dozens of host syncs per step. Its `torch_autocast` section instead keeps
+    the weights fp32, runs convolutions in bf16 and hands our (fused, on CUDA) optimizer
+    to the engine unwrapped under ZeRO-0, so a step never waits on the host.
+
+    ZeRO stages: R and D hold ~0.3M parameters (Adam state ~4 MB), so partitioning optimizer
+    states (ZeRO-1) or gradients too (ZeRO-2) saves nothing that matters and adds a
+    gradient-norm/overflow `.item()` per step plus a partitioned all-gather. They pay off when
+    parameters + Adam state (16 bytes per parameter) are a real share of GPU memory: from
+    hundreds of millions of parameters (stage 1), with large gradient buffers too (stage 2).
+    Stage 0 is the default; 1 and 2 stay selectable and tested.
+    """
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "gradient_clipping": 0.0,  # DeepSpeed 0.19 defaults to 1.0; the paper does not clip
-        "bf16": {"enabled": bf16},
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "steps_per_print": 1 << 30,
     }
+
+
+def build_engines(cfg: Config, device: torch.device, bf16: bool,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Any, Any]:
+    """R's and D's DeepSpeed engines, with identical initial weights on every rank.
+
+    The optimizers come from `algorithm.make_optimizer` (train.optimizer/betas/lr/lr_disc), fused
+    on every device: one kernel, and the step counter stays a device tensor (no .item() per step).
+    """
+    import deepspeed
+
+    from simgan_dist.algorithm import make_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    engines = []
+    for role, module in (("refiner", build_refiner(cfg.model)), ("disc", build_discriminator(cfg.model))):
+        module = module.to(device, memory_format=memory_format)
+        engine, *_ = deepspeed.initialize(
+            model=module, config=deepspeed_config(cfg, bf16),
+            optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
+        )
+        load_as_data(engine)
+        if cfg.train.compile:
+            engine.compile()  # compiles engine.module in place: the bare-module calls use it too
+        engines.append(engine)
+    return engines[0], engines[1]
 
 
 class ShardStream:
@@ -81,7 +125,7 @@ class ShardStream:
         self.to_input = to_input
         self.shuffle_buffer = 4 * batch_size if shuffle else None
         self.wait_s = 0.0
-        self.preview: torch.Tensor | None = None
+        self.preview: np.ndarray | None = None  # kept on the host: batches arrive on the worker's device
         self.batches = self._epoch()
 
     def _epoch(self):
@@ -100,50 +144,81 @@ class ShardStream:
         self.wait_s += time.perf_counter() - start
         images = batch["image"]
         if self.preview is None:
-            self.preview = images[:PREVIEW].cpu().clone()  # kept on the host: the image grid reads it with .numpy()
+            self.preview = to_host(images[:PREVIEW])
         return self.to_input(images)
 
 
 class MonitorSink:
-    """Rank 0's TensorBoard, metrics.jsonl and image grids, kept under `<storage>/<name>/monitor`."""
+    """Rank 0's TensorBoard, metrics.jsonl and image grids, kept under `<storage>/<name>/monitor`.
+
+    On S3 they are written to a local folder and mirrored by a background thread
+    (`monitor.FolderMirror`), so no rank waits for uploads at a report.
+    """
 
     def __init__(self, cfg: Config):
         from simgan_dist.data import storage
-        from simgan_dist.monitor import RunLog
+        from simgan_dist.monitor import FolderMirror, RunLog
 
-        self.remote = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
-        self.is_remote = storage.is_s3(self.remote)
-        folder = tempfile.mkdtemp(prefix="simgan-monitor-") if self.is_remote else storage.resolve(self.remote)[1]
+        remote = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
+        self.mirror = None
+        if storage.is_s3(remote):
+            self.mirror = FolderMirror(tempfile.mkdtemp(prefix="simgan-monitor-"), remote, cfg.storage)
+            self.mirror.restore()
+            self.mirror.start()
+            folder = self.mirror.folder
+        else:
+            folder = storage.resolve(remote)[1]
         self.log = RunLog(folder)
-        self.storage_cfg = cfg.storage
 
     def sync(self) -> None:
-        if self.is_remote:
-            from pyarrow import fs as pafs
-
-            from simgan_dist.data import storage
-
+        if self.mirror:
             self.log.tb.flush()
-            filesystem, path = storage.resolve(self.remote, self.storage_cfg)
-            pafs.copy_files(str(self.log.folder), path, destination_filesystem=filesystem)
+            self.mirror.sync()
+
+    def close(self) -> None:
+        self.log.close()
+        if self.mirror:
+            self.mirror.close()
+
+
+def load_as_data(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files as data.
+
+    DeepSpeed 0.19 loads them with `torch.load(weights_only=False)`, which runs any code
+    pickled into a file; `load_data` refuses such a file. ZeRO optimizer files also hold
+    a loss scaler, the ZeRO stage enum and fragment addresses: plain data classes,
+    allowed by name.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from simgan_dist.checkpoint import load_data
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return load_data(path, f"DeepSpeed checkpoint file {os.path.basename(path)}", map_location,
+                         allowed=(LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address))
+
+    engine.checkpoint_engine.load = load
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    from simgan_dist.data.pipeline import adopt_env
+
+    adopt_env(loop_config.get("env"))
     cfg = config_from_dict(loop_config["config"])
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
     from simgan_dist import distributed_history as dh
-    from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, make_optimizer
-    from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, rng_state, set_rng_state, write_checkpoint
-    from simgan_dist.imaging import to_model_input, to_storage
+    from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN
+    from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, load_data, rng_state, set_rng_state, write_checkpoint
+    from simgan_dist.imaging import to_model_input
     from simgan_dist.losses import RefinerLoss
-    from simgan_dist.models import build_discriminator, build_refiner
-    from simgan_dist.monitor import MetricAverager, comparison_grid, progress_line
+    from simgan_dist.monitor import MetricAverager, progress_line
     from simgan_dist.objective import score_text, write_scores
 
     context = ray.train.get_context()
@@ -155,22 +230,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     channels_last = cfg.train.channels_last and on_gpu
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engines = []
-    for role, module in (("refiner", build_refiner(cfg.model)), ("disc", build_discriminator(cfg.model))):
-        module = module.to(device, memory_format=memory_format)
-        engine, *_ = deepspeed.initialize(
-            model=module, optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
-            config=deepspeed_config(cfg, bf16),
-        )
-        engines.append(engine)
-    r_engine, d_engine = engines
+    r_engine, d_engine = build_engines(cfg, device, bf16, memory_format)
     # Every rank keeps the same EMA (same weights after each all-reduced step); rank 0 saves it.
     ema = EmaWeights(r_engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     refining = ema.module if ema else r_engine.module  # what refiner.pt holds and the previews show
 
-    to_input = functools.partial(to_model_input, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                 channels_last=channels_last)
+    # fp32 inputs: autocast runs the convolutions in bf16, the regularisation loss compares exact values.
+    to_input = functools.partial(to_model_input, device=device, channels_last=channels_last)
     synthetic = ShardStream(ray.train.get_dataset_shard("synthetic"), cfg.train.batch_size, to_input,
                             cfg.train.shuffle)
     real = ShardStream(ray.train.get_dataset_shard("real"), cfg.train.batch_size, to_input, cfg.train.shuffle)
@@ -185,11 +251,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             r_engine.load_checkpoint(os.path.join(folder, "deepspeed", "refiner"), tag=DS_TAG)
             d_engine.load_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
             if ema:
-                ema.module.load_state_dict(torch.load(os.path.join(folder, REFINER_FILE), map_location=device))
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
+                ema.module.load_state_dict(load_data(os.path.join(folder, REFINER_FILE), f"checkpoint {REFINER_FILE}",
+                                                     device))
+            state = load_data(os.path.join(folder, STATE_FILE), f"checkpoint {STATE_FILE}")
             rank_rng = os.path.join(folder, f"rng_rank{rank}.pt")
             if os.path.exists(rank_rng):
-                set_rng_state(torch.load(rank_rng, weights_only=False))
+                set_rng_state(load_data(rank_rng, f"checkpoint rng_rank{rank}.pt"))
             if rank == 0:
                 history_restored = dh.load_shards(shards, state["history"])
         restored_from = sum(state["algorithm"].values())
@@ -197,8 +264,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         dh.clear_shards(shards)
     dist.barrier()  # nobody samples the buffer before rank 0 restored or cleared it
 
-    history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2)
-    autocast = contextlib.nullcontext  # DeepSpeed holds bf16 weights itself
+    history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2, device=device,
+                               wide=wide_codes(cfg.model))
+    # The engines autocast their own forward; R's adversarial loss and the D step's refined half
+    # go through the bare modules, which need the same context.
+    autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext)
     algo = SimGAN(DeepSpeedUpdater(r_engine), DeepSpeedUpdater(d_engine), RefinerLoss(cfg.loss), history,
                   schedule, synthetic, real, autocast, ema=ema, disc_noise=cfg.train.disc_noise)
     if checkpoint:
@@ -214,7 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         evaluator = Evaluator.from_config(cfg)
     averager = MetricAverager()
-    images, wait_mark, clock = 0, 0.0, time.perf_counter()
+    images, wait_mark, clock, saved_at = 0, 0.0, time.perf_counter(), time.monotonic()
     while not algo.done:
         phase = algo.phase
         averager.add(algo.advance())
@@ -224,6 +295,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluate = bool(cfg.train.eval_every) and (step % cfg.train.eval_every == 0 or algo.done)
         report = step % cfg.train.report_every == 0 or algo.done or evaluate
         save = step % cfg.train.checkpoint_every == 0 or algo.done or evaluate
+        if report and not save and cfg.train.checkpoint_every_s:
+            save = _time_to_save(saved_at, cfg.train.checkpoint_every_s, device)
         if not (report or save):
             continue
         elapsed = time.perf_counter() - clock
@@ -232,45 +305,69 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **averager.pop(), "step": step, "phase": phase,
             "images_per_s": images * world / max(elapsed, 1e-9),
             "data_wait_s": wait - wait_mark,
-            "buffer_fill": len(history) / cfg.train.buffer_size,
+            "buffer_fill": len(history) / (cfg.train.buffer_size * world),
             "restored_from_step": restored_from, "history_restored": history_restored,
             "history_run": loop_config["history_run"],
         }
         if evaluator is not None and evaluate:
-            metrics.update(evaluator(r_engine.module, device, torch.bfloat16 if bf16 else torch.float32))
+            # The weights the checkpoint holds and refine uses (the EMA when there is one): fp32
+            # weights and inputs, bf16 convolutions under autocast, as in training (and train --local)
+            with autocast():
+                metrics.update(evaluator(refining, device))
         elif evaluator is not None and save:
             # Ray Train ranks every checkpoint by "objective" and would rank a missing one first;
             # NaN ranks last (kept only while it is the latest).
             metrics["objective"] = float("nan")
         if sink and (step % cfg.train.image_every == 0 or algo.done):
-            with torch.no_grad():
-                refined = refining(to_input(synthetic.preview).to(next(refining.parameters()).dtype))
-            real_preview = real.preview.numpy() if real.preview is not None else None
-            sink.log.image(step, comparison_grid(synthetic.preview.numpy(), to_storage(refined), real_preview))
+            sink.log.image(step, _preview_grid(refining, to_input, synthetic.preview, real.preview))
         if sink:
             sink.log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             say(progress_line(step, algo.total_steps, phase, metrics) + score_text(metrics))
             sink.sync()
-        with tempfile.TemporaryDirectory(prefix="simgan-ckpt-") as folder:
-            checkpoint_out = None
-            if save:
-                history.flush()
-                dist.barrier()  # every rank's pushes have landed before rank 0 reads the buffer
-                r_engine.save_checkpoint(os.path.join(folder, "deepspeed", "refiner"), tag=DS_TAG)
-                d_engine.save_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
-                torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
-                if rank == 0:
-                    write_checkpoint(folder, cfg, refining, d_engine.module, {
-                        "algorithm": algo.state_dict(), "history": dh.save_shards(shards),
-                    })
-                    if evaluator is not None and evaluate:
-                        write_scores(folder, step, metrics)
-                checkpoint_out = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint_out)
+        if save:
+            history.flush()
+            dist.barrier()  # every rank's pushes have landed before rank 0 reads the buffer
+            # Written to local disk here; Ray uploads it in the background and then deletes it.
+            folder = tempfile.mkdtemp(prefix="simgan-ckpt-")
+            r_engine.save_checkpoint(os.path.join(folder, "deepspeed", "refiner"), tag=DS_TAG)
+            d_engine.save_checkpoint(os.path.join(folder, "deepspeed", "discriminator"), tag=DS_TAG)
+            torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
+            if rank == 0:
+                write_checkpoint(folder, cfg, refining, d_engine.module, {
+                    "algorithm": algo.state_dict(), "history": dh.save_shards(shards),
+                })
+                if evaluator is not None and evaluate:
+                    write_scores(folder, step, metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            saved_at = time.monotonic()
+        else:
+            ray.train.report(metrics)
         images, wait_mark, clock = 0, wait, time.perf_counter()
     if sink:
-        sink.log.close()
-        sink.sync()
+        sink.close()
+
+
+def _time_to_save(saved_at: float, every_s: float, device: torch.device) -> bool:
+    """Rank 0's clock decides for everyone (ranks must agree on checkpointing); called at reports only."""
+    import torch.distributed as dist
+
+    due = torch.tensor([time.monotonic() - saved_at >= every_s], dtype=torch.uint8, device=device)
+    dist.broadcast(due, src=0)
+    return bool(to_host(due)[0])
+
+
+def _preview_grid(refiner: torch.nn.Module, to_input, synthetic: np.ndarray, real: np.ndarray | None
+                  ) -> np.ndarray:
+    """synthetic | refined | real, as the model sees them (depth shown normalised around the hand)."""
+    from simgan_dist.imaging import to_storage
+    from simgan_dist.monitor import comparison_grid
+
+    with torch.no_grad():
+        x = to_input(synthetic)
+        rows = [to_storage(x), to_storage(refiner(x))]
+        rows.append(to_storage(to_input(real)) if real is not None else None)
+    return comparison_grid(*rows)
 
 
 def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
@@ -294,6 +391,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     from simgan_dist import distributed_history as dh
     from simgan_dist import ray_cluster
     from simgan_dist.data import storage
+    from simgan_dist.data.pipeline import share_env
 
     ray_cluster.connect()
     if worker_resources is None:
@@ -307,6 +405,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         for key in ("synthetic", "real"):
             if not getattr(cfg.data, key):
                 raise SystemExit(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
+        check_corpora(cfg)
         datasets = {key: _open_dataset(getattr(cfg.data, key), cfg, holdout=key == "real")
                     for key in ("synthetic", "real")}
     datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
@@ -315,8 +414,9 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         storage_filesystem, storage_path = storage.resolve(cfg.train.storage_path, cfg.storage)
     else:
         # Workers run in other folders: a relative path must mean the same place to all of them.
-        cfg = config_from_dict(cfg.to_dict())
+        cfg = config_from_dict(cfg.to_dict(redact=False))
         cfg.train.storage_path = storage_path = storage.resolve(cfg.train.storage_path)[1]
+    check_resumable(cfg)
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)
     if cfg.train.eval_every:  # the best checkpoints by the label-free objective, besides the latest
@@ -329,11 +429,12 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     # Workers' output stays in Ray's logs unless --verbose: rank 0 sends its progress lines here.
     progress = Queue(actor_options={"num_cpus": 0})
     ray_cluster.say(f"train: run {cfg.train.name!r} in {storage.join(cfg.train.storage_path, cfg.train.name)}, "
-                    f"{ray_cluster.describe(worker_resources, cfg.train.num_workers)} "
-                    f"(+{ray_cluster.DATA_CPUS:g} CPU for Ray Data)")
+                    f"{ray_cluster.describe(worker_resources, cfg)}")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "history_run": run, "progress": progress},
+        # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
+        train_loop_config={"config": cfg.to_dict(), "history_run": run, "progress": progress,
+                           "env": share_env(storage.worker_env(cfg.storage))},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=worker_resources),
         run_config=RunConfig(
@@ -346,7 +447,8 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     )
     done = threading.Event()
     printer = threading.Thread(target=ray_cluster.progress_printer, args=(progress, done), daemon=True)
-    dh.create_shards(run, cfg.train.buffer_size, image_shape, cfg.train.buffer_shards, cfg.train.seed + 3)
+    dh.create_shards(run, cfg.train.buffer_size * cfg.train.num_workers, image_shape, cfg.train.buffer_shards,
+                     cfg.train.seed + 3, wide=wide_codes(cfg.model))
     printer.start()
     try:
         return trainer.fit()
@@ -355,6 +457,70 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         printer.join(timeout=10)
         progress.shutdown()
         dh.destroy_shards(run, cfg.train.buffer_shards)
+
+
+def check_corpora(cfg: Config) -> None:
+    """Before any worker starts: both corpora are finished datasets of the model's image shape,
+    each large enough for one batch on every worker (batches drop the remainder)."""
+    from simgan_dist.config import UserError
+    from simgan_dist.data.schema import load_numpy, read_manifest
+    from simgan_dist.objective import holds_out_real, validation_mask
+
+    expected = [cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels]
+    need = cfg.train.batch_size * cfg.train.num_workers
+    for key in ("synthetic", "real"):
+        uri = getattr(cfg.data, key)
+        manifest = read_manifest(uri, cfg.storage)
+        if list(manifest.image_shape) != expected:
+            raise UserError(f"data.{key} {uri}: images are {manifest.image_shape} (HxWxC), the model "
+                            f"(model.image_height/width/channels) expects {expected}")
+        rows, held = manifest.rows, ""
+        if key == "real" and holds_out_real(cfg) and rows < 4 * need:  # ids are cheap to read when few
+            ids = load_numpy(uri, cfg.storage, columns=["id"])["id"]
+            rows -= int(validation_mask(ids, cfg.data.real_val_fraction).sum())
+            held = " once the objective's validation rows (data.real_val_fraction) are held out"
+        if rows < need:
+            raise UserError(f"data.{key} {uri}: {rows} rows{held}, fewer than one batch per worker "
+                            f"(train.batch_size {cfg.train.batch_size} x train.num_workers "
+                            f"{cfg.train.num_workers} = {need})")
+
+
+def check_resumable(cfg: Config) -> None:
+    """A run name reused with settings its checkpoint cannot continue under is refused up front,
+    not deep inside DeepSpeed on every worker: another model shape, another history sharding,
+    or ZeRO-partitioned optimizer state restored at another worker count."""
+    from pyarrow import fs as pafs
+
+    from simgan_dist.checkpoint import CONFIG_FILE, load_checkpoint_config
+    from simgan_dist.config import UserError
+    from simgan_dist.data import storage
+
+    run_uri = storage.join(cfg.train.storage_path, cfg.train.name)
+    filesystem, base = storage.resolve(run_uri, cfg.storage)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError as exc:
+        raise storage.explain(exc, run_uri, "list the run's checkpoints") from exc
+    folders = sorted(i.base_name for i in infos
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    complete = [f for f in folders
+                if filesystem.get_file_info(f"{base}/{f}/{CONFIG_FILE}").type == pafs.FileType.File]
+    if not complete:
+        return
+    latest = storage.join(run_uri, complete[-1])
+    saved = load_checkpoint_config(latest, cfg.storage)
+    problems = [f"model.{k}: {v!r} there, {getattr(cfg.model, k)!r} now"
+                for k, v in saved.model.__dict__.items() if getattr(cfg.model, k) != v]
+    if saved.train.buffer_shards != cfg.train.buffer_shards:
+        problems.append(f"train.buffer_shards: {saved.train.buffer_shards} there, {cfg.train.buffer_shards} now")
+    if (saved.train.zero_stage or cfg.train.zero_stage) and (saved.train.zero_stage, saved.train.num_workers) != (
+            cfg.train.zero_stage, cfg.train.num_workers):
+        problems.append(f"train.zero_stage/num_workers: {saved.train.zero_stage}/{saved.train.num_workers} there, "
+                        f"{cfg.train.zero_stage}/{cfg.train.num_workers} now (ZeRO partitions the optimizer "
+                        "state per worker)")
+    if problems:
+        raise UserError(f"train.name {cfg.train.name!r} already has a run at {run_uri} that this config cannot "
+                        f"continue ({'; '.join(problems)}): choose another train.name or storage_path")
 
 
 def _open_dataset(uri: str, cfg: Config, holdout: bool = False):

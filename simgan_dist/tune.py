@@ -15,6 +15,11 @@ run in `runs/<trial>/`, and the sweep's results:
     results.csv / results.md   one row per trial: parameters, objective, realism, drift, stop reason
     best_config.yaml           the winner's config: `simgan-dist train --config best_config.yaml`
     best_checkpoint.txt        the winner's best checkpoint (`refine --checkpoint` takes the sweep folder)
+
+None of it holds storage credentials: the trials' config (`base` in Tune's param space, hence
+Tune's params.json/params.pkl, result.json and experiment state) is redacted like every
+serialised Config, and the credentials reach each trial's process through the object store
+(`tune.with_parameters`), from which `train.fit` passes them on to its workers (`share_env`).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
-    """A copy of `cfg` with a trial's K_g, lr and λ; D's learning rate keeps its ratio to R's."""
+    """A copy of `cfg` (secrets redacted) with a trial's K_g, lr and λ; D's learning rate keeps its ratio to R's."""
     out = config_from_dict(cfg.to_dict())
     out.train.k_g = int(params["k_g"])
     lr_disc = getattr(out.train, "lr_disc", None)
@@ -98,13 +103,19 @@ def _scored_report_callback():
     return ScoredReportCallback()
 
 
-def run_trial(config: dict[str, Any], worker_resources: dict[str, float] | None = None) -> None:
+def run_trial(config: dict[str, Any], worker_resources: dict[str, float] | None = None,
+              env: dict[str, str] | None = None) -> None:
     """Tune function trainable: one training run with this trial's parameters, its workers sized
-    by the sweep (`sweep_resources`) so that concurrent trials and their Ray Data tasks fit."""
+    by the sweep (`sweep_resources`) so that concurrent trials and their Ray Data tasks fit.
+
+    `env`: the storage settings as AWS_* variables (`storage.worker_env`), given through
+    `tune.with_parameters` (the object store), never in `config`, which Tune writes to disk.
+    """
     import ray.tune
 
     from simgan_dist.train import fit
 
+    os.environ.update(env or {})  # this trial's own process; fit() hands them on to its workers
     cfg = trial_config(config["base"], config, ray.tune.get_context().get_trial_id())
     result = fit(cfg, callbacks=[_scored_report_callback()], worker_resources=worker_resources)
     if result.error:
@@ -134,25 +145,30 @@ def _history_cleanup():
 
 
 def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
-    """How many trials fit at once: a worker group's GPUs, or its CPUs plus one for its Ray Data readers.
+    """How many trials fit at once: a worker group's GPUs, or its CPUs plus one for its Ray Data readers
+    plus what its history shard actors ask for (the same actors, with the same resources, as `train.fit`'s).
 
-    (Without that spare CPU per trial, concurrent trials' dataset reads starve and every trial waits.)
+    (Without that spare CPU per trial, concurrent trials' dataset reads starve and every trial waits;
+    without the shards' CPUs a trial's history actors wait for CPUs its workers hold.)
     GPU trials also need the least CPUs `ray_cluster.plan_workers` accepts.
     """
-    from simgan_dist.ray_cluster import DATA_CPUS, MIN_WORKER_CPUS
+    from simgan_dist.ray_cluster import DATA_CPUS, MIN_WORKER_CPUS, MIN_WORKER_SHARE, history_cpus
 
     workers, cpus = cfg.train.num_workers, resources.get("CPU", 1)
     if cfg.train.use_gpu:
-        by_cpus = int(cpus // (workers * MIN_WORKER_CPUS + DATA_CPUS + TRIAL_CPUS))
+        least = max(workers * MIN_WORKER_CPUS + DATA_CPUS,
+                    workers * MIN_WORKER_SHARE + DATA_CPUS + history_cpus(cfg) + TRIAL_CPUS)
+        by_cpus = int(cpus // least)
         return max(1, min(int(resources.get("GPU", 0) // workers), by_cpus))
-    return max(1, int(cpus // (workers + DATA_CPUS)))
+    return max(1, int(cpus // (workers + DATA_CPUS + history_cpus(cfg))))
 
 
 def sweep_resources(cfg: Config) -> tuple[int, dict[str, float]]:
     """How many trials run at once and each trial's worker resources, on the connected cluster.
 
-    The trials share the cluster evenly, each leaving its Ray Data readers a CPU
-    (`ray_cluster.plan_workers`); a sweep that cannot fit fails here, before any trial starts.
+    The trials share the cluster evenly, each leaving its Ray Data readers a CPU and its history
+    shard actors theirs (`ray_cluster.plan_workers`); a sweep that cannot fit fails here, before
+    any trial starts.
     """
     import ray
 
@@ -187,9 +203,8 @@ def _total_steps(cfg: Config) -> int:
 
 
 def _redacted(cfg: Config) -> Config:
-    out = config_from_dict(cfg.to_dict())
-    out.storage.access_key_id = out.storage.secret_access_key = ""
-    return out
+    """A copy without the storage secrets (SECRET_KEYS): what may be written or handed to Tune."""
+    return config_from_dict(cfg.to_dict())
 
 
 def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float] | None = None):
@@ -205,9 +220,11 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     filesystem, storage_path = storage.resolve(cfg.tune.output, cfg.storage)
     if not storage.is_s3(cfg.tune.output):
         filesystem = None
-    # The trial only drives its worker group, which holds the CPUs/GPUs.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, worker_resources=worker_resources),
-                                    {"CPU": TRIAL_CPUS})
+    # The trial only drives its worker group, which holds the CPUs/GPUs. Credentials go by
+    # reference through the object store, not in the (written) param space.
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, worker_resources=worker_resources, env=storage.worker_env(cfg.storage)),
+        {"CPU": TRIAL_CPUS})
     path = storage.join(storage_path if filesystem is None else f"s3://{storage_path}", cfg.tune.name)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         say(f"tune: resuming sweep {cfg.tune.name!r} from {path}")
@@ -301,12 +318,11 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
 
     _check(cfg)
     if not storage.is_s3(cfg.tune.output):  # trial processes run in other folders
-        cfg = config_from_dict(cfg.to_dict())
+        cfg = config_from_dict(cfg.to_dict(redact=False))  # a copy in this process: keeps the credentials
         cfg.tune.output = storage.resolve(cfg.tune.output)[1]
     ray_cluster.connect()  # as every command: RAY_ADDRESS, a registered cluster, or a local instance
     concurrency, worker_resources = sweep_resources(cfg)
-    ray_cluster.say(f"tune: each trial {ray_cluster.describe(worker_resources, cfg.train.num_workers)} "
-                    f"(+{ray_cluster.DATA_CPUS:g} CPU for Ray Data)")
+    ray_cluster.say(f"tune: each trial {ray_cluster.describe(worker_resources, cfg)}")
     grid = make_tuner(cfg, concurrency, worker_resources).fit()
     rows = [_row(result, cfg) for result in grid]
     return rows, write_results(cfg, rows)

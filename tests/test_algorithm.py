@@ -136,6 +136,11 @@ def test_make_optimizer_reads_kind_betas_and_separate_learning_rates():
     assert make_optimizer(params, same, "disc").defaults["lr"] == 2e-4
     sgd = make_optimizer(params, load_config("tiny", overrides=["train.optimizer=sgd"]).train, "refiner")
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    # fused on the CPU too: the step counter stays a tensor, a step never calls .item()
+    assert r.defaults["fused"] and sgd.defaults["fused"]
+    params[0].grad = torch.ones(2)
+    r.step()
+    sgd.step()
     with pytest.raises(ValueError, match="role"):
         make_optimizer(params, train, "generator")
 
@@ -164,3 +169,13 @@ def test_disc_instance_noise_fades_over_the_iterations():
     assert algo._noisy(x).std().item() == pytest.approx(0.05, rel=0.05)
     algo.disc_noise = 0.0
     assert algo._noisy(x) is x
+
+
+def test_ema_of_a_module_compiled_in_place_is_not_the_module_itself():
+    module = torch.nn.Linear(2, 2)
+    module.compile()  # lazy: nothing is compiled until a call
+    ema = EmaWeights(module, decay=0.5)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    x = torch.ones(1, 2)
+    assert not torch.equal(ema.module(x), module.forward(x))  # the copy runs its own (EMA) weights

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from simgan_dist.data import simulate, storage
-from simgan_dist.data.schema import DatasetError, load_numpy
+from simgan_dist.data.schema import MANIFEST_NAME, DatasetError, load_numpy
 
 pytest.importorskip("ray")
 from simgan_dist.data.pipeline import cycle_batches, read_dataset  # noqa: E402
@@ -93,8 +93,8 @@ def test_incomplete_or_corrupt_datasets_fail_before_reading(eyes, s3_bucket):
     with pytest.raises(DatasetError, match="incomplete dataset"):
         read_dataset(storage.join(s3_bucket, "half"))
     # A manifest whose shard was replaced by a truncated copy.
-    manifest = storage.read_bytes(storage.join(eyes, "real_test", "manifest.json"))
-    storage.write_bytes_atomic(storage.join(s3_bucket, "cut", "manifest.json"), manifest)
+    manifest = storage.read_bytes(storage.join(eyes, "real_test", MANIFEST_NAME))
+    storage.write_bytes_atomic(storage.join(s3_bucket, "cut", MANIFEST_NAME), manifest)
     storage.write_bytes_atomic(storage.join(s3_bucket, "cut", "part-00000.parquet"), data[:-100])
     with pytest.raises(DatasetError, match=r"cut/part-00000.parquet: \d+ bytes, the manifest says"):
         read_dataset(storage.join(s3_bucket, "cut"))

@@ -109,7 +109,7 @@ def test_unfinished_dataset_is_refused(tmp_path):
         with DatasetWriter(uri, LAYOUT, kind="real", source="t", rows_per_shard=2) as w:
             w.write(make_batch(0, 5))
             raise RuntimeError("crash")
-    with pytest.raises(DatasetError, match=r"incomplete dataset: 2 shard\(s\) but no manifest.json"):
+    with pytest.raises(DatasetError, match=r"incomplete dataset: 2 shard\(s\) but no _manifest.json"):
         load_numpy(uri)
 
 

@@ -1,10 +1,14 @@
 """The shared history buffer actors keep history.py's semantics (run against a real Ray cluster)."""
 
+import time
+
 import pytest
+import ray
 import torch
 
 from simgan_dist import distributed_history as dh
 from simgan_dist.history import HistoryBuffer
+from simgan_dist.imaging import from_history_codes, history_codes
 
 SHAPE = (1, 2, 3)
 
@@ -12,35 +16,70 @@ SHAPE = (1, 2, 3)
 @pytest.fixture
 def shards(ray_local, request):
     run = f"test-{request.node.name}"
-    yield lambda n, capacity, seed=0: dh.create_shards(run, capacity, SHAPE, n, seed)
+    yield lambda n, capacity, seed=0, wide=False: dh.create_shards(run, capacity, SHAPE, n, seed, wide=wide)
     dh.destroy_shards(run, 4)
 
 
 def test_single_shard_matches_local_buffer_exactly(shards):
-    local = HistoryBuffer(8, SHAPE, seed=5)
+    local = HistoryBuffer(8, SHAPE, seed=5, dtype=torch.uint8)
     shared = dh.SharedHistory(shards(1, 8, seed=5), sample_size=2)
     torch.manual_seed(0)
     for _ in range(7):  # fill (4 pushes of 2) then replace
-        images = torch.randn(2, *SHAPE).half()
-        local.push(images)
+        images = torch.rand(2, *SHAPE) * 2 - 1
+        local.push(history_codes(images, wide=False))
         shared.push(images)
-        assert torch.equal(shared.sample(2), local.sample(2))
+        assert torch.equal(shared.sample(2), from_history_codes(local.sample(2), "cpu", torch.float32))
     assert len(shared) == len(local) == 8
+
+
+@pytest.mark.parametrize("wide, dtype, step", [(False, torch.uint8, 2 / 255), (True, torch.int16, 1 / 32767)])
+def test_images_travel_and_rest_as_integer_codes(shards, wide, dtype, step):
+    actors = shards(2, 8, wide=wide)
+    shared = dh.SharedHistory(actors, sample_size=4, wide=wide)
+    images = torch.rand(4, *SHAPE) * 2 - 1
+    shared.push(images)
+    shared.flush()
+    stored = torch.cat([s["images"] for s in dh.save_shards(actors)])
+    assert stored.dtype == dtype  # uint8: 1 byte a pixel on the wire and in the actor (fp16 was 2)
+    back = shared.sample(4)
+    assert back.dtype == torch.float32 and len(back) == 4
+    # every image comes back within half a code step of one that was pushed
+    error = (back[:, None] - images[None]).abs().flatten(2).amax(2).amin(1)
+    assert error.max() <= step / 2 + 1e-6
+
+
+def test_shards_ask_for_resources_and_restart(shards):
+    options = dh.shard_options(1000, (1, 35, 55), wide=False)
+    assert options["scheduling_strategy"] == "SPREAD" and options["max_restarts"] >= 1
+    assert options["num_cpus"] > 0 and options["memory"] >= 2 * 1000 * 35 * 55
+    actors = shards(1, 4)
+    shared = dh.SharedHistory(actors, sample_size=2)
+    shared.push(torch.zeros(2, *SHAPE))
+    shared.flush()
+    shared.sample(2)  # the sample prefetched with the push
+    ray.kill(actors[0], no_restart=False)  # as if its node died: Ray restarts it, empty
+    # ray.kill returns before the actor is gone: a call sent at once may still reach the old one
+    deadline = time.monotonic() + 120
+    while ray.get(actors[0].size.remote()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(shared.sample(2)) == 0  # no crash: the D step then uses current images only
+    shared.push(torch.zeros(2, *SHAPE))
+    assert len(shared.sample(2)) == 2
 
 
 def test_fills_and_replaces_exactly_half_a_batch_across_shards(shards):
     actors = shards(2, 8)
     shared = dh.SharedHistory(actors, sample_size=4)
     for i in range(4):
-        shared.push(torch.full((2, *SHAPE), float(i)))
+        shared.push(torch.full((2, *SHAPE), i / 4))
     shared.flush()
     assert sum(dh.save_shards(actors)[i]["images"].shape[0] for i in range(2)) == 8
     before = torch.cat([s["images"] for s in dh.save_shards(actors)])
-    shared.push(torch.full((2, *SHAPE), 99.0))
+    shared.push(torch.full((2, *SHAPE), -1.0))
     shared.flush()
     after = torch.cat([s["images"] for s in dh.save_shards(actors)])
     assert (before != after).flatten(1).any(1).sum().item() == 2
-    assert (after == 99).flatten(1).all(1).sum().item() == 2
+    assert (after == 0).flatten(1).all(1).sum().item() == 2  # code 0 is -1.0
     sample = shared.sample(4)
     assert sample.shape == (4, *SHAPE) and len(shared) == 8
 

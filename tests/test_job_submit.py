@@ -180,7 +180,7 @@ def test_train_job_stopped_mid_run_resumes_when_submitted_again(trained, head):
     stopped, resumed = trained
     assert re.search(r"\[smoke\] resumed at step [1-9]\d*/38 with \d+ history images", resumed), resumed
     assert "joined the Ray cluster" in resumed and "from RAY_ADDRESS" in resumed
-    assert "2 worker(s) x 0.5 CPU (+1 CPU for Ray Data)" in resumed
+    assert "2 worker(s) x 0.25 CPU (+1 CPU for Ray Data, 0.5 CPU for 2 history shard(s))" in resumed
     assert re.search(r"\[38/38 adversarial\] R loss \S+ \| R adv \S+ \| R reg \S+ \| D loss \S+ \| "
                      r"D acc real/refined [\d.]+/[\d.]+", resumed), resumed
     checkpoint = re.search(r"^checkpoint: (\S+)$", resumed, re.M).group(1)
@@ -202,8 +202,10 @@ def test_submitted_job_after_training(name, trained, head):
     assert wrote_it(head), logs
     for line in NOISE + NEVER:
         assert line not in logs, line
-    if name == "tune":  # each trial's worker leaves a CPU for Ray Data beside the trial's own 0.01
-        assert "tune: each trial 1 worker(s) x 0.99 CPU (+1 CPU for Ray Data)" in logs, logs
+    if name == "tune":  # each trial's worker leaves a CPU for Ray Data, and 2 x 0.25 for its history shards,
+        # beside the trial's own 0.01
+        assert "tune: each trial 1 worker(s) x 0.49 CPU (+1 CPU for Ray Data, 0.5 CPU for 2 history shard(s))" \
+            in logs, logs
 
 
 def test_cli_on_the_head_node_joins_its_cluster(trained, head):

@@ -57,7 +57,7 @@ def test_ema_checkpoint_holds_the_average_and_resumes(tmp_path):
     synthetic, real = toy_images(96, 0, real=False), toy_images(96, 1, real=True)
     cfg = load_config("tiny", overrides=[*overrides, "train.iterations=3"])
     train_local(cfg, tmp_path / "run", synthetic, real, progress=False)
-    state = torch.load(tmp_path / "run" / "checkpoint" / STATE_FILE, weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint" / STATE_FILE, weights_only=True)
     average, _ = load_refiner(str(tmp_path / "run" / "checkpoint"))
     # refiner.pt (what refine loads) is the EMA, not the last weights of R
     assert any(not torch.equal(state["refiner_training"][k], v) for k, v in average.state_dict().items())

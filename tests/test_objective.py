@@ -37,6 +37,9 @@ def test_identity_scores_one_and_a_shifted_refiner_pays_for_drift(eyes):
     hands = np.full((4, 64, 64, 1), 900, np.uint16)
     hands[:, 20:40, 10:30] = 500
     assert objective.label_drift(hands, np.roll(hands, 5, axis=2), kind="hand") == pytest.approx(5.0)
+    # refined depth comes back with its background as 0 (no reading): the silhouette stays the hand
+    refined = np.where(hands < 900, hands, 0).astype(np.uint16)
+    assert objective.label_drift(hands, refined, kind="hand") == pytest.approx(0.0)
 
 
 def test_validation_split_is_deterministic_and_excluded_from_training():
@@ -73,3 +76,51 @@ def test_local_training_keeps_best_checkpoints_without_reading_real_test(eyes, t
     assert json.loads(open(f"{chosen}/{objective.SCORES_FILE}").read())["objective"] == min(
         r["objective"] for r in evaluated)
     assert choose_checkpoint(str(run.checkpoint), cfg) == str(run.checkpoint)  # an explicit folder is used as is
+
+
+def test_scores_describe_the_weights_the_checkpoint_holds_with_an_ema(eyes, tmp_path):
+    """With an EMA, a best checkpoint's scores are those of its refiner.pt (the EMA refine loads), not of raw R."""
+    from simgan_dist.checkpoint import load_refiner
+
+    cfg = load_config("tiny", overrides=[
+        f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}", "data.real_val_fraction=0.2",
+        "train.eval_every=4", "train.eval_samples=64", "train.keep_best=3", "train.pretrain_refiner_steps=4",
+        "train.pretrain_disc_steps=2", "train.iterations=6", "train.ema_decay=0.9"])
+    run = train_local(cfg, tmp_path / "run", progress=False)
+    evaluator = objective.Evaluator.from_config(cfg)
+    for folder in sorted((run.folder / "best").iterdir()):
+        saved = json.loads((folder / objective.SCORES_FILE).read_text())
+        refiner, _ = load_refiner(str(folder))
+        if saved["step"] > 4:  # after pretraining the EMA and raw R differ
+            assert evaluator(refiner)["objective"] == pytest.approx(saved["objective"], rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["manifest", "legacy"])
+def test_real_validation_split_reads_exactly_the_datasets_good_rows(tmp_path, layout):
+    """The held-out split works on the `_manifest.json` layout (quarantine under `_quarantine/`) and on
+    the old one: validation rows are the good rows a plain reader sees whose id falls in the split,
+    and the real training images are exactly the others."""
+    import shutil
+
+    import pandas as pd
+
+    from simgan_dist.data.schema import LEGACY_MANIFEST_NAME, MANIFEST_NAME
+    from simgan_dist.local_train import _load_images
+
+    simulate_dataset(str(tmp_path / "eyes"), synthetic=8, real=120, real_test=0, seed=7, rows_per_shard=50)
+    simulate_dataset(str(tmp_path / "other"), synthetic=0, real=30, real_test=0, seed=8, rows_per_shard=50)
+    real = tmp_path / "eyes" / "real"
+    (real / "_quarantine").mkdir()  # rows that are not the dataset's: every reader must skip them
+    shutil.copy(tmp_path / "other" / "real" / "part-00000.parquet", real / "_quarantine" / "quarantine.parquet")
+    plain_ids = pd.read_parquet(real)["id"].to_numpy()
+    if layout == "legacy":
+        (real / MANIFEST_NAME).rename(real / LEGACY_MANIFEST_NAME)
+    cfg = load_config("tiny", overrides=[f"data.real={real}", "data.real_val_fraction=0.25", "train.eval_every=1"])
+
+    rows = load_numpy(str(real), columns=["id", "image"])
+    assert sorted(rows["id"]) == sorted(plain_ids) and len(plain_ids) == 120
+    held = objective.validation_mask(rows["id"], 0.25)
+    assert 10 < held.sum() < 50
+    np.testing.assert_array_equal(objective._load_real_val(cfg, 1000), rows["image"][held])
+    np.testing.assert_array_equal(objective._load_real_val(cfg, 5), rows["image"][held][:5])
+    np.testing.assert_array_equal(_load_images(str(real), "real", cfg), rows["image"][~held])

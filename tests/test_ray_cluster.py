@@ -10,18 +10,29 @@ import tempfile
 import pytest
 
 from simgan_dist.config import UserError, load_config
-from simgan_dist.ray_cluster import DATA_CPUS, plan_workers
+from simgan_dist.distributed_history import SHARD_CPUS
+from simgan_dist.ray_cluster import DATA_CPUS, history_cpus, plan_workers
 
 
 def _cfg(*overrides):
     return load_config("tiny", overrides=list(overrides))
 
 
-def test_cpu_workers_leave_a_cpu_for_ray_data():
-    assert plan_workers(_cfg("train.num_workers=2"), {"CPU": 2}) == {"CPU": 0.5}
+def test_cpu_workers_leave_a_cpu_for_ray_data_and_their_history_shards_cpus():
+    # the tiny preset: 2 history shards of SHARD_CPUS each
+    assert history_cpus(_cfg()) == 2 * SHARD_CPUS
+    assert plan_workers(_cfg("train.num_workers=2", "train.buffer_shards=1"), {"CPU": 2.5}) == {"CPU": 0.625}
+    assert plan_workers(_cfg("train.num_workers=2"), {"CPU": 2}) == {"CPU": 0.25}
     assert plan_workers(_cfg("train.num_workers=2"), {"CPU": 16}) == {"CPU": 1.0}
     plan = plan_workers(_cfg("train.num_workers=3"), {"CPU": 3})
-    assert 3 * plan["CPU"] + DATA_CPUS <= 3
+    assert 3 * plan["CPU"] + DATA_CPUS + history_cpus(_cfg()) <= 3
+    # the eye preset's 4 shards on a laptop: everything fits, or the run says what to change
+    eye = load_config("eye", overrides=["train.use_gpu=false"])
+    plan = plan_workers(eye, {"CPU": 4})
+    assert plan["CPU"] + DATA_CPUS + history_cpus(eye) <= 4
+    with pytest.raises(UserError, match=r"train.buffer_shards=4 needs at least 2.25 CPUs .* it has 2\. "
+                                        r"Set train.buffer_shards=3 or fewer"):
+        plan_workers(eye, {"CPU": 2})
 
 
 def test_gpu_workers_need_a_gpu_each():
@@ -41,10 +52,15 @@ def test_a_run_that_cannot_fit_says_what_to_change():
 
 
 def test_concurrent_runs_share_the_cluster_and_their_drivers_sliver_is_taken_from_the_workers():
-    # a sweep's trial on a 2-CPU head: its own 0.01 CPU, 2 workers, Ray Data's CPU; never more than 2
-    plan = plan_workers(_cfg("train.num_workers=2"), {"CPU": 2}, reserved_cpus=0.01)
-    assert plan == {"CPU": 0.495} and 0.01 + 2 * plan["CPU"] + DATA_CPUS <= 2
-    assert plan_workers(_cfg("train.num_workers=1"), {"CPU": 8}, runs=4, reserved_cpus=0.01) == {"CPU": 0.99}
+    # a sweep's trial on a 3-CPU head: its own 0.01 CPU, 2 workers, Ray Data's CPU, 2 history shards;
+    # never more than 3
+    plan = plan_workers(_cfg("train.num_workers=2"), {"CPU": 3}, reserved_cpus=0.01)
+    assert plan == {"CPU": 0.745} and 0.01 + 2 * plan["CPU"] + DATA_CPUS + history_cpus(_cfg()) <= 3
+    with pytest.raises(UserError, match=r"needs at least 2.01 CPUs .* 0.01 for the run's driver\); it has 2\. "
+                                        r"Set train.buffer_shards=1 or fewer"):
+        plan_workers(_cfg("train.num_workers=2"), {"CPU": 2}, reserved_cpus=0.01)
+    assert plan_workers(_cfg("train.num_workers=1"), {"CPU": 8}, runs=4, reserved_cpus=0.01) == {"CPU": 0.49}
+    assert plan_workers(_cfg("train.num_workers=1"), {"CPU": 10}, runs=4, reserved_cpus=0.01) == {"CPU": 0.99}
     with pytest.raises(UserError, match=r"on each of 3 concurrent runs' share of the Ray cluster .* it has 1\.33"):
         plan_workers(_cfg("train.num_workers=2"), {"CPU": 4}, runs=3)
     with pytest.raises(UserError, match=r"needs 2 GPUs; each of 2 concurrent runs' share of the Ray cluster has 1\."):

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 # 3 input shards (3000, 3000, 2000 rows) cut into 6 + 6 + 4 output shards.
 ROWS, INPUT_SHARD_ROWS, OUTPUT_SHARD_ROWS, OUTPUT_SHARDS = 8000, 3000, 500, 16
-OVERRIDES = [f"refine.rows_per_shard={OUTPUT_SHARD_ROWS}", "refine.num_actors=2", "refine.batch_size=200"]
+OVERRIDES = [f"refine.rows_per_shard={OUTPUT_SHARD_ROWS}", "refine.min_actors=1", "refine.max_actors=2",
+             "refine.batch_size=200"]
 
 
 def make_corpus(root: str, rows: int) -> str:
@@ -171,7 +172,7 @@ def test_input_outside_the_contract_fails_before_output(corpus, s3_bucket):
     fs, base = storage.resolve(loose)
     with fs.open_output_stream(f"{base}/part-00000.parquet") as f:
         pq.write_table(pa.table({"id": ["a"], "image": [b"\0" * 1925]}), f)
-    refuses(checkpoint, loose, out, "not a dataset in the simgan_dist contract.*no manifest.json")
+    refuses(checkpoint, loose, out, "not a dataset in the simgan_dist contract.*no _manifest.json")
     refuses(checkpoint, f"{s3_bucket}/nothing", out, "no dataset here")
 
     wrong = f"{s3_bucket}/wrong_shape"

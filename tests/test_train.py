@@ -33,7 +33,7 @@ def _config(*overrides):
 def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
     data = f"{s3_bucket}/eyes"
     simulate_dataset(data, synthetic=384, real=192, real_test=0, seed=1, rows_per_shard=100)
-    overrides = ["train.num_workers=2", "train.checkpoint_every=7", "train.zero_stage=2",
+    overrides = ["train.num_workers=2", "train.checkpoint_every=7", "train.zero_stage=2", "train.buffer_size=128",
                  f"data.synthetic={data}/synthetic", f"data.real={data}/real",
                  f"train.storage_path={s3_bucket}/runs", "train.name=e2e"]
     cfg = _config(*overrides, "train.iterations=6")
@@ -44,7 +44,7 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
     for key in ("refiner/adv_loss", "refiner/reg_loss", "disc/loss", "disc/acc_real", "disc/acc_refined",
                 "images_per_s", "data_wait_s", "buffer_fill"):
         assert key in metrics, key
-    assert metrics["buffer_fill"] == 1.0  # 2 workers x 16 images x 10 D steps > 256 slots
+    assert metrics["buffer_fill"] == 1.0  # 2 workers x 16 images x 10 D steps > 2 x 128 slots
     uri = checkpoint_uri(cfg, result.checkpoint)
     assert uri.startswith(f"{s3_bucket}/runs/e2e/checkpoint_")
     refiner, saved = load_refiner(uri, cfg.storage)
@@ -60,6 +60,9 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
     assert again.error is None
     assert again.metrics["restored_from_step"] == 14 and again.metrics["step"] == 16
     assert again.metrics["history_restored"] == 256
+    # metrics.jsonl on S3 kept the first attempt's lines and the resubmitted run appended to them
+    lines = storage.read_bytes(f"{s3_bucket}/runs/e2e/monitor/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 7, 10, 14, 15, 16]
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -121,8 +124,10 @@ def test_single_worker_follows_the_local_trainer(ray_local, eye_data, tmp_path):
         train_local(_config(*overrides, "train.name=local"), tmp_path / "local", progress=False)
     finally:
         torch.set_num_threads(threads)
-    result = fit(_config(*overrides, "train.name=ray", "train.num_workers=1"))
+    # checkpoints by time too: due at every report here (they must not change the trajectory)
+    result = fit(_config(*overrides, "train.name=ray", "train.num_workers=1", "train.checkpoint_every_s=0.001"))
     assert result.error is None
+    assert [m["step"] for _, m in result.best_checkpoints] == [10, 15, 16]
     local = _jsonl(tmp_path / "local" / "metrics.jsonl")
     ray_path = _jsonl(tmp_path / "ray" / "monitor" / "metrics.jsonl")
     assert [r["step"] for r in local] == [r["step"] for r in ray_path] == [5, 10, 15, 16]

@@ -71,16 +71,20 @@ def test_trials_get_their_own_history_buffer():
 def test_default_concurrency_leaves_each_trial_a_cpu_for_its_data():
     cfg = load_config("tiny", overrides=["train.num_workers=1"])
     assert default_concurrency(cfg, {"CPU": 2}) == 1
-    assert default_concurrency(cfg, {"CPU": 8}) == 4
+    assert default_concurrency(cfg, {"CPU": 8}) == 3  # each trial: 1 worker, 1 for Ray Data, 2 x 0.25 for history
+    assert default_concurrency(load_config("tiny", overrides=["train.num_workers=1", "train.buffer_shards=4"]),
+                               {"CPU": 9}) == 3
     gpu = load_config("tiny", overrides=["train.num_workers=1", "train.use_gpu=true"])
     assert default_concurrency(gpu, {"CPU": 64, "GPU": 8}) == 8
-    assert default_concurrency(gpu, {"CPU": 4, "GPU": 8}) == 2  # each trial: 0.5 CPU + 1 for Ray Data
+    # each trial: its 0.01, 1 for Ray Data, 0.5 for history, 0.25 left for the worker (0.5 beside Ray Data)
+    assert default_concurrency(gpu, {"CPU": 4, "GPU": 8}) == 2
+    assert default_concurrency(gpu, {"CPU": 3.5, "GPU": 8}) == 1
 
 
 def test_a_sweep_too_wide_for_the_cluster_fails_before_its_first_trial(monkeypatch):
     import ray
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})  # 2 x (1 worker + 1 Ray Data + 0.5 history)
     assert sweep_resources(load_config("tiny", overrides=["train.num_workers=1"])) == (2, {"CPU": 0.99})
     too_wide = load_config("tiny", overrides=["train.num_workers=2", "tune.max_concurrent_trials=3"])
     with pytest.raises(TuneError, match=r"3 trials at once \(tune.max_concurrent_trials=3\) do not fit: "

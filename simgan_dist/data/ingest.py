@@ -6,8 +6,9 @@ contract rows. The plumbing is shared: items are cut into fixed-size chunks, rea
 in a process pool (results consumed in chunk order, so the output and its ids do
 not depend on the number of workers), checked row by row and written by
 `DatasetWriter`. An item that cannot be used raises `Reject` and lands in
-`quarantine.parquet` (source_path, reason, detail) next to the shards, written
-before the manifest; the manifest's `extra` counts it. Nothing is dropped silently.
+`_quarantine/quarantine.parquet` (source_path, reason, detail) beside the shards, written
+before the manifest; the manifest's `extra` counts it. Nothing is dropped silently. The
+leading `_` keeps it out of what plain Parquet readers take for the dataset's rows.
 
 Label conventions are the simulator's (`simulate.py`):
 
@@ -57,7 +58,9 @@ from simgan_dist.data import storage
 from simgan_dist.data.schema import DatasetWriter, Layout, Manifest
 from simgan_dist.data.simulate import EYE_H, EYE_W, GAZE_CONVENTION, HAND_SIZE
 
-QUARANTINE_NAME = "quarantine.parquet"
+QUARANTINE_NAME = "_quarantine/quarantine.parquet"
+# Where datasets ingested before the `_` convention keep it (plain readers took it for data).
+LEGACY_QUARANTINE_NAME = "quarantine.parquet"
 KINDS = ("synthetic", "real", "real_test")
 # The simulator's eye spans 38-46 of 55 px; this makes an ingested eye fill the crop alike.
 EYE_CROP_SCALE = 1.35
@@ -664,7 +667,7 @@ def ordered_map(fn: Callable, tasks: list[Any], workers: int) -> Iterator[Any]:
 
 
 def write_quarantine(uri: str, quarantined: list[Quarantined], storage_cfg: StorageConfig | None = None) -> None:
-    """`quarantine.parquet` under the dataset, always written (empty too) so no stale one survives."""
+    """`_quarantine/quarantine.parquet` under the dataset, always written (empty too) so no stale one survives."""
     table = pa.table({name: pa.array([getattr(q, name) for q in quarantined], pa.string())
                       for name in ("source_path", "reason", "detail")})
     sink = io.BytesIO()
@@ -673,7 +676,11 @@ def write_quarantine(uri: str, quarantined: list[Quarantined], storage_cfg: Stor
 
 
 def read_quarantine(uri: str, storage_cfg: StorageConfig | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, QUARANTINE_NAME), storage_cfg)))
+    try:
+        data = storage.read_bytes(storage.join(uri, QUARANTINE_NAME), storage_cfg)
+    except storage.MissingFileError:
+        data = storage.read_bytes(storage.join(uri, LEGACY_QUARANTINE_NAME), storage_cfg)
+    return pq.read_table(io.BytesIO(data))
 
 
 def ingest(format_name: str, src: str | Path, out: str, *, cfg: Config | None = None, kind: str | None = None,

@@ -14,6 +14,7 @@ over the smaller real set: every call of `iter_torch_batches` on a shard is a ne
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -71,10 +72,34 @@ def cycle_batches(source: Any, **iter_kwargs: Any) -> Iterator[dict[str, Any]]:
             raise DatasetError("cycle_batches: the dataset (or this worker's shard) yields no batches")
 
 
+def share_env(env: dict[str, str]) -> list[ray.ObjectRef]:
+    """Environment variables (storage credentials) for Ray workers, held in the object store.
+
+    Not `runtime_env={"env_vars": ...}`: Ray's runtime-env agent logs those in clear text
+    on every node. The reference is wrapped in a list so that Ray passes the reference,
+    not the value inlined into the task or actor spec; workers call `adopt_env`.
+    """
+    return [ray.put(dict(env))]
+
+
+def adopt_env(shared: list[ray.ObjectRef] | None) -> None:
+    """Worker side of `share_env`: set the variables in this worker process (None: nothing to set)."""
+    if shared:
+        os.environ.update(ray.get(shared[0]))
+
+
+def _call_with_env(shared: list[ray.ObjectRef], fn: Callable[..., Any], *args: Any) -> Any:
+    adopt_env(shared)
+    return fn(*args)
+
+
 def parallel_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "",
                  weights: Sequence[int] | None = None, progress: bool = False,
-                 num_cpus: float = 1.0) -> list[Any]:
+                 num_cpus: float = 1.0, env: dict[str, str] | None = None) -> list[Any]:
     """Run `fn(*args)` for every tuple in `tasks` as Ray tasks; results in task order.
+
+    `env`: environment variables for the tasks (storage credentials: `storage.worker_env`),
+    delivered through the object store (`share_env`).
 
     Joins or starts Ray as every command does (`ray_cluster.connect`). The
     progress bar counts `weights` (e.g. rows) as tasks finish. Tasks are retried
@@ -85,8 +110,9 @@ def parallel_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = 
     from simgan_dist.ray_cluster import connect
 
     connect()
-    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
-    refs = [remote.remote(*args) for args in tasks]
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(_call_with_env)
+    shared = share_env(env or {})
+    refs = [remote.remote(shared, fn, *args) for args in tasks]
     position = {ref: i for i, ref in enumerate(refs)}
     weights = list(weights) if weights is not None else [1] * len(tasks)
     results: list[Any] = [None] * len(tasks)

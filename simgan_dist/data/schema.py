@@ -1,9 +1,14 @@
 """The dataset contract: Parquet shards plus a manifest, one dataset per prefix.
 
     <prefix>/part-00000.parquet, part-00001.parquet, ...   written first
-    <prefix>/manifest.json                                  written last
+    <prefix>/_manifest.json                                 written last
 
-A prefix without `manifest.json` is an unfinished write and every reader refuses it.
+A prefix without `_manifest.json` is an unfinished write and every reader refuses it.
+Everything in a prefix that is not data starts with `_` or `.` (the manifest, an
+ingest's `_quarantine/`, refine's `_refine_job.json`, temporary files): that is the
+convention pandas, pyarrow.dataset, Spark, DuckDB and Ray Data's `read_parquet` honour,
+so they read a prefix with their defaults and see exactly its good rows.
+Datasets written before that convention (`manifest.json`) are still read.
 Rows are ordinary Parquet (pandas, pyarrow, Spark and Ray read them as they are):
 
     id        string, unique and stable
@@ -40,7 +45,11 @@ from simgan_dist.data.storage import MissingFileError
 
 FORMAT = "simgan_dist.dataset"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "_manifest.json"
+# The manifest's name before the `_` convention: still read, replaced on overwrite.
+LEGACY_MANIFEST_NAME = "manifest.json"
+# Other metadata files of the old layout that plain readers would take for data.
+LEGACY_METADATA = (LEGACY_MANIFEST_NAME, "quarantine.parquet")
 IMAGE_DTYPES = ("uint8", "uint16")
 # Shards are cut into row groups so that readers can stream a big shard in pieces.
 ROW_GROUP_ROWS = 8192
@@ -175,8 +184,8 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, uri: str) -> Manifest:
-        where = storage.join(uri, MANIFEST_NAME)
+    def from_json(cls, text: str, uri: str, name: str = MANIFEST_NAME) -> Manifest:
+        where = storage.join(uri, name)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -231,11 +240,13 @@ def prepare_output(uri: str, storage_cfg: StorageConfig | None = None, overwrite
     """
     storage.check_bucket(uri, storage_cfg)
     names = storage.list_files(uri, storage_cfg)
-    if MANIFEST_NAME in names and not overwrite:
-        raise DatasetError(f"{uri}: already holds a dataset (manifest.json); choose another output "
+    manifests = [n for n in (MANIFEST_NAME, LEGACY_MANIFEST_NAME) if n in names]
+    if manifests and not overwrite:
+        raise DatasetError(f"{uri}: already holds a dataset ({manifests[0]}); choose another output "
                            "or allow overwriting")
     old = [n for n in names if n.startswith("part-") and n.endswith(".parquet")]
-    storage.delete_files(uri, [MANIFEST_NAME] * (MANIFEST_NAME in names) + old, storage_cfg)
+    metadata = [n for n in (MANIFEST_NAME, *LEGACY_METADATA) if n in names]
+    storage.delete_files(uri, metadata + old, storage_cfg)
 
 
 def write_manifest(uri: str, manifest: Manifest, storage_cfg: StorageConfig | None = None) -> None:
@@ -329,18 +340,28 @@ def make_manifest(layout: Layout, shards: list[ShardInfo], *, kind: str, source:
     )
 
 
+def read_manifest_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[str, bytes]:
+    """(file name, bytes) of the dataset's manifest, today's name first, then the legacy one.
+
+    A clear error when the prefix holds no finished dataset.
+    """
+    for name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME):
+        try:
+            return name, storage.read_bytes(storage.join(uri, name), storage_cfg)
+        except MissingFileError:
+            continue
+    storage.check_bucket(uri, storage_cfg)
+    shards = [n for n in storage.list_files(uri, storage_cfg) if n.endswith(".parquet")]
+    if shards:
+        raise DatasetError(f"{uri}: incomplete dataset: {len(shards)} shard(s) but no {MANIFEST_NAME} "
+                           "(the writer did not finish; write it again)")
+    raise DatasetError(f"{uri}: no dataset here (no {MANIFEST_NAME})")
+
+
 def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> Manifest:
     """The dataset's manifest; a clear error when the prefix holds no finished dataset."""
-    try:
-        text = storage.read_bytes(storage.join(uri, MANIFEST_NAME), storage_cfg)
-    except MissingFileError:
-        storage.check_bucket(uri, storage_cfg)
-        shards = [n for n in storage.list_files(uri, storage_cfg) if n.endswith(".parquet")]
-        if shards:
-            raise DatasetError(f"{uri}: incomplete dataset: {len(shards)} shard(s) but no {MANIFEST_NAME} "
-                               "(the writer did not finish; write it again)") from None
-        raise DatasetError(f"{uri}: no dataset here (no {MANIFEST_NAME})") from None
-    return Manifest.from_json(text.decode(errors="replace"), uri)
+    name, data = read_manifest_bytes(uri, storage_cfg)
+    return Manifest.from_json(data.decode(errors="replace"), uri, name)
 
 
 def shard_paths(uri: str, manifest: Manifest, storage_cfg: StorageConfig | None = None

@@ -448,19 +448,21 @@ def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, se
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     storage_cfg = storage.effective_config(storage_cfg)
+    if parallel is None:
+        parallel = sum(counts.values()) > rows_per_shard
+    # Ray tasks get the credentials through their environment, never as arguments.
+    task_cfg = storage.without_secrets(storage_cfg) if parallel else storage_cfg
     tasks = []
     for split, n in counts.items():
         uri = storage.join(out_uri, split)
         prepare_output(uri, storage_cfg, overwrite=True)
         for index, start in enumerate(range(0, n, rows_per_shard)):
-            tasks.append((uri, kind, split, seed, index, start, min(start + rows_per_shard, n), storage_cfg))
-    if parallel is None:
-        parallel = sum(counts.values()) > rows_per_shard
+            tasks.append((uri, kind, split, seed, index, start, min(start + rows_per_shard, n), task_cfg))
     if parallel:
         from simgan_dist.data.pipeline import parallel_map
 
         results = parallel_map(_render_shard, tasks, desc=f"simulate {kind}", weights=[t[6] - t[5] for t in tasks],
-                               progress=progress)
+                               progress=progress, env=storage.worker_env(storage_cfg))
     else:
         results = _run_local(tasks, progress)
     for split in counts:

@@ -13,6 +13,7 @@ endpoint.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import uuid
@@ -46,35 +47,74 @@ def _setting(value: str, *env_names: str) -> str | None:
 
 
 def effective_config(storage_cfg: StorageConfig | None = None) -> StorageConfig:
-    """The config with the AWS_* environment fallbacks filled in.
-
-    Ship this to Ray tasks: workers on other nodes may not have the driver's environment.
-    """
+    """The config with the AWS_* environment fallbacks filled in (the session token only
+    goes with keys that came from the environment too)."""
     cfg = storage_cfg or StorageConfig()
+    from_env = not cfg.access_key_id
     return StorageConfig(
         endpoint_url=_setting(cfg.endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") or "",
         region=_setting(cfg.region, "AWS_DEFAULT_REGION", "AWS_REGION") or "",
         access_key_id=_setting(cfg.access_key_id, "AWS_ACCESS_KEY_ID") or "",
         secret_access_key=_setting(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY") or "",
+        session_token=cfg.session_token or (os.environ.get("AWS_SESSION_TOKEN", "") if from_env else ""),
     )
 
 
-def s3_filesystem(storage_cfg: StorageConfig | None = None) -> pafs.S3FileSystem:
-    """An S3 filesystem from `storage.*`, falling back to the AWS_* environment variables."""
+def worker_env(storage_cfg: StorageConfig | None = None) -> dict[str, str]:
+    """The storage settings as AWS_* variables, for Ray workers' environment.
+
+    Credentials reach workers this way and never inside a config, which gets written
+    (checkpoints, Tune results): workers read the redacted config's empty values from
+    their environment. Hand the dict over by reference (`pipeline.share_env` / `adopt_env`,
+    or `tune.with_parameters`), never as `runtime_env={"env_vars": ...}`, which Ray logs.
+    Workers on other nodes may lack the driver's environment, so settings that came from
+    it are passed on too.
+    """
+    cfg = effective_config(storage_cfg)
+    names = {"AWS_ENDPOINT_URL": cfg.endpoint_url, "AWS_DEFAULT_REGION": cfg.region,
+             "AWS_ACCESS_KEY_ID": cfg.access_key_id, "AWS_SECRET_ACCESS_KEY": cfg.secret_access_key,
+             "AWS_SESSION_TOKEN": cfg.session_token}
+    return {name: value for name, value in names.items() if value}
+
+
+def without_secrets(storage_cfg: StorageConfig | None = None) -> StorageConfig:
+    """Endpoint and region only: what goes to Ray workers beside `worker_env`."""
+    cfg = effective_config(storage_cfg)
+    return StorageConfig(endpoint_url=cfg.endpoint_url, region=cfg.region)
+
+
+@functools.lru_cache(maxsize=256)
+def bucket_region(bucket: str) -> str:
+    """The AWS region a bucket lives in (one anonymous HEAD request to AWS, cached per process)."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError as exc:
+        raise StorageError(f"s3://{bucket}: cannot find the bucket's AWS region ({exc}); set storage.region or "
+                           "AWS_DEFAULT_REGION, or storage.endpoint_url for S3-compatible storage") from exc
+
+
+def s3_filesystem(storage_cfg: StorageConfig | None = None, bucket: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem from `storage.*`, falling back to the AWS_* environment variables.
+
+    The region: the configured one; else, on AWS itself (no endpoint set), the region of
+    `bucket`, looked up (a fixed default breaks buckets elsewhere); else us-east-1, which
+    S3-compatible servers (MinIO, moto) accept.
+    """
     cfg = storage_cfg or StorageConfig()
     endpoint = _setting(cfg.endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    region = _setting(cfg.region, "AWS_DEFAULT_REGION", "AWS_REGION")
+    if not region:
+        region = bucket_region(bucket) if bucket and not endpoint else DEFAULT_REGION
     kwargs: dict = {
-        "region": _setting(cfg.region, "AWS_DEFAULT_REGION", "AWS_REGION") or DEFAULT_REGION,
+        "region": region,
         "connect_timeout": CONNECT_TIMEOUT_S,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
     }
-    access_key = _setting(cfg.access_key_id, "AWS_ACCESS_KEY_ID")
-    secret_key = _setting(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY")
-    if access_key and secret_key:
-        kwargs.update(access_key=access_key, secret_key=secret_key)
-        token = os.environ.get("AWS_SESSION_TOKEN")
-        if token and not cfg.access_key_id:
-            kwargs["session_token"] = token
+    creds = effective_config(cfg)
+    if creds.access_key_id and creds.secret_access_key:
+        kwargs.update(access_key=creds.access_key_id, secret_key=creds.secret_access_key)
+        if creds.session_token:
+            kwargs["session_token"] = creds.session_token
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         if not parsed.netloc:
@@ -93,7 +133,7 @@ def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.Fi
         path = uri[len("s3://"):].strip("/")
         if not path:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket, like s3://bucket/prefix")
-        return s3_filesystem(storage_cfg), path
+        return s3_filesystem(storage_cfg, bucket=path.split("/", 1)[0]), path
     scheme = urlparse(uri).scheme
     if scheme == "file":
         uri = urlparse(uri).path

@@ -1,0 +1,113 @@
+"""On one GPU: training past the first image grid and a checkpoint in bf16, a sync-free inner loop,
+ZeRO-1/2 under bf16, torch.compile, 100K-row refinement, the hand refiner at its refine batch size."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from simgan_dist.checkpoint import load_refiner, write_checkpoint
+from simgan_dist.config import load_config
+from simgan_dist.data.simulate import LAYOUTS, simulate_dataset
+from simgan_dist.models import build_discriminator, build_refiner
+from simgan_dist.refine import BatchRefiner, refine, refine_sizes
+from simgan_dist.train import build_engines, checkpoint_uri, fit
+from tests.test_deepspeed_config import _cfg, _simgan, process_group  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def eye_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eyes")
+    simulate_dataset(str(folder), synthetic=4096, real=2048, real_test=0, seed=3, rows_per_shard=1024)
+    return folder
+
+
+def test_one_worker_trains_past_the_image_grid_and_checkpoints_in_bf16(ray_local, eye_data, tmp_path):
+    cfg = load_config("eye", overrides=[
+        "train.use_gpu=true", "train.num_workers=1", "train.pretrain_refiner_steps=3", "train.pretrain_disc_steps=2",
+        "train.iterations=10", "train.k_g=5", "train.report_every=5", "train.image_every=5",
+        "train.checkpoint_every=10", "train.buffer_size=2048", f"data.synthetic={eye_data}/synthetic",
+        f"data.real={eye_data}/real", f"train.storage_path={tmp_path}", "train.name=gpu"])
+    result = fit(cfg)
+    assert result.error is None, result.error
+    assert result.metrics["step"] == 15
+    grids = sorted((tmp_path / "gpu" / "monitor" / "images").glob("*.png"))
+    assert len(grids) >= 3, "the preview grid (a device→host copy) was not written"
+    refiner, saved = load_refiner(checkpoint_uri(cfg, result.checkpoint))
+    assert all(p.dtype == torch.float32 for p in refiner.parameters())  # fp32 master weights saved
+    metrics = [json.loads(line) for line in (tmp_path / "gpu" / "monitor" / "metrics.jsonl").read_text().splitlines()]
+    print("images/s per report:", [round(m["images_per_s"]) for m in metrics])
+
+
+def test_the_refiner_steps_never_wait_on_the_host(process_group):  # noqa: F811
+    device = process_group
+    cfg = _cfg("train.batch_size=512")
+    r_engine, d_engine = build_engines(cfg, device, bf16=True, memory_format=torch.channels_last)
+    assert type(r_engine.optimizer) is torch.optim.Adam and r_engine.optimizer.defaults["fused"]
+    algo = _simgan(cfg, r_engine, d_engine, device)
+    batch = torch.rand(512, 1, 35, 55, device=device) * 2 - 1
+    algo.next_synthetic = lambda: batch  # data already on the device: the K_g inner loop alone
+    algo.refiner_step()  # warm-up (cuDNN autotuning, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            algo.refiner_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_d_learns_after_an_r_step_under_bf16_and_zero(process_group, stage):  # noqa: F811
+    device = process_group
+    cfg = _cfg(f"train.zero_stage={stage}", "train.batch_size=64")
+    r_engine, d_engine = build_engines(cfg, device, bf16=True)
+    algo = _simgan(cfg, r_engine, d_engine, device)
+    algo.advance()
+    algo.advance()
+    before = [p.detach().clone() for p in d_engine.module.parameters()]
+    algo.advance()  # K_g R steps through D's bare module, then D's step
+    assert all(not torch.equal(a, p) for a, p in zip(before, d_engine.module.parameters(), strict=True))
+
+
+def test_compiled_engines_train(process_group):  # noqa: F811
+    device = process_group
+    cfg = _cfg("train.compile=true", "train.batch_size=64")
+    r_engine, d_engine = build_engines(cfg, device, bf16=True)
+    assert r_engine.is_compiled and d_engine.is_compiled
+    algo = _simgan(cfg, r_engine, d_engine, device)
+    metrics = [algo.advance() for _ in range(4)]
+    assert torch.isfinite(torch.stack([v.float() for m in metrics for v in m.values()])).all()
+    assert "_orig_mod" not in "".join(r_engine.module.state_dict())  # checkpoints keep their keys
+
+
+def test_refine_100k_eye_rows(ray_local, tmp_path):
+    rows = 100_000
+    simulate_dataset(str(tmp_path / "data"), synthetic=rows, real=0, real_test=0, seed=0, rows_per_shard=25_000)
+    cfg = load_config("eye", overrides=["refine.num_gpus=1", "refine.max_actors=1"])
+    torch.manual_seed(0)
+    checkpoint = write_checkpoint(tmp_path / "ckpt", cfg, build_refiner(cfg.model), build_discriminator(cfg.model))
+    start = time.perf_counter()
+    manifest = refine(str(checkpoint), str(tmp_path / "data" / "synthetic"), str(tmp_path / "refined"), cfg,
+                      progress=False)
+    record = manifest.extra["refine"]
+    assert manifest.rows == rows and record["exactness"]["verified"] and record["precision"] == "bf16"
+    print(f"refine 100K eye rows: {rows / (time.perf_counter() - start):,.0f} images/s wall, "
+          f"{record.get('steady_images_per_s')} steady, batch {record['batch_size']}")
+
+
+def test_hand_refiner_fits_at_its_refine_batch_size():
+    cfg = load_config("hand", overrides=["refine.num_gpus=1"])
+    batch, _ = refine_sizes(cfg.model, LAYOUTS["hand"], cfg.refine)
+    refiner = BatchRefiner(build_refiner(cfg.model), batch, device="cuda", depth=True)
+    depth = np.random.default_rng(0).integers(700, 1100, (batch, 224, 224, 1)).astype(np.uint16)
+    torch.cuda.reset_peak_memory_stats()
+    out = refiner(depth)
+    peak = torch.cuda.max_memory_allocated()
+    assert out.shape == depth.shape and out.dtype == np.uint16
+    assert peak < 2 * cfg.refine.batch_memory_gb * 2**30, f"{peak / 2**30:.1f} GiB at batch {batch}"
+    print(f"hand refine batch {batch}: peak {peak / 2**30:.2f} GiB")
