@@ -24,12 +24,19 @@ pipeline:
 (train prints the CHECKPOINT path; `make demo` runs exactly this on a small corpus.)
 
 Every command takes --preset/--config/--set; `simgan-dist config show` prints the result.
+Ray: commands join RAY_ADDRESS or the cluster `ray start` registered on this machine, else start
+a local instance; --verbose shows Ray's own logs in the console (they are always in its log folder).
 Object storage: s3://bucket/prefix URIs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY (or storage.* in the config).
 """
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "eye") -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show Ray's own console output too (worker logs, INFO lines, Ray Data progress); "
+        "without it they stay in Ray's log folder",
+    )
     group = parser.add_argument_group("configuration")
     group.add_argument(
         "--preset", default=default_preset, choices=sorted(PRESETS),
@@ -142,6 +149,9 @@ def show_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from simgan_dist.ray_cluster import configure_console
+
+    configure_console(getattr(args, "verbose", False))  # before the stage module imports Ray
     module_name, func_name = args.handler.split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -124,6 +124,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_samples: int = 1000
     keep_best: int = 3
+    # Seconds an autoscaling cluster gets to add the CPUs/GPUs a run needs; 0: fail at once.
+    resource_wait_s: float = 0.0
     # torch.compile R and D (in place: checkpoints keep their keys); worth it on GPU.
     compile: bool = False
 

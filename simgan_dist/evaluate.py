@@ -256,8 +256,9 @@ def run_gaze_variants(variants: dict[str, tuple[np.ndarray, np.ndarray]], test_i
     else:
         import ray
 
-        if not ray.is_initialized():
-            ray.init()  # a local cluster, or the job's cluster under `ray job submit`
+        from simgan_dist.ray_cluster import connect
+
+        connect()  # the job's cluster under `ray job submit`, a registered one, or a local instance
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) >= 1:
             options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}

@@ -38,11 +38,26 @@ class MetricAverager:
         return out
 
 
+# (label, metric key, format): the two losses are named by their network, not both "loss".
+PROGRESS_FIELDS = [
+    ("R loss", "refiner/loss", "{:.4g}"),
+    ("R adv", "refiner/adv_loss", "{:.4g}"),
+    ("R reg", "refiner/reg_loss", "{:.4g}"),
+    ("D loss", "disc/loss", "{:.4g}"),
+]
+
+
 def progress_line(step: int, total: int, phase: str, metrics: dict[str, float]) -> str:
-    shown = ["refiner/loss", "refiner/adv_loss", "refiner/reg_loss", "disc/loss", "disc/acc_real",
-             "disc/acc_refined", "images_per_s", "data_wait_s", "buffer_fill"]
-    parts = [f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in shown if k in metrics]
-    return f"[{step}/{total} {phase}] " + " ".join(parts)
+    parts = [f"{label} {fmt.format(metrics[key])}" for label, key, fmt in PROGRESS_FIELDS if key in metrics]
+    if "disc/acc_real" in metrics and "disc/acc_refined" in metrics:
+        parts.append(f"D acc real/refined {metrics['disc/acc_real']:.2f}/{metrics['disc/acc_refined']:.2f}")
+    if "images_per_s" in metrics:
+        parts.append(f"{metrics['images_per_s']:,.0f} img/s")
+    if "data_wait_s" in metrics:
+        parts.append(f"data wait {metrics['data_wait_s']:.2f} s")
+    if "buffer_fill" in metrics:
+        parts.append(f"buffer {metrics['buffer_fill']:.0%}")
+    return f"[{step}/{total} {phase}] " + " | ".join(parts)
 
 
 class RunLog:

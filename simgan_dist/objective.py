@@ -413,11 +413,12 @@ def write_scores(folder: str | Path, step: int, metrics: dict[str, Any]) -> None
 
 
 def score_text(metrics: dict[str, Any]) -> str:
-    """' objective=… (realism=… drift=…px, eval …s)' for a progress line; '' without an evaluation."""
+    """' | objective … (realism …, drift … px, eval … s)', the end of a progress line (monitor.progress_line's
+    style); '' without an evaluation."""
     if "realism" not in metrics:  # no evaluation at this report (a checkpoint may still carry objective=NaN)
         return ""
-    return (f" objective={metrics['objective']:.4g} (realism={metrics['realism']:.4g} drift={metrics['drift']:.3g}px, "
-            f"eval {metrics['eval_s']:.2f}s)")
+    return (f" | objective {metrics['objective']:.4g} (realism {metrics['realism']:.4g}, "
+            f"drift {metrics['drift']:.3g} px, eval {metrics['eval_s']:.2f} s)")
 
 
 def best_checkpoint(run: str, storage_cfg: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:

@@ -522,16 +522,15 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     Safe to rerun with the same arguments after a crash: finished shards are verified
     and kept, the rest are refined. Returns the manifest of the complete output.
     """
-    import ray
-
     job, complete = plan_job(checkpoint, input_uri, out_uri, cfg)
     if complete:
         print(f"refine: {out_uri} is already complete (its manifest was written by this job)")
         return read_manifest(out_uri, cfg.storage)
     storage.write_bytes_atomic(storage.join(out_uri, JOB_FILE), (json.dumps(job.spec, indent=2) + "\n").encode(),
                                cfg.storage)
-    if not ray.is_initialized():
-        ray.init()
+    from simgan_dist.ray_cluster import connect
+
+    connect()
     infos, reused, stats = _run_tasks(job, _output_sizes(job), progress)
 
     # The actors verified every shard; one listing confirms each is still there, as verified.

@@ -37,8 +37,12 @@ def history_run_id(cfg: Config) -> str:
     return f"{cfg.train.name}-{where}"
 
 
-def _say(line: str) -> None:
-    """One line on the worker's stdout (Ray Train's patched print() would show it twice)."""
+def _say(line: str, channel=None) -> None:
+    """Rank 0's console line: to the driver through `channel` when it gave one, else to stdout
+    (Ray Train's patched print() would show it twice)."""
+    if channel is not None:
+        channel.put_nowait(line)
+        return
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -219,6 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    say = functools.partial(_say, channel=loop_config.get("progress"))
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
@@ -270,8 +275,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         algo.load_state_dict(state["algorithm"])
     if rank == 0 and restored_from:
-        _say(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
-             f"with {history_restored} history images")
+        say(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
+            f"with {history_restored} history images")
 
     sink = MonitorSink(cfg) if rank == 0 else None
     evaluator = None
@@ -317,7 +322,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sink.log.image(step, _preview_grid(refining, to_input, synthetic.preview, real.preview))
         if sink:
             sink.log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            _say(progress_line(step, algo.total_steps, phase, metrics) + score_text(metrics))
+            say(progress_line(step, algo.total_steps, phase, metrics) + score_text(metrics))
             sink.sync()
         if save:
             history.flush()
@@ -365,25 +370,32 @@ def _preview_grid(refiner: torch.nn.Module, to_input, synthetic: np.ndarray, rea
     return comparison_grid(*rows)
 
 
-def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None):
+def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
+        worker_resources: dict[str, float] | None = None):
     """Train on the connected Ray cluster (or a local one); returns the ray.train.Result.
 
     `datasets` ({"synthetic", "real"} Ray Datasets with a uint8 N×H×W×C `image` column)
     replaces reading `data.synthetic` / `data.real`. `callbacks`: Ray Train callbacks (Tune's
-    report callback in a sweep). The run's history-buffer actors are removed when it ends,
-    however it ends.
+    report callback in a sweep). `worker_resources`: each worker's share, as planned by a sweep
+    for its concurrent trials; by default `ray_cluster.training_resources` plans it on the
+    connected cluster (and fails at once when the run cannot fit). The run's history-buffer
+    actors are removed when it ends, however it ends.
     """
-    import ray
+    import threading
+
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
     from simgan_dist import distributed_history as dh
+    from simgan_dist import ray_cluster
     from simgan_dist.data import storage
     from simgan_dist.data.pipeline import share_env
 
-    if not ray.is_initialized():
-        ray.init(**_local_resources(cfg))
+    ray_cluster.connect()
+    if worker_resources is None:
+        worker_resources = ray_cluster.training_resources(cfg)
     context = ray.data.DataContext.get_current()
     # Our progress line says what matters; per-epoch Ray Data bars would bury it.
     context.enable_progress_bars = False
@@ -414,12 +426,17 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         checkpoint_config = CheckpointConfig(num_to_keep=cfg.train.keep_best)
 
     data_config = DataConfig(datasets_to_split="all")  # carries preserve_order over from the context
+    # Workers' output stays in Ray's logs unless --verbose: rank 0 sends its progress lines here.
+    progress = Queue(actor_options={"num_cpus": 0})
+    ray_cluster.say(f"train: run {cfg.train.name!r} in {storage.join(cfg.train.storage_path, cfg.train.name)}, "
+                    f"{ray_cluster.describe(worker_resources, cfg)}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
-        train_loop_config={"config": cfg.to_dict(), "history_run": run,
+        train_loop_config={"config": cfg.to_dict(), "history_run": run, "progress": progress,
                            "env": share_env(storage.worker_env(cfg.storage))},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources),
         run_config=RunConfig(
             name=cfg.train.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -428,11 +445,17 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         datasets=datasets,
         dataset_config=data_config,
     )
+    done = threading.Event()
+    printer = threading.Thread(target=ray_cluster.progress_printer, args=(progress, done), daemon=True)
     dh.create_shards(run, cfg.train.buffer_size * cfg.train.num_workers, image_shape, cfg.train.buffer_shards,
                      cfg.train.seed + 3, wide=wide_codes(cfg.model))
+    printer.start()
     try:
         return trainer.fit()
     finally:
+        done.set()
+        printer.join(timeout=10)
+        progress.shutdown()
         dh.destroy_shards(run, cfg.train.buffer_shards)
 
 
@@ -523,27 +546,6 @@ def _open_dataset(uri: str, cfg: Config, holdout: bool = False):
     return dataset.materialize() if manifest.rows * manifest.layout.image_nbytes <= budget else dataset
 
 
-def _local_resources(cfg: Config) -> dict[str, Any]:
-    """Without RAY_ADDRESS, ray.init starts a local cluster: leave CPUs for Ray Data's readers.
-
-    Each CPU training worker holds one logical CPU, and the history shards a little each
-    (`distributed_history.SHARD_CPUS`); on a 2-core laptop two workers would otherwise
-    starve the read tasks and the run would wait forever.
-    """
-    if os.environ.get("RAY_ADDRESS") or cfg.train.use_gpu:
-        return {}
-    return {"num_cpus": max(os.cpu_count() or 1, cfg.train.num_workers + 2 + _history_cpus(cfg))}
-
-
-def _history_cpus(cfg: Config) -> int:
-    """Whole CPUs a run's history shard actors ask for (they hold resources, like training's workers)."""
-    import math
-
-    from simgan_dist.distributed_history import SHARD_CPUS
-
-    return math.ceil(cfg.train.buffer_shards * SHARD_CPUS)
-
-
 def checkpoint_uri(cfg: Config, checkpoint) -> str:
     """Where a result's checkpoint lives, as a URI `refine --checkpoint` accepts."""
     from simgan_dist.data import storage
@@ -567,8 +569,10 @@ def cli_train(args: argparse.Namespace) -> int:
     result = fit(cfg)
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
-    print(f"checkpoint: {checkpoint_uri(cfg, result.checkpoint)}")
     from simgan_dist.data import storage
 
-    print(f"images and TensorBoard logs: {storage.join(cfg.train.storage_path, cfg.train.name, 'monitor')}")
+    monitor = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
+    print(f"checkpoint: {checkpoint_uri(cfg, result.checkpoint)}")
+    print(f"images and TensorBoard logs: {monitor} (tensorboard --logdir {storage.join(monitor, 'tensorboard')})")
+    print(f"metrics per report: {storage.join(monitor, 'metrics.jsonl')}")
     return 0

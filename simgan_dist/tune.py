@@ -33,8 +33,11 @@ from typing import Any
 
 from simgan_dist.config import Config, UserError, config_from_dict, load_config
 from simgan_dist.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
+from simgan_dist.ray_cluster import say
 
 PARAMS = ("k_g", "lr", "lambda_reg")
+# What a trial's own process holds: it only drives its worker group (Tune refuses an empty request).
+TRIAL_CPUS = 0.01
 
 
 class TuneError(UserError, ValueError):
@@ -100,8 +103,10 @@ def _scored_report_callback():
     return ScoredReportCallback()
 
 
-def run_trial(config: dict[str, Any], env: dict[str, str] | None = None) -> None:
-    """Tune function trainable: one training run with this trial's parameters.
+def run_trial(config: dict[str, Any], worker_resources: dict[str, float] | None = None,
+              env: dict[str, str] | None = None) -> None:
+    """Tune function trainable: one training run with this trial's parameters, its workers sized
+    by the sweep (`sweep_resources`) so that concurrent trials and their Ray Data tasks fit.
 
     `env`: the storage settings as AWS_* variables (`storage.worker_env`), given through
     `tune.with_parameters` (the object store), never in `config`, which Tune writes to disk.
@@ -112,7 +117,7 @@ def run_trial(config: dict[str, Any], env: dict[str, str] | None = None) -> None
 
     os.environ.update(env or {})  # this trial's own process; fit() hands them on to its workers
     cfg = trial_config(config["base"], config, ray.tune.get_context().get_trial_id())
-    result = fit(cfg, callbacks=[_scored_report_callback()])
+    result = fit(cfg, callbacks=[_scored_report_callback()], worker_resources=worker_resources)
     if result.error:
         raise result.error
 
@@ -143,17 +148,43 @@ def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
     """How many trials fit at once: a worker group's GPUs, or its CPUs plus one for its Ray Data readers
     plus what its history shard actors ask for (the same actors, with the same resources, as `train.fit`'s).
 
-    (Without that spare CPU per trial, concurrent trials' dataset reads starve and every trial waits.)
+    (Without that spare CPU per trial, concurrent trials' dataset reads starve and every trial waits;
+    without the shards' CPUs a trial's history actors wait for CPUs its workers hold.)
+    GPU trials also need the least CPUs `ray_cluster.plan_workers` accepts.
     """
+    from simgan_dist.ray_cluster import DATA_CPUS, MIN_WORKER_CPUS, MIN_WORKER_SHARE, history_cpus
+
+    workers, cpus = cfg.train.num_workers, resources.get("CPU", 1)
     if cfg.train.use_gpu:
-        return max(1, int(resources.get("GPU", 0) // cfg.train.num_workers))
-    return max(1, int(resources.get("CPU", 1) // _trial_cpus(cfg)))
+        least = max(workers * MIN_WORKER_CPUS + DATA_CPUS,
+                    workers * MIN_WORKER_SHARE + DATA_CPUS + history_cpus(cfg) + TRIAL_CPUS)
+        by_cpus = int(cpus // least)
+        return max(1, min(int(resources.get("GPU", 0) // workers), by_cpus))
+    return max(1, int(cpus // (workers + DATA_CPUS + history_cpus(cfg))))
 
 
-def _trial_cpus(cfg: Config) -> float:
-    from simgan_dist.distributed_history import SHARD_CPUS
+def sweep_resources(cfg: Config) -> tuple[int, dict[str, float]]:
+    """How many trials run at once and each trial's worker resources, on the connected cluster.
 
-    return cfg.train.num_workers + 1 + cfg.train.buffer_shards * SHARD_CPUS
+    The trials share the cluster evenly, each leaving its Ray Data readers a CPU and its history
+    shard actors theirs (`ray_cluster.plan_workers`); a sweep that cannot fit fails here, before
+    any trial starts.
+    """
+    import ray
+
+    from simgan_dist import ray_cluster
+
+    concurrency = cfg.tune.max_concurrent_trials or default_concurrency(cfg, ray.cluster_resources())
+    try:
+        plan = ray_cluster.training_resources(cfg, runs=concurrency, reserved_cpus=TRIAL_CPUS)
+    except UserError as e:
+        if concurrency == 1:
+            raise
+        asked = (f"tune.max_concurrent_trials={concurrency}" if cfg.tune.max_concurrent_trials
+                 else "the default, as many as the cluster's GPUs fit")
+        raise TuneError(f"{concurrency} trials at once ({asked}) do not fit: {e}; or lower "
+                        "tune.max_concurrent_trials (0: as many as fit)") from None
+    return concurrency, plan
 
 
 def _check(cfg: Config) -> None:
@@ -176,9 +207,11 @@ def _redacted(cfg: Config) -> Config:
     return config_from_dict(cfg.to_dict())
 
 
-def make_tuner(cfg: Config):
-    """A new Tuner for the sweep, or the restored one when the sweep folder already holds its state."""
-    import ray
+def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float] | None = None):
+    """A new Tuner for the sweep, or the restored one when the sweep folder already holds its state.
+
+    `concurrency` trials at once, each with `worker_resources` per training worker (`sweep_resources`).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -187,15 +220,15 @@ def make_tuner(cfg: Config):
     filesystem, storage_path = storage.resolve(cfg.tune.output, cfg.storage)
     if not storage.is_s3(cfg.tune.output):
         filesystem = None
-    # The trial only drives its worker group, which holds the CPUs/GPUs (Tune refuses an empty request).
-    # Credentials go by reference through the object store, not in the (written) param space.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, env=storage.worker_env(cfg.storage)),
-                                    {"CPU": 0.01})
+    # The trial only drives its worker group, which holds the CPUs/GPUs. Credentials go by
+    # reference through the object store, not in the (written) param space.
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, worker_resources=worker_resources, env=storage.worker_env(cfg.storage)),
+        {"CPU": TRIAL_CPUS})
     path = storage.join(storage_path if filesystem is None else f"s3://{storage_path}", cfg.tune.name)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-        print(f"[tune] resuming sweep {cfg.tune.name!r} from {path}", flush=True)
+        say(f"tune: resuming sweep {cfg.tune.name!r} from {path}")
         return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
-    concurrency = cfg.tune.max_concurrent_trials or default_concurrency(cfg, ray.cluster_resources())
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -206,8 +239,8 @@ def make_tuner(cfg: Config):
         searcher, limit = BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=concurrency), None
     scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
                               reduction_factor=cfg.tune.reduction_factor)
-    print(f"[tune] sweep {cfg.tune.name!r}: {cfg.tune.num_samples} trials, up to {concurrency} at once, "
-          f"results in {path}", flush=True)
+    say(f"tune: sweep {cfg.tune.name!r}: {cfg.tune.num_samples} trials, up to {concurrency} at once, "
+        f"results in {path}")
     return tune.Tuner(
         trainable,
         param_space={**search_space(cfg), "base": _redacted(cfg).to_dict()},
@@ -280,22 +313,17 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
 
 def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run (or resume) the sweep; returns the table's rows and the winning row."""
-    import ray
-
+    from simgan_dist import ray_cluster
     from simgan_dist.data import storage
-    from simgan_dist.train import _local_resources
 
     _check(cfg)
     if not storage.is_s3(cfg.tune.output):  # trial processes run in other folders
         cfg = config_from_dict(cfg.to_dict(redact=False))  # a copy in this process: keeps the credentials
         cfg.tune.output = storage.resolve(cfg.tune.output)[1]
-    if not ray.is_initialized():
-        resources = _local_resources(cfg)
-        if "num_cpus" in resources and cfg.tune.max_concurrent_trials:  # room for the trials asked for
-            resources["num_cpus"] = max(resources["num_cpus"],
-                                        math.ceil(cfg.tune.max_concurrent_trials * _trial_cpus(cfg)))
-        ray.init(**resources)
-    grid = make_tuner(cfg).fit()
+    ray_cluster.connect()  # as every command: RAY_ADDRESS, a registered cluster, or a local instance
+    concurrency, worker_resources = sweep_resources(cfg)
+    ray_cluster.say(f"tune: each trial {ray_cluster.describe(worker_resources, cfg)}")
+    grid = make_tuner(cfg, concurrency, worker_resources).fit()
     rows = [_row(result, cfg) for result in grid]
     return rows, write_results(cfg, rows)
 

@@ -9,7 +9,7 @@ from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.local_train import train_local
 from simgan_dist.train import history_run_id
-from simgan_dist.tune import sweep, trial_config
+from simgan_dist.tune import TuneError, default_concurrency, sweep, sweep_resources, trial_config
 
 
 def _trial_reports(folder) -> dict[str, int]:
@@ -66,3 +66,27 @@ def test_trials_get_their_own_history_buffer():
     runs = {history_run_id(trial_config(base, params, trial)) for trial in ("abc_00000", "abc_00001")}
     assert len(runs) == 2
     assert yaml.safe_load(load_config("tiny").to_yaml())["tune"]["k_g"] == [1, 2]
+
+
+def test_default_concurrency_leaves_each_trial_a_cpu_for_its_data():
+    cfg = load_config("tiny", overrides=["train.num_workers=1"])
+    assert default_concurrency(cfg, {"CPU": 2}) == 1
+    assert default_concurrency(cfg, {"CPU": 8}) == 3  # each trial: 1 worker, 1 for Ray Data, 2 x 0.25 for history
+    assert default_concurrency(load_config("tiny", overrides=["train.num_workers=1", "train.buffer_shards=4"]),
+                               {"CPU": 9}) == 3
+    gpu = load_config("tiny", overrides=["train.num_workers=1", "train.use_gpu=true"])
+    assert default_concurrency(gpu, {"CPU": 64, "GPU": 8}) == 8
+    # each trial: its 0.01, 1 for Ray Data, 0.5 for history, 0.25 left for the worker (0.5 beside Ray Data)
+    assert default_concurrency(gpu, {"CPU": 4, "GPU": 8}) == 2
+    assert default_concurrency(gpu, {"CPU": 3.5, "GPU": 8}) == 1
+
+
+def test_a_sweep_too_wide_for_the_cluster_fails_before_its_first_trial(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})  # 2 x (1 worker + 1 Ray Data + 0.5 history)
+    assert sweep_resources(load_config("tiny", overrides=["train.num_workers=1"])) == (2, {"CPU": 0.99})
+    too_wide = load_config("tiny", overrides=["train.num_workers=2", "tune.max_concurrent_trials=3"])
+    with pytest.raises(TuneError, match=r"3 trials at once \(tune.max_concurrent_trials=3\) do not fit: "
+                                        r".*lower tune.max_concurrent_trials"):
+        sweep_resources(too_wide)

@@ -101,14 +101,15 @@ def parallel_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = 
     `env`: environment variables for the tasks (storage credentials: `storage.worker_env`),
     delivered through the object store (`share_env`).
 
-    Starts a local Ray instance when none is running (or joins RAY_ADDRESS). The
+    Joins or starts Ray as every command does (`ray_cluster.connect`). The
     progress bar counts `weights` (e.g. rows) as tasks finish. Tasks are retried
     on worker failure, so `fn` must be idempotent (writing a fixed shard path is).
     """
     from tqdm import tqdm
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from simgan_dist.ray_cluster import connect
+
+    connect()
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(_call_with_env)
     shared = share_env(env or {})
     refs = [remote.remote(shared, fn, *args) for args in tasks]
