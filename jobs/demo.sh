@@ -17,8 +17,8 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "1/4 simulate: labeled synthetic eyes, unlabeled real eyes, a labeled real test set"
 simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed 0 "${config[@]}"
 
-step "2/4 tune: 2 trials (λ 1 and 2), each a Ray Train run with DeepSpeed and its own history buffer; ASHA on the label-free objective"
-simgan-dist tune "${config[@]}" | tee "$out/tune.log"
+step "2/4 tune: 2 trials (λ 1 and 2), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; ASHA on the label-free objective"
+simgan-dist tune "${config[@]}" --set train.num_workers=1 | tee "$out/tune.log"
 
 step "3/4 refine: the whole synthetic corpus with the sweep's best checkpoint by the label-free objective"
 simgan-dist refine --checkpoint "$out/sweeps/demo" --input "$data/synthetic" --out "$data/refined" "${config[@]}"

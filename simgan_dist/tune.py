@@ -16,10 +16,10 @@ run in `runs/<trial>/`, and the sweep's results:
     best_config.yaml           the winner's config: `simgan-dist train --config best_config.yaml`
     best_checkpoint.txt        the winner's best checkpoint (`refine --checkpoint` takes the sweep folder)
 
-None of it holds storage credentials: the trials' config (`base` in Tune's param space, hence
-Tune's params.json/params.pkl, result.json and experiment state) is redacted like every
-serialised Config, and the credentials reach each trial's process through the object store
-(`tune.with_parameters`), from which `train.fit` passes them on to its workers (`share_env`).
+Tune's param space holds only K_g, lr and λ (what its status table and params.json show). The
+sweep's base config, redacted like every serialised Config, and the storage credentials reach
+each trial's process through the object store (`tune.with_parameters`); `train.fit` passes the
+credentials on to its workers (`share_env`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _scored_report_callback():
     return ScoredReportCallback()
 
 
-def run_trial(config: dict[str, Any], worker_resources: dict[str, float] | None = None,
+def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: dict[str, float] | None = None,
               env: dict[str, str] | None = None) -> None:
     """Tune function trainable: one training run with this trial's parameters, its workers sized
     by the sweep (`sweep_resources`) so that concurrent trials and their Ray Data tasks fit.
@@ -116,13 +116,13 @@ def run_trial(config: dict[str, Any], worker_resources: dict[str, float] | None 
     from simgan_dist.train import fit
 
     os.environ.update(env or {})  # this trial's own process; fit() hands them on to its workers
-    cfg = trial_config(config["base"], config, ray.tune.get_context().get_trial_id())
+    cfg = trial_config(base, config, ray.tune.get_context().get_trial_id())
     result = fit(cfg, callbacks=[_scored_report_callback()], worker_resources=worker_resources)
     if result.error:
         raise result.error
 
 
-def _history_cleanup():
+def _history_cleanup(base: dict[str, Any]):
     from ray.tune import Callback
 
     from simgan_dist import distributed_history as dh
@@ -132,7 +132,7 @@ def _history_cleanup():
         """Remove a trial's history actors when it completes, fails or is stopped (on the driver)."""
 
         def _remove(self, trial) -> None:
-            cfg = trial_config(trial.config["base"], trial.config, trial.trial_id)
+            cfg = trial_config(base, trial.config, trial.trial_id)
             dh.destroy_shards(history_run_id(cfg), cfg.train.buffer_shards)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -220,10 +220,12 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     filesystem, storage_path = storage.resolve(cfg.tune.output, cfg.storage)
     if not storage.is_s3(cfg.tune.output):
         filesystem = None
+    base = _redacted(cfg).to_dict()
     # The trial only drives its worker group, which holds the CPUs/GPUs. Credentials go by
     # reference through the object store, not in the (written) param space.
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, worker_resources=worker_resources, env=storage.worker_env(cfg.storage)),
+        tune.with_parameters(run_trial, base=base, worker_resources=worker_resources,
+                             env=storage.worker_env(cfg.storage)),
         {"CPU": TRIAL_CPUS})
     path = storage.join(storage_path if filesystem is None else f"s3://{storage_path}", cfg.tune.name)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
@@ -243,11 +245,11 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         f"results in {path}")
     return tune.Tuner(
         trainable,
-        param_space={**search_space(cfg), "base": _redacted(cfg).to_dict()},
+        param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                  callbacks=[_history_cleanup()], verbose=1),
+                                  callbacks=[_history_cleanup(base)], verbose=1),
     )
 
 
