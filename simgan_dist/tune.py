@@ -29,6 +29,7 @@ import csv
 import io
 import math
 import os
+import re
 from typing import Any
 
 from simgan_dist.config import Config, UserError, config_from_dict, load_config
@@ -253,6 +254,12 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     )
 
 
+def failure_line(error: BaseException) -> str:
+    """The line that says what went wrong: a Ray task error's last line (the exception), without colour codes."""
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return (lines[-1].strip() if lines else type(error).__name__)[:160]
+
+
 def _row(result, cfg: Config) -> dict[str, Any]:
     """One trial's line of the results table, with its best scored checkpoint."""
     params = {key: result.config[key] for key in PARAMS}
@@ -267,7 +274,7 @@ def _row(result, cfg: Config) -> dict[str, Any]:
     else:
         row.update({key: math.nan for key in SCORE_KEYS}, best_step=-1, last_step=-1)
     if result.error:
-        row["stop"] = f"failed: {str(result.error).splitlines()[0][:120]}"
+        row["stop"] = f"failed: {failure_line(result.error)}"
     elif row["last_step"] < _total_steps(apply_params(cfg, params)):
         row["stop"] = "stopped early (ASHA)"
     else:
@@ -298,7 +305,7 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     lines = [f"# Sweep {cfg.tune.name}", "", "Ranked by the label-free objective (lower = better; "
-             "realism / realism(synthetic) + drift / tolerance, see simgan_dist/objective.py).", "",
+             "realism / realism(synthetic) + drift beyond the tolerance, see simgan_dist/objective.py).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     storage.write_bytes_atomic(storage.join(folder, "results.md"), ("\n".join(lines) + "\n").encode(), cfg.storage)

@@ -90,3 +90,12 @@ def test_a_sweep_too_wide_for_the_cluster_fails_before_its_first_trial(monkeypat
     with pytest.raises(TuneError, match=r"3 trials at once \(tune.max_concurrent_trials=3\) do not fit: "
                                         r".*lower tune.max_concurrent_trials"):
         sweep_resources(too_wide)
+
+
+def test_a_failed_trial_is_summed_up_by_its_exception_line():
+    from simgan_dist.tune import failure_line
+
+    error = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, repr=run_trial)\n  File \"x.py\", line 3\n"
+                         "TypeError: run_trial() missing 1 required positional argument: 'base'\n")
+    assert failure_line(error) == "TypeError: run_trial() missing 1 required positional argument: 'base'"
+    assert failure_line(RuntimeError("")) == "RuntimeError"
