@@ -54,6 +54,11 @@ def configure_console(verbose: bool) -> None:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(QUIET_RAY_DATA_LOGGING))
 
 
+def verbose() -> bool:
+    """Whether the command was asked for framework output (`--verbose`)."""
+    return _verbose
+
+
 def say(line: str) -> None:
     """One of our own console lines (stdout, flushed: `ray job logs` shows it at once)."""
     print(line, flush=True)

@@ -34,7 +34,7 @@ from typing import Any
 
 from simgan_dist.config import Config, UserError, config_from_dict, load_config
 from simgan_dist.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
-from simgan_dist.ray_cluster import say
+from simgan_dist.ray_cluster import say, verbose
 
 PARAMS = ("k_g", "lr", "lambda_reg")
 # What a trial's own process holds: it only drives its worker group (Tune refuses an empty request).
@@ -60,6 +60,14 @@ def search_space(cfg: Config) -> dict[str, Any]:
         else:
             space[key] = tune.loguniform(value["min"], value["max"])
     return space
+
+
+def trial_count(cfg: Config) -> int:
+    """How many trials the sweep runs: num_samples, times every combination of the lists with `search: grid`."""
+    if cfg.tune.search != "grid":
+        return cfg.tune.num_samples
+    return cfg.tune.num_samples * math.prod(len(v) for v in (getattr(cfg.tune, k) for k in PARAMS)
+                                            if isinstance(v, list))
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
@@ -143,6 +151,34 @@ def _history_cleanup(base: dict[str, Any]):
             self._remove(trial)
 
     return HistoryCleanup()
+
+
+def _sweep_progress():
+    from ray.tune import Callback
+
+    class SweepProgress(Callback):
+        """Our own console lines for a sweep: a trial's start, each scored report, its end (Tune's table: --verbose)."""
+
+        @staticmethod
+        def _name(trial) -> str:
+            return f"trial {trial.trial_id} (k_g={trial.config['k_g']}, lr={trial.config['lr']:.3g}, " \
+                   f"λ={trial.config['lambda_reg']:.3g})"
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            say(f"tune: {self._name(trial)} started")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "objective" in result:
+                say(f"tune: trial {trial.trial_id} step {result.get('step')}: objective {result['objective']:.4g} "
+                    f"(realism {result.get('realism', math.nan):.4g}, drift {result.get('drift', math.nan):.3g} px)")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            say(f"tune: {self._name(trial)} ended at step {trial.last_result.get('step')}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say(f"tune: {self._name(trial)} failed (Tune keeps its error file under the sweep folder)")
+
+    return SweepProgress()
 
 
 def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
@@ -242,7 +278,9 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         searcher, limit = BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=concurrency), None
     scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
                               reduction_factor=cfg.tune.reduction_factor)
-    say(f"tune: sweep {cfg.tune.name!r}: {cfg.tune.num_samples} trials, up to {concurrency} at once, "
+    if not verbose():  # Tune's own status table and banners: --verbose (the legacy reporter is silent at 0)
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    say(f"tune: sweep {cfg.tune.name!r}: {trial_count(cfg)} trials, up to {concurrency} at once, "
         f"results in {path}")
     return tune.Tuner(
         trainable,
@@ -250,7 +288,8 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                  callbacks=[_history_cleanup(base)], verbose=1),
+                                  callbacks=[_history_cleanup(base), _sweep_progress()],
+                                  verbose=1 if verbose() else 0),
     )
 
 

@@ -99,3 +99,13 @@ def test_a_failed_trial_is_summed_up_by_its_exception_line():
                          "TypeError: run_trial() missing 1 required positional argument: 'base'\n")
     assert failure_line(error) == "TypeError: run_trial() missing 1 required positional argument: 'base'"
     assert failure_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_trial_count_multiplies_grid_lists():
+    from simgan_dist.tune import trial_count
+
+    grid = load_config("tiny", overrides=["tune.search=grid", "tune.num_samples=2", "tune.k_g=[1, 2]",
+                                          "tune.lr=[1.0e-3]", "tune.lambda_reg={min: 1.0e-4, max: 1.0e-2}"])
+    assert trial_count(grid) == 4
+    grid.tune.search = "random"
+    assert trial_count(grid) == 2
