@@ -206,6 +206,9 @@ def test_submitted_job_after_training(name, trained, head):
         # beside the trial's own 0.01
         assert "tune: each trial 1 worker(s) x 0.49 CPU (+1 CPU for Ray Data, 0.5 CPU for 2 history shard(s))" \
             in logs, logs
+        # our own line per trial, not Tune's status table and banners (those come with --verbose)
+        assert re.search(r"^tune: trial \w+ \(k_g=\d+, lr=[\d.e-]+, λ=[\d.e-]+\) ended at step \d+$", logs, re.M), logs
+        assert "View detailed results here" not in logs and "Trial status:" not in logs, logs
 
 
 def test_cli_on_the_head_node_joins_its_cluster(trained, head):
