@@ -2,8 +2,8 @@
 
 Each `HistoryShard` actor wraps a `HistoryBuffer` (history.py), so the semantics are the
 ones the unit tests pin. A worker's `SharedHistory` client splits every push evenly over
-the shards (fire-and-forget) and, right after pushing, asks for the next sample, which
-then travels while the refiner steps run. Because every shard receives the same share of
+the shards (fire-and-forget), each shard's reply being the next sample, which then
+travels while the refiner steps run. Because every shard receives the same share of
 every push, the shards fill evenly and sampling the same share from each is uniform over
 the logical buffer.
 
@@ -50,6 +50,11 @@ class HistoryShard:
     def push(self, codes: np.ndarray) -> int:
         self.buffer.push(torch.from_numpy(codes))
         return len(self.buffer)
+
+    def push_and_sample(self, codes: np.ndarray, k: int) -> tuple[torch.Tensor, int]:
+        """A client's push and its next sample in one call: one actor round trip per shard and D step."""
+        self.push(codes)
+        return self.sample(k)
 
     def sample(self, k: int) -> tuple[torch.Tensor, int]:
         if not len(self.buffer):  # restarted after a node failure: empty until the next push
@@ -126,8 +131,9 @@ def load_shards(shards: list[ray.actor.ActorHandle], states: list[dict]) -> int:
 class SharedHistory:
     """The `History` interface of algorithm.py over the shard actors, with one-step prefetch.
 
-    One host sync per D step (the push's device→host copy of b/2 integer images); the
-    K_g refiner steps between two D steps never wait on the buffer.
+    One host sync per D step (the push's device→host copy of b/2 integer images) and one
+    actor call per shard (the push, which returns the next sample); the K_g refiner steps
+    between two D steps never wait on the buffer.
     """
 
     def __init__(self, shards: list[ray.actor.ActorHandle], sample_size: int,
@@ -143,9 +149,12 @@ class SharedHistory:
     def __len__(self) -> int:
         return self.known_size
 
+    @property
+    def _share(self) -> int:
+        return -(-self.sample_size // len(self.shards))
+
     def _request(self) -> list[ray.ObjectRef]:
-        share = -(-self.sample_size // len(self.shards))
-        return [s.sample.remote(share) for s in self.shards]
+        return [s.sample.remote(self._share) for s in self.shards]
 
     def sample(self, k: int) -> torch.Tensor:
         if k != self.sample_size:
@@ -159,10 +168,10 @@ class SharedHistory:
     def push(self, images: torch.Tensor) -> None:
         chunks = np.array_split(to_host(history_codes(images, self.wide)), len(self.shards))
         # Fire-and-forget: an actor runs one caller's calls in order; refs are kept for flush().
-        self.pushes = [shard.push.remote(chunk) for shard, chunk in zip(self.shards, chunks, strict=False)]
+        # The reply is the next sample, which sees this push and is ready by the next D step.
+        self.pushes = self.pending = [shard.push_and_sample.remote(chunk, self._share)
+                                      for shard, chunk in zip(self.shards, chunks, strict=False)]
         self.known_size = max(self.known_size, 1)
-        # Asked after the push, the sample already sees it, and is ready by the next D step.
-        self.pending = self._request()
 
     def flush(self) -> None:
         """Wait until this client's last pushes have landed (before a checkpoint)."""

@@ -28,6 +28,7 @@ from simgan_dist.imaging import to_host, wide_codes
 from simgan_dist.models import build_discriminator, build_refiner
 
 PREVIEW = 8
+CHUNK_BATCHES = 8  # batches per Ray Data fetch (ShardStream)
 DS_TAG = "engine"  # DeepSpeed writes a file named "latest" beside the tag folder
 
 
@@ -117,32 +118,49 @@ def build_engines(cfg: Config, device: torch.device, bf16: bool,
 
 
 class ShardStream:
-    """Endless batches from a worker's Ray Data shard: each exhausted pass starts a new epoch."""
+    """Endless batches from a worker's Ray Data shard: each exhausted pass starts a new epoch.
+
+    Ray Data hands over chunks of CHUNK_BATCHES batches, served here slice by slice: its own cost
+    per batch (shuffle-buffer take, Arrow to torch conversion, collation) was about a sixth of a
+    CPU training step at the tiny preset's batch of 32 (bench/RESULTS.md, issue 11 (b)). With
+    `shuffle`, each chunk (with the previous chunk's remainder) is permuted on the device: a local
+    shuffle over 8 batches, where Ray's shuffle buffer held 4. An epoch's last partial batch is
+    dropped, so an unshuffled run sees exactly the local trainer's batches.
+    """
 
     def __init__(self, shard, batch_size: int, to_input, shuffle: bool):
         self.shard = shard
         self.batch_size = batch_size
         self.to_input = to_input
-        self.shuffle_buffer = 4 * batch_size if shuffle else None
+        self.shuffle = shuffle
         self.wait_s = 0.0
         self.preview: np.ndarray | None = None  # kept on the host: batches arrive on the worker's device
-        self.batches = self._epoch()
+        self.rows: torch.Tensor | None = None  # this epoch's images not served yet
+        self.chunks = self._epoch()
 
     def _epoch(self):
-        return iter(self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=self.shuffle_buffer,
-        ))
+        return iter(self.shard.iter_torch_batches(batch_size=CHUNK_BATCHES * self.batch_size, prefetch_batches=1))
+
+    def _refill(self) -> bool:
+        """Append the next chunk; at the end of the epoch start the next one instead (returns True)."""
+        try:
+            chunk = next(self.chunks)["image"]
+        except StopIteration:
+            self.chunks, self.rows = self._epoch(), None
+            return True
+        rows = chunk if self.rows is None else torch.cat([self.rows, chunk])
+        self.rows = rows[torch.randperm(len(rows), device=rows.device)] if self.shuffle else rows
+        return False
 
     def __call__(self) -> torch.Tensor:
         start = time.perf_counter()
-        try:
-            batch = next(self.batches)
-        except StopIteration:
-            self.batches = self._epoch()
-            batch = next(self.batches)
+        epochs = 0
+        while self.rows is None or len(self.rows) < self.batch_size:
+            epochs += self._refill()
+            if epochs > 1:
+                raise RuntimeError(f"this worker's data shard holds fewer rows than one batch ({self.batch_size})")
+        images, self.rows = self.rows[:self.batch_size], self.rows[self.batch_size:]
         self.wait_s += time.perf_counter() - start
-        images = batch["image"]
         if self.preview is None:
             self.preview = to_host(images[:PREVIEW])
         return self.to_input(images)
@@ -406,9 +424,11 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
             if not getattr(cfg.data, key):
                 raise SystemExit(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
         check_corpora(cfg)
+        # Only the image column already; a select on top would re-run on every epoch of a cached corpus.
         datasets = {key: _open_dataset(getattr(cfg.data, key), cfg, holdout=key == "real")
                     for key in ("synthetic", "real")}
-    datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
+    else:
+        datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
     storage_filesystem = None
     if storage.is_s3(cfg.train.storage_path):
         storage_filesystem, storage_path = storage.resolve(cfg.train.storage_path, cfg.storage)

@@ -15,7 +15,7 @@ from simgan_dist.checkpoint import load_refiner
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.local_train import train_local
-from simgan_dist.train import checkpoint_uri, fit
+from simgan_dist.train import CHUNK_BATCHES, ShardStream, checkpoint_uri, fit
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,40 @@ def eye_data(tmp_path_factory):
 def _config(*overrides):
     return load_config("tiny", overrides=["train.pretrain_refiner_steps=4", "train.pretrain_disc_steps=4",
                                           "train.report_every=5", "train.image_every=10", *overrides])
+
+
+class _Shard:
+    """A Ray Data shard's iteration interface over rows whose first pixel is their index."""
+
+    def __init__(self, rows: int):
+        import torch
+
+        self.images = torch.arange(rows).view(-1, 1, 1, 1).to(torch.uint8)
+        self.fetches: list[int] = []
+
+    def iter_torch_batches(self, batch_size: int, prefetch_batches: int):
+        for start in range(0, len(self.images), batch_size):
+            self.fetches.append(batch_size)
+            yield {"image": self.images[start:start + batch_size]}
+
+
+def _epoch_rows(stream: ShardStream, batches: int) -> list[list[int]]:
+    return [stream()[:, 0, 0, 0].tolist() for _ in range(batches)]
+
+
+def test_shard_stream_serves_chunks_batch_by_batch():
+    shard = _Shard(100)
+    stream = ShardStream(shard, 8, to_input=lambda images: images.long(), shuffle=False)
+    first, second = _epoch_rows(stream, 12), _epoch_rows(stream, 12)
+    # consecutive rows, the epoch's last partial batch (4 rows) dropped, as the local trainer does
+    assert first == second == [list(range(i, i + 8)) for i in range(0, 96, 8)]
+    assert set(shard.fetches) == {CHUNK_BATCHES * 8}  # one Ray Data fetch per CHUNK_BATCHES batches
+    shuffled = ShardStream(_Shard(100), 8, to_input=lambda images: images.long(), shuffle=True)
+    for _ in range(2):
+        rows = [row for batch in _epoch_rows(shuffled, 12) for row in batch]
+        assert len(set(rows)) == 96 and rows != sorted(rows)  # each epoch: distinct rows, not in stored order
+    with pytest.raises(RuntimeError, match="fewer rows than one batch"):
+        ShardStream(_Shard(5), 8, to_input=lambda images: images, shuffle=False)()
 
 
 def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
