@@ -22,7 +22,7 @@ echo "== tests/gpu"
 $py -m pytest tests/gpu -m gpu -q -s -p no:cacheprovider 2>&1 | tee "$log/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 echo "== training benchmark"
-$py bench/train_throughput.py --preset eye --workers 1 --iterations "${GPU_TRAIN_ITERATIONS:-60}" 2>&1 | tee "$log/train.txt"
+$py bench/train_throughput.py --configs eye --workers 1 --iterations "${GPU_TRAIN_ITERATIONS:-60}" 2>&1 | tee "$log/train.txt"
 echo "== refine benchmark"
 $py bench/refine_throughput.py --preset eye --rows "${GPU_REFINE_ROWS:-2000000}" 2>&1 | tee "$log/refine.txt"
 
@@ -33,7 +33,7 @@ $py bench/refine_throughput.py --preset eye --rows "${GPU_REFINE_ROWS:-2000000}"
     echo "| what | result |"
     echo "|---|---|"
     echo "| tests/gpu | $(tail -n 1 "$log/tests.txt" | tr -d '=|' | sed 's/^ *//') |"
-    grep -h -E '^(roofline|Ray Train)' "$log/train.txt" | sed 's/^/| training | /; s/$/ |/'
+    grep -h -E '^ratio ' "$log/train.txt" | sed 's/^/| training | /; s/$/ |/'
     grep -h -E '^\| .* \| eye \|' "$log/refine.txt" | sed 's/^| /| refine (device, preset, rows, precision, batch, forward, plain loop, e2e steady, e2e wall) | /'
     grep -h -E 'roofline 116,000' "$log/refine.txt" | sed 's/^/| refine vs roofline | /; s/$/ |/'
     grep -h -E '^(refine 100K|hand refine batch|images/s per report)' "$log/tests.txt" | sed 's/^/| tests\/gpu figure | /; s/$/ |/'

@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from simgan_dist import ray_cluster
 from simgan_dist.config import Config, config_from_dict, load_config
 
 SYNTHETIC, REAL = 4000, 2000  # the demo's corpus (README, `make demo`)
+SETTLE_S = 10  # a finished run's Ray processes take seconds to exit: the next plain run must not pay for it
 
 
 def config_for(name: str, overrides: list[str]) -> Config:
@@ -143,16 +145,20 @@ def main() -> None:
                     for i in range(2 * args.repeats + 1):  # plain, ray, plain, ..., plain
                         side = "ray" if i % 2 else "plain"
                         run = folder / "runs" / f"{Path(name).stem}-{workers}-{i}"
-                        rate = distributed(cfg, run) if side == "ray" else plain(cfg, run, threads)
+                        if side == "ray":
+                            rate = distributed(cfg, run)
+                            time.sleep(SETTLE_S)
+                        else:
+                            rate = plain(cfg, run, threads)
                         rates[side].append(rate)
                         print(json.dumps({"config": name, "workers": workers, "side": side, "images_per_s": round(rate),
                                           "load_avg": round(os.getloadavg()[0], 1)}), flush=True)
                     p, r = statistics.median(rates["plain"]), statistics.median(rates["ray"])
                     device = torch.cuda.get_device_name() if use_gpu else "CPU"
                     summary.append(
-                        f"ratio | {name} | batch {cfg.train.batch_size} x {workers} worker(s), K_g {cfg.train.k_g}, "
-                        f"K_d {cfg.train.k_d}, {device} | plain ({threads or '-'} thread(s)) {p:,.0f} images/s | "
-                        f"ray ({ray_threads} thread(s) per worker) {r:,.0f} images/s | {r / p:.2f}")
+                        f"ratio {r / p:.2f} (ray/plain): {name}, batch {cfg.train.batch_size} x {workers} worker(s), "
+                        f"K_g {cfg.train.k_g}, K_d {cfg.train.k_d}, {device}; plain ({threads or '-'} thread(s)) "
+                        f"{p:,.0f} images/s, ray ({ray_threads} thread(s) per worker) {r:,.0f} images/s")
         finally:
             ray.shutdown()
     print("\n".join(summary))

@@ -356,11 +356,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 })
                 if evaluator is not None and evaluate:
                     write_scores(folder, step, metrics)
+            # Ray Train hears only of checkpoints (every evaluation and the last step are ones): each
+            # report waits until its controller has taken the previous one, which it polls every 2 s
+            # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per progress line capped training at one
+            # line per poll. Progress lines and metrics.jsonl above keep every report.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             saved_at = time.monotonic()
-        else:
-            ray.train.report(metrics)
         images, wait_mark, clock = 0, wait, time.perf_counter()
     if sink:
         sink.close()
