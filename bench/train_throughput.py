@@ -5,20 +5,21 @@ Both sides train the same config on the same simulated corpus, adversarial itera
 image grids at the config's cadence:
 
 - plain: `local_train.train_local`, the product's single-process loop, in this process with
-  `--threads` torch threads (default: one per Ray worker). It is the training step minus the
-  distributed machinery: the same models, `make_optimizer` (fused Adam), uint8 `CodedHistory`,
-  EMA and instance noise, batches of uint8 images normalised on the device. It runs the
-  global batch (batch_size × workers) over the same logical buffer (buffer_size × workers),
-  so a step handles as many images as all Ray workers together.
+  `--threads` torch threads (default: one per Ray worker; several values: one plain run of
+  each per round). It is the training step minus the distributed machinery: the same models,
+  `make_optimizer` (fused Adam), uint8 `CodedHistory`, EMA and instance noise, batches of
+  uint8 images normalised on the device. It runs the global batch (batch_size × workers) over
+  the same logical buffer (buffer_size × workers), so a step handles as many images as all
+  Ray workers together.
 - ray: `train.fit` with `--workers` workers on this machine's local Ray instance: DeepSpeed
   engines, Ray Data shards, the shared history actors, Ray Train reports (threads per worker
   as Ray sets them, printed).
 
 The corpus has the demo's size (4,000 synthetic, 2,000 real images), or 4 iterations' worth
 when a step takes more (eye: K_g = 50): Ray Data's cost per epoch counts about as often as
-in the demo. Ray starts its worker processes 15 nice levels below
-the driver; on a shared machine that, not the code, would decide the ratio, so Ray's workers
-here keep the driver's priority (`RAY_worker_niceness=0`), the plain loop's.
+in the demo. Ray starts its worker processes 15 nice levels below the driver; on a shared
+machine that, not the code, would decide the ratio, so Ray's workers here keep the driver's
+priority (`RAY_worker_niceness=0`), the plain loop's.
 
 Throughput is the wall clock between a run's reports (metrics.jsonl `time`), so everything a
 step does, reports included, is in it; the first report (start-up) and the last (the final
@@ -26,7 +27,8 @@ checkpoint) are left out. The sides alternate (plain, ray, plain, ...) so that l
 show, and each ratio is median(ray) / median(plain).
 
     python bench/train_throughput.py --configs eye --workers 1 --iterations 60           # one GPU
-    DS_ACCELERATOR=cpu python bench/train_throughput.py --cpu --configs tiny jobs/configs/tiny.yaml --workers 1 2
+    DS_ACCELERATOR=cpu python bench/train_throughput.py --cpu --configs tiny jobs/configs/tiny.yaml \
+        --workers 1 2 --threads 1 2 --iterations 100 --repeats 3                          # here
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1])
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=2, help="ray runs per case (plain runs: one more)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of the plain loop on CPU (0: as many as Ray workers)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0],
+                        help="torch threads of the plain loop on CPU, one plain run each (0: as many as Ray workers)")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -139,26 +141,31 @@ def main() -> None:
             for name in args.configs:
                 for workers in args.workers:
                     cfg = config_for(name, [*args.overrides, *fixed, *data, f"train.num_workers={workers}"])
-                    threads = None if use_gpu else args.threads or workers
+                    # the plain loop's thread counts on CPU (0: one per Ray worker); one run each per round
+                    threads = [None] if use_gpu else list(dict.fromkeys(t or workers for t in args.threads))
                     ray_threads = ray_worker_threads(cfg)
-                    rates = {"plain": [], "ray": []}
-                    for i in range(2 * args.repeats + 1):  # plain, ray, plain, ..., plain
-                        side = "ray" if i % 2 else "plain"
-                        run = folder / "runs" / f"{Path(name).stem}-{workers}-{i}"
-                        if side == "ray":
-                            rate = distributed(cfg, run)
-                            time.sleep(SETTLE_S)
-                        else:
-                            rate = plain(cfg, run, threads)
-                        rates[side].append(rate)
-                        print(json.dumps({"config": name, "workers": workers, "side": side, "images_per_s": round(rate),
-                                          "load_avg": round(os.getloadavg()[0], 1)}), flush=True)
-                    p, r = statistics.median(rates["plain"]), statistics.median(rates["ray"])
+                    rates = {"ray": [], **{t: [] for t in threads}}
+                    for i in range(args.repeats + 1):  # plain (each thread count), ray, ..., plain
+                        for side in threads + (["ray"] if i < args.repeats else []):
+                            run = folder / "runs" / f"{Path(name).stem}-{workers}-{side}-{i}"
+                            if side == "ray":
+                                rate = distributed(cfg, run)
+                                time.sleep(SETTLE_S)
+                            else:
+                                rate = plain(cfg, run, side)
+                            rates[side].append(rate)
+                            print(json.dumps({"config": name, "workers": workers, "side": side if side == "ray" else
+                                              f"plain, {side or '-'} thread(s)", "images_per_s": round(rate),
+                                              "load_avg": round(os.getloadavg()[0], 1)}), flush=True)
+                    r = statistics.median(rates["ray"])
                     device = torch.cuda.get_device_name() if use_gpu else "CPU"
-                    summary.append(
-                        f"ratio {r / p:.2f} (ray/plain): {name}, batch {cfg.train.batch_size} x {workers} worker(s), "
-                        f"K_g {cfg.train.k_g}, K_d {cfg.train.k_d}, {device}; plain ({threads or '-'} thread(s)) "
-                        f"{p:,.0f} images/s, ray ({ray_threads} thread(s) per worker) {r:,.0f} images/s")
+                    for t in threads:
+                        p = statistics.median(rates[t])
+                        summary.append(
+                            f"ratio {r / p:.2f} (ray/plain): {name}, batch {cfg.train.batch_size} x {workers} "
+                            f"worker(s), K_g {cfg.train.k_g}, K_d {cfg.train.k_d}, {device}; plain ({t or '-'} "
+                            f"thread(s), batch {cfg.train.batch_size * workers}) {p:,.0f} images/s, ray ({ray_threads} "
+                            f"thread(s) per worker) {r:,.0f} images/s")
         finally:
             ray.shutdown()
     print("\n".join(summary))
