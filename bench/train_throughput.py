@@ -138,7 +138,7 @@ def main() -> None:
                          seed=0)
         data = [f"data.synthetic={folder}/data/synthetic", f"data.real={folder}/data/real"]
         try:
-            for name in args.configs:
+            for index, name in enumerate(args.configs):
                 for workers in args.workers:
                     cfg = config_for(name, [*args.overrides, *fixed, *data, f"train.num_workers={workers}"])
                     # the plain loop's thread counts on CPU (0: one per Ray worker); one run each per round
@@ -147,7 +147,8 @@ def main() -> None:
                     rates = {"ray": [], **{t: [] for t in threads}}
                     for i in range(args.repeats + 1):  # plain (each thread count), ray, ..., plain
                         for side in threads + (["ray"] if i < args.repeats else []):
-                            run = folder / "runs" / f"{Path(name).stem}-{workers}-{side}-{i}"
+                            # (a plain run resumes from a folder that has a checkpoint: one folder per run)
+                            run = folder / "runs" / f"{index}-{Path(name).stem}-{workers}-{side}-{i}"
                             if side == "ray":
                                 rate = distributed(cfg, run)
                                 time.sleep(SETTLE_S)
