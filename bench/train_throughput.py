@@ -17,7 +17,7 @@ image grids at the config's cadence:
 
 The corpus has the demo's size (4,000 synthetic, 2,000 real images), or 4 iterations' worth
 when a step takes more (eye: K_g = 50): Ray Data's cost per epoch counts about as often as
-in the demo. Ray starts its worker processes 15 nice levels below the driver; on a shared
+in the demo. Ray renices its worker processes (nice 19 under a driver at 5); on a shared
 machine that, not the code, would decide the ratio, so Ray's workers here keep the driver's
 priority (`RAY_worker_niceness=0`), the plain loop's.
 
