@@ -121,8 +121,9 @@ class ShardStream:
     """Endless batches from a worker's Ray Data shard: each exhausted pass starts a new epoch.
 
     Ray Data hands over chunks of CHUNK_BATCHES batches, served here slice by slice: its own cost
-    per batch (shuffle-buffer take, Arrow to torch conversion, collation) was about a sixth of a
-    CPU training step at the tiny preset's batch of 32 (bench/RESULTS.md, issue 11 (b)). With
+    per batch (shuffle-buffer take, Arrow to torch conversion, collation) is 1.2 ms of CPU at the
+    tiny preset's batch of 32, about 5x what the same rows cost in fetches of 128 without Ray's
+    shuffle (bench/RESULTS.md, issue 11 (b)). With
     `shuffle`, each chunk (with the previous chunk's remainder) is permuted on the device: a local
     shuffle over 8 batches, where Ray's shuffle buffer held 4. An epoch's last partial batch is
     dropped, so an unshuffled run sees exactly the local trainer's batches.
