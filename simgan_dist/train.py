@@ -286,6 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = Evaluator.from_config(cfg)
     averager = MetricAverager()
     images, wait_mark, clock, saved_at = 0, 0.0, time.perf_counter(), time.monotonic()
+    restarts_said = 0
     while not algo.done:
         phase = algo.phase
         averager.add(algo.advance())
@@ -307,7 +308,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data_wait_s": wait - wait_mark,
             "buffer_fill": len(history) / (cfg.train.buffer_size * world),
             "restored_from_step": restored_from, "history_restored": history_restored,
-            "history_run": loop_config["history_run"],
+            "history_run": loop_config["history_run"], "history_restarts": len(history.restarts),
         }
         if evaluator is not None and evaluate:
             # The weights the checkpoint holds and refine uses (the EMA when there is one): fp32
@@ -320,6 +321,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["objective"] = float("nan")
         if sink and (step % cfg.train.image_every == 0 or algo.done):
             sink.log.image(step, _preview_grid(refining, to_input, synthetic.preview, real.preview))
+        if sink and len(history.restarts) > restarts_said:
+            # Deliberately not fatal: the shard refills from the next D steps; the run should not roll back.
+            shards_lost = sorted(set(history.restarts[restarts_said:]))
+            say(f"[{cfg.train.name}] warning: history shard(s) {shards_lost} lost their actor and came back empty "
+                f"by step {step}; training goes on while they refill ({len(history)} images in the buffer now)")
+            restarts_said = len(history.restarts)
         if sink:
             sink.log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             say(progress_line(step, algo.total_steps, phase, metrics) + score_text(metrics))

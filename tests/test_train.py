@@ -15,7 +15,7 @@ from simgan_dist.checkpoint import load_refiner
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.local_train import train_local
-from simgan_dist.train import checkpoint_uri, fit
+from simgan_dist.train import checkpoint_uri, fit, history_run_id
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,41 @@ def test_killed_worker_resumes_from_checkpoint_with_buffer(ray_local, eye_data, 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_killed_history_shard_comes_back_empty_and_training_goes_on(ray_local, eye_data, tmp_path, capsys):
+    import ray
+
+    from simgan_dist import distributed_history as dh
+
+    cfg = _config("train.iterations=30", "train.report_every=2", "train.checkpoint_every=100", "train.buffer_size=128",
+                  f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",
+                  f"train.storage_path={tmp_path}", "train.name=shard", "train.max_failures=0")
+    metrics = tmp_path / "shard" / "monitor" / "metrics.jsonl"
+    killed = []
+
+    def kill_once_the_buffer_is_full():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and any(r.get("buffer_fill") == 1.0 for r in _jsonl(metrics)):
+                shard = dh.get_shards(history_run_id(cfg), cfg.train.buffer_shards)[0]
+                ray.kill(shard, no_restart=False)  # as if its node died: Ray restarts it from its constructor
+                killed.append(_jsonl(metrics)[-1]["step"])
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_once_the_buffer_is_full, daemon=True)
+    killer.start()
+    result = fit(cfg)
+    killer.join(timeout=5)
+    assert killed, "the buffer never filled, or no shard was found to kill"
+    assert result.error is None
+    # the run went on, with no worker-group restart, and said what happened
+    assert result.metrics["step"] == 38 and result.metrics["restored_from_step"] == 0
+    assert result.metrics["history_restarts"] == 1
+    assert "warning: history shard(s) [0] lost their actor and came back empty" in capsys.readouterr().out
+    fills = [r["buffer_fill"] for r in _jsonl(metrics) if r["step"] > killed[0]]
+    assert min(fills) < 1.0 and fills[-1] == 1.0  # half the buffer was lost, then refilled
 
 
 def test_single_worker_follows_the_local_trainer(ray_local, eye_data, tmp_path):
