@@ -23,12 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from simgan_dist.config import Config, config_from_dict, load_config
+from simgan_dist.config import Config, UserError, config_from_dict, load_config
 from simgan_dist.imaging import to_host, wide_codes
 from simgan_dist.models import build_discriminator, build_refiner
 
 PREVIEW = 8
 DS_TAG = "engine"  # DeepSpeed writes a file named "latest" beside the tag folder
+
+
+class TrainingError(UserError, RuntimeError):
+    """A training run that failed once its restarts (train.max_failures) were used up."""
 
 
 def history_run_id(cfg: Config) -> str:
@@ -391,7 +395,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     import threading
 
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
@@ -459,6 +463,11 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     printer.start()
     try:
         return trainer.fit()
+    except TrainingFailedError as exc:
+        # What failed, in one line, instead of the traceback of every worker (those stay in Ray's logs).
+        raise TrainingError(
+            f"run {cfg.train.name!r} failed: {ray_cluster.failure_line(exc)}. The same command continues it from "
+            f"its latest checkpoint in {storage.join(cfg.train.storage_path, cfg.train.name)}") from exc
     finally:
         done.set()
         printer.join(timeout=10)
@@ -574,8 +583,6 @@ def cli_train(args: argparse.Namespace) -> int:
         print(f"images and TensorBoard logs: {run.folder}")
         return 0
     result = fit(cfg)
-    if result.error:
-        raise SystemExit(f"training failed: {result.error}")
     from simgan_dist.data import storage
 
     monitor = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
