@@ -34,6 +34,7 @@ KINDS = ("slowdown", "internal", "drop", "stall")
 ERRORS = {"slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
           "internal": (500, "Internal Server Error", "InternalError", "We encountered an internal error.")}
 HEAD_LIMIT = 64 << 10
+IDLE_S = 60.0  # a client connection that sends nothing for this long is dropped: no handler waits forever
 
 
 @dataclass
@@ -92,6 +93,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         client = self.request
+        client.settimeout(IDLE_S)
         try:
             head, rest = _read_head(client)
         except (OSError, ValueError):
