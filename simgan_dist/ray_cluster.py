@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -233,6 +234,12 @@ def describe(resources: dict[str, Any], cfg: Config) -> str:
     workers = f"{cfg.train.num_workers} worker(s) x {', '.join(f'{v:g} {k}' for k, v in resources.items())}"
     return (f"{workers} (+{DATA_CPUS:g} CPU for Ray Data, {history_cpus(cfg):g} CPU for "
             f"{cfg.train.buffer_shards} history shard(s))")
+
+
+def failure_line(error: BaseException) -> str:
+    """The line that says what went wrong: a Ray task error's last line (the exception), without colour codes."""
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def progress_printer(channel, done) -> None:

@@ -32,13 +32,12 @@ import csv
 import io
 import math
 import os
-import re
 import time
 from typing import Any
 
 from simgan_dist.config import Config, UserError, config_from_dict, load_config
 from simgan_dist.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
-from simgan_dist.ray_cluster import say, verbose
+from simgan_dist.ray_cluster import failure_line, say, verbose
 
 PARAMS = ("k_g", "lr", "lambda_reg")
 # What a trial's own process holds: it only drives its worker group (Tune refuses an empty request).
@@ -315,12 +314,6 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     )
 
 
-def failure_line(error: BaseException) -> str:
-    """The line that says what went wrong: a Ray task error's last line (the exception), without colour codes."""
-    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
-    return (lines[-1].strip() if lines else type(error).__name__)[:160]
-
-
 def _row(result, cfg: Config) -> dict[str, Any]:
     """One trial's line of the results table, with its best scored checkpoint."""
     params = {key: result.config[key] for key in PARAMS}
@@ -335,7 +328,7 @@ def _row(result, cfg: Config) -> dict[str, Any]:
     else:
         row.update({key: math.nan for key in SCORE_KEYS}, best_step=-1, last_step=-1)
     if result.error:
-        row["stop"] = f"failed: {failure_line(result.error)}"
+        row["stop"] = f"failed: {failure_line(result.error)[:160]}"
     elif row["last_step"] < _total_steps(apply_params(cfg, params)):
         row["stop"] = "stopped early (ASHA)"
     else:
