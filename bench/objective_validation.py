@@ -16,7 +16,8 @@ for those final measurements, never by training or checkpoint choice.
         --trials 8 --seeds 3
 
 Trained runs stay under OUT/runs/; each gaze measurement is cached in OUT/gaze.jsonl by
-checkpoint and seed, so a rerun only measures what is new (resumable).
+checkpoint, seed and estimator, so a rerun only measures what is new (resumable): the same OUT
+with `--gaze-model gazenet` measures the same chosen checkpoints with the paper's GazeNet.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--along", type=int, default=0,
                         help="also measure every N-th checkpoint of each run (seed 0); 0: only the chosen ones")
     parser.add_argument("--gaze-epochs", type=int, default=15)
+    parser.add_argument("--gaze-model", default="small", choices=("small", "gazenet"),
+                        help="the downstream estimator (gazenet: the paper's, ~10 CPU-minutes a run; a GPU day)")
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
     args = parser.parse_args()
@@ -92,12 +95,13 @@ def main() -> None:
         f"data.synthetic={data / 'synthetic'}", f"data.real={data / 'real'}", "data.real_test=",
         "data.real_val_fraction=0.1", f"train.iterations={args.iterations}", f"train.eval_every={args.eval_every}",
         "train.eval_samples=256", "train.keep_best=100000", f"train.storage_path={out / 'runs'}",
-        f"evaluate.gaze_epochs={args.gaze_epochs}"])
+        f"evaluate.gaze_epochs={args.gaze_epochs}", f"evaluate.gaze_model={args.gaze_model}"])
     synthetic = load_numpy(base.data.synthetic, columns=["image", "gaze"])
     test = load_numpy(str(data / "real_test"), columns=["image", "gaze"])  # the final measurements only
     cache_file = out / "gaze.jsonl"
     cache = {(d["checkpoint"], d["seed"]): d["mean_deg"] for d in
-             map(json.loads, cache_file.read_text().splitlines() if cache_file.exists() else [])}
+             map(json.loads, cache_file.read_text().splitlines() if cache_file.exists() else [])
+             if d.get("model", "small") == args.gaze_model}
 
     def gaze_errors(checkpoint: str, seeds: range) -> list[float]:
         for seed in seeds:
@@ -107,7 +111,7 @@ def main() -> None:
                 cache[checkpoint, seed] = train_gaze(images, synthetic["gaze"], test["image"], test["gaze"],
                                                      base.evaluate, seed=seed, progress=False)["mean_deg"]
                 with cache_file.open("a") as f:
-                    f.write(json.dumps({"checkpoint": checkpoint, "seed": seed,
+                    f.write(json.dumps({"checkpoint": checkpoint, "seed": seed, "model": args.gaze_model,
                                         "mean_deg": cache[checkpoint, seed]}) + "\n")
         return [cache[checkpoint, seed] for seed in seeds]
 

@@ -217,10 +217,10 @@ class GazeFeatures:
     A refined corpus helps a gaze estimator on real eyes when refined and real eyes look alike
     in the features a gaze estimator reads, not in texture statistics: scored in the random
     `realism_features` space, the objective ranked neither the checkpoints along a training
-    run nor the trials of a sweep like the downstream error (Spearman 0.41 and 0.41; this
-    space: 0.76 along runs, bench/RESULTS.md). Only synthetic labels are used, never real ones.
+    run nor the trials of a sweep like the downstream error (Spearman 0.41 and 0.41; in this
+    space 0.69 and 0.69, bench/RESULTS.md). Only synthetic labels are used, never real ones.
     The network (`models.SmallGazeNet`, `gaze.fit_gaze`, FEATURE_NET_EPOCHS epochs on the first
-    FEATURE_NET_ROWS labeled rows, seeded) is trained once per run: ~15 s on one CPU core.
+    FEATURE_NET_ROWS labeled rows, seeded) is trained once per run: ~40 CPU-seconds on one core.
     """
 
     def __init__(self, images: np.ndarray, gaze: np.ndarray, seed: int = 0):
