@@ -27,12 +27,7 @@ from simgan_dist.data.simulate import (
     render_eyes,
     sample_eye_params,
 )
-
-
-def angular_error_deg(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    pred = pred / np.linalg.norm(pred, axis=1, keepdims=True)
-    true = true / np.linalg.norm(true, axis=1, keepdims=True)
-    return np.degrees(np.arccos(np.clip((pred * true).sum(1), -1.0, 1.0)))
+from simgan_dist.gaze import angular_error_deg
 
 
 def features(images: np.ndarray) -> np.ndarray:

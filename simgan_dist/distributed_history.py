@@ -14,13 +14,19 @@ depth. They are encoded on the training device and decoded there after a sample.
 Actors are named after the run (`simgan-history/<run>/<shard>`): one buffer per run, and
 a restarted worker group finds the same buffer. Each asks for a little CPU and the memory
 its images take, so the scheduler places them where that exists (a head node started
-with `--num-cpus=0` gets none), spread over nodes; a shard whose node dies is restarted
-empty and refills within a few D steps (the checkpoint still holds the last contents).
+with `--num-cpus=0` gets none), spread over nodes. A shard whose actor dies (its node, a
+`ray.kill`) is restarted empty by Ray and refills within a few D steps: training goes on,
+and because every start of a shard has its own incarnation id the clients notice, and rank
+0 says so (a warning line and the `history_restarts` metric). The checkpoint still holds
+the last contents. A shard that cannot come back (restarts used up, no room for it on the
+cluster) fails the worker's call after `REPLY_TIMEOUT_S` instead of hanging it, and the
+worker group restarts from the latest checkpoint (`train.max_failures`).
 """
 
 from __future__ import annotations
 
 import math
+import uuid
 
 import numpy as np
 import ray
@@ -32,6 +38,13 @@ from simgan_dist.imaging import from_history_codes, history_codes, to_host
 NAMESPACE = "simgan_dist"
 SHARD_CPUS = 0.25  # a push or sample is a few ms of copying; enough to be scheduled, not to crowd
 MAX_RESTARTS = 3
+# A push or sample answers in milliseconds and a restarted shard within seconds; one that cannot be
+# placed again would never answer.
+REPLY_TIMEOUT_S = 600.0
+
+
+class HistoryUnavailable(RuntimeError):
+    """The history shard actors did not answer in time."""
 
 
 @ray.remote
@@ -40,6 +53,7 @@ class HistoryShard:
         self.args = (capacity, image_shape)
         self.seed = seed
         self.dtype = torch.int16 if wide else torch.uint8
+        self.incarnation = uuid.uuid4().hex  # new at every (re)start of the actor, unlike clear()
         self.clear()
 
     def clear(self) -> int:
@@ -51,18 +65,21 @@ class HistoryShard:
         self.buffer.push(torch.from_numpy(codes))
         return len(self.buffer)
 
-    def push_and_sample(self, codes: np.ndarray, k: int) -> tuple[torch.Tensor, int]:
+    def push_and_sample(self, codes: np.ndarray, k: int) -> tuple[torch.Tensor, int, str]:
         """A client's push and its next sample in one call: one actor round trip per shard and D step."""
         self.push(codes)
         return self.sample(k)
 
-    def sample(self, k: int) -> tuple[torch.Tensor, int]:
+    def sample(self, k: int) -> tuple[torch.Tensor, int, str]:
         if not len(self.buffer):  # restarted after a node failure: empty until the next push
-            return torch.empty((0, *self.buffer.image_shape), dtype=self.dtype), 0
-        return self.buffer.sample(k), len(self.buffer)
+            return torch.empty((0, *self.buffer.image_shape), dtype=self.dtype), 0, self.incarnation
+        return self.buffer.sample(k), len(self.buffer), self.incarnation
 
     def size(self) -> int:
         return len(self.buffer)
+
+    def status(self) -> tuple[int, str]:
+        return len(self.buffer), self.incarnation
 
     def state_dict(self) -> dict:
         return self.buffer.state_dict()
@@ -133,18 +150,31 @@ class SharedHistory:
 
     One host sync per D step (the push's device→host copy of b/2 integer images) and one
     actor call per shard (the push, which returns the next sample); the K_g refiner steps
-    between two D steps never wait on the buffer.
+    between two D steps never wait on the buffer. `restarts` lists the index of every shard
+    seen restarted (empty) since this client started.
     """
 
     def __init__(self, shards: list[ray.actor.ActorHandle], sample_size: int,
-                 device: torch.device | str = "cpu", wide: bool = False):
+                 device: torch.device | str = "cpu", wide: bool = False, timeout_s: float = REPLY_TIMEOUT_S):
         self.shards = shards
         self.sample_size = sample_size
         self.device = torch.device(device)
         self.wide = wide
-        self.known_size = sum(ray.get([s.size.remote() for s in shards]))
+        self.timeout_s = timeout_s
+        status = self._get([s.status.remote() for s in shards])
+        self.known_size = sum(size for size, _ in status)
+        self.incarnations = [incarnation for _, incarnation in status]
+        self.restarts: list[int] = []
         self.pending: list[ray.ObjectRef] | None = None
         self.pushes: list[ray.ObjectRef] = []
+
+    def _get(self, refs: list[ray.ObjectRef]) -> list:
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise HistoryUnavailable(
+                f"the history buffer's shard actors did not answer within {self.timeout_s:g} s: one that died "
+                "could not be restarted (restarts used up, or no room for it on the cluster)") from exc
 
     def __len__(self) -> int:
         return self.known_size
@@ -160,9 +190,13 @@ class SharedHistory:
         if k != self.sample_size:
             raise ValueError(f"this history client samples {self.sample_size} images, asked for {k}")
         refs, self.pending = self.pending or self._request(), None
-        replies = ray.get(refs)
-        self.known_size = sum(size for _, size in replies)
-        codes = torch.cat([images for images, _ in replies])[:k]
+        replies = self._get(refs)
+        for i, (_, _, incarnation) in enumerate(replies):
+            if incarnation != self.incarnations[i]:
+                self.incarnations[i] = incarnation
+                self.restarts.append(i)
+        self.known_size = sum(size for _, size, _ in replies)
+        codes = torch.cat([images for images, _, _ in replies])[:k]
         return from_history_codes(codes, self.device, torch.float32)
 
     def push(self, images: torch.Tensor) -> None:
@@ -175,4 +209,4 @@ class SharedHistory:
 
     def flush(self) -> None:
         """Wait until this client's last pushes have landed (before a checkpoint)."""
-        ray.get(self.pushes)
+        self._get(self.pushes)

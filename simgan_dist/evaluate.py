@@ -7,9 +7,9 @@
    only difference. The variants run as parallel Ray tasks (or in-process).
 2. Label preservation: how far the refiner moved the pupil, in pixels (the paper:
    1.1 ± 0.8 px on a 55 px eye). See `objective.pupil_shift`.
-3. Realism: a label-free kernel distance between refined and held-out real images in a
-   fixed random-convolution feature space (`objective.realism_score`, shared with training
-   and Tune).
+3. Realism: a kernel distance between refined and held-out real images in the feature
+   space of a gaze CNN fitted to the synthetic labels (`objective.GazeFeatures` and
+   `objective.realism_score`, shared with training and Tune; no real labels).
 
 Outputs: `OUT/metrics.json` for machines and `OUT/report.html` (with PNGs) for people.
 """
@@ -17,23 +17,25 @@ Outputs: `OUT/metrics.json` for machines and `OUT/report.html` (with PNGs) for p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, UserError, load_config
-from simgan_dist.imaging import to_host, to_model_input
-from simgan_dist.models import GAZE_MODELS
-from simgan_dist.objective import PUPIL_RADIUS, detect_pupil, pupil_shift, realism_score
+from simgan_dist.gaze import angular_error_deg, fit_gaze, run_model
+from simgan_dist.objective import (
+    FEATURE_NET_ROWS,
+    PUPIL_RADIUS,
+    GazeFeatures,
+    detect_pupil,
+    pupil_shift,
+    realism_score,
+)
 
 WITHIN_DEG = 7.0  # the paper's threshold for "correct" gaze
 PUPIL_FOUND_PX = 1.5  # detector within this of the label → the pupil is visible and found
@@ -46,19 +48,6 @@ class EvaluationError(UserError, ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Gaze metric
-
-
-def angular_error_deg(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Angle in degrees between each pair of 3-D gaze vectors (neither needs unit length)."""
-    pred = np.asarray(pred, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    if pred.shape != target.shape or pred.shape[-1] != 3:
-        raise ValueError(f"expected two N×3 arrays of gaze vectors, got {pred.shape} and {target.shape}")
-    pred = pred / np.maximum(np.linalg.norm(pred, axis=-1, keepdims=True), 1e-12)
-    target = target / np.maximum(np.linalg.norm(target, axis=-1, keepdims=True), 1e-12)
-    # Rounding can push |cos| a hair above 1, where arccos is NaN.
-    cos = np.clip((pred * target).sum(-1), -1.0, 1.0)
-    return np.degrees(np.arccos(cos))
 
 
 def gaze_summary(errors_deg: np.ndarray) -> dict[str, float]:
@@ -128,113 +117,19 @@ def label_preservation(synthetic: np.ndarray, refined: np.ndarray, pupil_xy: np.
 # Downstream gaze
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) row indices: a seeded `fraction` of a training set held out for early stopping.
-
-    It depends only on n and the seed, so variants of the same rows (synthetic and refined,
-    aligned by id) hold out the same ids: the paired comparison stays paired.
-    """
-    order = np.random.default_rng([seed, 0x5A1]).permutation(n)
-    n_val = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 def train_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, test_images: np.ndarray,
                test_gaze_labels: np.ndarray, cfg: EvaluateConfig, *, name: str = "gaze", seed: int = 0,
                threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train a gaze estimator to convergence on one training set and test it on real_test.
+    """Train a gaze estimator to convergence on one training set (`gaze.fit_gaze`) and test it on real_test.
 
-    The model is `cfg.gaze_model` (the paper's GazeNet, or a small CPU CNN); L2 on the 3-D
-    gaze vector, Adam, cosine-decayed lr over at most `cfg.gaze_epochs` epochs. A seeded
-    `cfg.gaze_val_fraction` of the training set is held out: after every epoch the mean
-    angular error on it is measured, training stops after `cfg.gaze_patience` epochs
-    without improvement, and the best epoch's weights are tested. real_test is touched
-    once, at the end: it never chooses anything.
-
-    Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8
-    dataset resident on the device). Returns the test summary, the per-image test
-    errors, the per-epoch training loss and validation error, and the epoch kept.
+    real_test is touched once, at the end: it never chooses anything. Returns the test
+    summary, the per-image test errors, the per-epoch training loss and validation error,
+    and the epoch kept.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    device = _device()
-    on_gpu = device.type == "cuda"
-    torch.backends.cudnn.benchmark = on_gpu  # fixed input shapes: let cuDNN pick its fastest kernels
-    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
-    autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu
-                else contextlib.nullcontext)
-    train_idx, val_idx = validation_split(len(train_images), cfg.gaze_val_fraction, seed)
-    with warnings.catch_warnings():
-        # Arrays from Ray's object store are read-only; they are only ever indexed here.
-        warnings.simplefilter("ignore", UserWarning)
-        all_images = torch.from_numpy(train_images).to(device)
-        test = torch.from_numpy(test_images).to(device)
-    all_labels = torch.from_numpy(np.asarray(train_gaze_labels, dtype=np.float32)).to(device)
-    train_rows, val_rows = (torch.from_numpy(i).to(device) for i in (train_idx, val_idx))
-    images, labels = all_images[train_rows], all_labels[train_rows]
-    val_images, val_gaze = all_images[val_rows], np.asarray(train_gaze_labels, dtype=np.float32)[val_idx]
-    to_input = functools.partial(to_model_input, device=device, channels_last=on_gpu)
-
-    def predict(x: torch.Tensor) -> np.ndarray:
-        model.eval()
-        with torch.no_grad(), autocast():
-            return to_host(torch.cat([model(to_input(x[lo:lo + 1024])).float() for lo in range(0, len(x), 1024)]))
-
-    h, w, c = train_images.shape[1:]
-    model = GAZE_MODELS[cfg.gaze_model](c, h, w).to(device, memory_format=memory_format)
-    batch = min(cfg.gaze_batch_size, len(images))
-    steps_per_epoch = len(images) // batch
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.gaze_lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.gaze_epochs * steps_per_epoch))
-    order_rng = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    val_errors: list[float] = []
-    best_epoch, best_state = 0, None
-    start = time.perf_counter()
-    for epoch in range(cfg.gaze_epochs):
-        model.train()
-        order = torch.randperm(len(images), generator=order_rng).to(device)
-        total = torch.zeros((), device=device)
-        t_epoch = time.perf_counter()
-        for i in range(steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            with autocast():
-                pred = model(to_input(images[idx]))
-            loss = (pred.float() - labels[idx]).square().sum(1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.detach()
-        losses.append(float(total) / steps_per_epoch)
-        if len(val_idx):
-            val_errors.append(float(angular_error_deg(predict(val_images), val_gaze).mean()))
-            if val_errors[-1] <= min(val_errors):
-                best_epoch = epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            best_epoch = epoch + 1
-        if progress:
-            rate = steps_per_epoch * batch / (time.perf_counter() - t_epoch)
-            val = f" val={val_errors[-1]:.2f}°" if val_errors else ""
-            print(f"[gaze {name} seed {seed}] epoch {epoch + 1}/{cfg.gaze_epochs} loss={losses[-1]:.4f}{val} "
-                  f"({rate:,.0f} img/s)", flush=True)
-        if val_errors and cfg.gaze_patience and epoch + 1 - best_epoch >= cfg.gaze_patience:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    errors = angular_error_deg(predict(test), test_gaze_labels).astype(np.float32)
-    return {
-        **gaze_summary(errors), "model": cfg.gaze_model, "seed": seed, "train_rows": int(len(images)),
-        "val_rows": int(len(val_idx)), "test_rows": int(len(test)), "epochs_run": len(losses),
-        "best_epoch": best_epoch, "seconds": round(time.perf_counter() - start, 1), "device": str(device),
-        "loss_curve": losses, "val_curve": val_errors, "errors_deg": errors,
-    }
+    model, info = fit_gaze(train_images, train_gaze_labels, cfg, name=name, seed=seed, threads=threads,
+                           progress=progress)
+    errors = angular_error_deg(run_model(model, test_images), test_gaze_labels).astype(np.float32)
+    return {**gaze_summary(errors), **info, "test_rows": int(len(test_images)), "errors_deg": errors}
 
 
 def run_gaze_variants(variants: dict[str, tuple[np.ndarray, np.ndarray]], test_images: np.ndarray,
@@ -445,13 +340,16 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
     n_b = min(cfg.evaluate.realism_samples, len(data.real_test))
     pick = np.sort(rng.choice(len(data.ids), n_a, replace=False))  # the same pairs for both scores
     reference = data.real_test[np.sort(rng.choice(len(data.real_test), n_b, replace=False))]
+    # the space training and Tune score in: a gaze CNN fitted to the synthetic labels
+    features = GazeFeatures(data.synthetic[:FEATURE_NET_ROWS], data.gaze[:FEATURE_NET_ROWS], seed)
     realism = {
-        "feature_space": "fixed random 3-layer conv net (seeded): per-channel mean/std/max per layer + 4x4 thumbnail",
+        "feature_space": (f"penultimate layer of a small gaze CNN trained on the first {FEATURE_NET_ROWS:,} synthetic "
+                          "images' gaze labels (objective.GazeFeatures, seeded)"),
         "distance": "unbiased MMD², mixture of RBF kernels, features standardised by the real set",
         "reference": "real_test images (held out: the refiner never saw them)",
         "samples": [int(n_a), int(n_b)], "seed": seed,
-        "refined_vs_real": realism_score(data.refined[pick], reference, seed),
-        "synthetic_vs_real": realism_score(data.synthetic[pick], reference, seed),
+        "refined_vs_real": realism_score(data.refined[pick], reference, seed, features),
+        "synthetic_vs_real": realism_score(data.synthetic[pick], reference, seed, features),
     }
 
     variants = {"synthetic": (data.synthetic, data.gaze), "refined": (data.refined, data.gaze)}

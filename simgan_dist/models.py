@@ -126,8 +126,12 @@ class GazeNet(nn.Module):
             nn.Linear(1000, 3),
         )
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1,000 activations the gaze vector is read from."""
+        return self.head[:-1](self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head[-1](self.embed(x))
 
 
 class SmallGazeNet(nn.Module):
@@ -148,10 +152,14 @@ class SmallGazeNet(nn.Module):
             nn.Flatten(), nn.Linear(64 * 6, 64), relu(), nn.Linear(64, 3),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 64 activations the gaze vector is read from (the objective's realism space for eyes)."""
         mean = x.mean((1, 2, 3), keepdim=True)
         std = x.std((1, 2, 3), keepdim=True)
-        return self.net((x - mean) / (std + 1e-3))
+        return self.net[:-1]((x - mean) / (std + 1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[-1](self.embed(x))
 
 
 GAZE_MODELS = {"gazenet": GazeNet, "small": SmallGazeNet}

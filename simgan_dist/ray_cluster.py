@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -235,6 +236,12 @@ def describe(resources: dict[str, Any], cfg: Config) -> str:
             f"{cfg.train.buffer_shards} history shard(s))")
 
 
+def failure_line(error: BaseException) -> str:
+    """The line that says what went wrong: a Ray task error's last line (the exception), without colour codes."""
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
 def progress_printer(channel, done) -> None:
     """Print the lines rank 0 sends through `channel` (a ray.util.queue.Queue) until `done` is set."""
     from ray.util.queue import Empty
@@ -245,3 +252,36 @@ def progress_printer(channel, done) -> None:
         except Empty:
             if done.is_set() and channel.empty():
                 return
+
+
+def remove_orphaned_placement_groups() -> list[dict[str, float]]:
+    """Remove the placement groups whose creating actor is dead; returns their bundles' resources.
+
+    Ray Train's controller creates its worker group's placement group. When Tune stops a trial
+    early (ASHA), it kills the trial's process and with it the controller, before the
+    controller removes the group; Ray keeps a group until its creator actor *and* job are gone,
+    so it would hold its CPUs until the sweep ends. Ray Train's own detached cleaner asks the
+    State API whether the controller lives, and never gets an answer without the dashboard, or
+    with two Ray instances on one machine (it fails with "Found multiple active Ray
+    instances"): a sweep on a small cluster then waits forever for CPUs nobody uses. Groups
+    created by a driver (Tune's per-trial groups) have no creator actor and are left alone.
+    """
+    import ray
+    from ray._private.state import state  # the GCS table holds the creator's liveness; the public one does not
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table = gcs_pb2.PlacementGroupTableData
+    freed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = table.FromString(raw)
+        orphaned = (group.creator_actor_dead and not group.is_detached and group.state == table.CREATED
+                    and group.creator_actor_id.strip(b"\xff\x00"))  # nil id: created by a driver
+        if orphaned:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            held: dict[str, float] = {}
+            for bundle in group.bundles:
+                for name, amount in bundle.unit_resources.items():
+                    held[name] = held.get(name, 0.0) + amount
+            freed.append(held)
+    return freed

@@ -193,6 +193,12 @@ class ShardIo:
     def input_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
         return storage.resolve(task.input_uri, self.storage_cfg)
 
+    def input_rows(self, task: ShardTask, columns: list[str]) -> pa.Table:
+        try:
+            return read_rows(*self.input_file(task), task.start, task.stop, columns=columns)
+        except OSError as exc:
+            raise storage.explain(exc, task.input_uri, "read") from exc
+
     def output_uri(self, task: ShardTask) -> str:
         return storage.join(self.out_uri, task.name)
 
@@ -346,7 +352,7 @@ def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int, columns: li
 def refine_shard(task: ShardTask, io: ShardIo, refiner: BatchRefiner) -> ShardInfo:
     """Read one task's input rows, refine the images, write the output shard."""
     layout = io.layout
-    table = read_rows(*io.input_file(task), task.start, task.stop, columns=layout.columns)
+    table = io.input_rows(task, layout.columns)
     refined = refiner(images_from_binary(table.column("image"), layout.image_shape, layout.image_dtype))
     image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(layout.image_nbytes), task.rows,
                                                  [None, pa.py_buffer(refined)])
@@ -378,7 +384,7 @@ def verify_shard(task: ShardTask, io: ShardIo, checksum: bool) -> tuple[ShardInf
         return None, f"{task.name}: missing"
     except (OSError, pa.ArrowInvalid) as exc:
         return None, f"{task.name}: unreadable ({exc})"
-    want = read_rows(*io.input_file(task), task.start, task.stop, columns=keys)
+    want = io.input_rows(task, keys)
     if not got.column("id").equals(want.column("id")):
         return None, f"{task.name}: ids differ from input rows {task.start}..{task.stop} of {task.input_uri}"
     for name, shape in layout.label_fields.items():
@@ -393,6 +399,9 @@ class RefinerActor:
 
     A shard an earlier run left (`exists`) is checked in full (sha256, ids, labels) and kept
     if sound; anything else is refined, written, read back and compared with its input.
+    A shard that fails with a clear error (storage that keeps failing) comes out as a row
+    with that `error`: the other shards still get done, and the driver reports it in one line
+    instead of Ray Data's traceback of this actor.
     """
 
     def __init__(self, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], io: ShardIo, batch_size: int,
@@ -423,9 +432,13 @@ class RefinerActor:
         for i in range(len(batch["index"])):
             task = ShardTask(int(batch["index"][i]), str(batch["input_uri"][i]), int(batch["start"][i]),
                              int(batch["stop"][i]))
-            rows.append(self.run(task, bool(batch["exists"][i])))
-        out = {f.name: [getattr(info, f.name) for info, _ in rows] for f in dataclasses.fields(ShardInfo)}
-        out["reused"] = [reused for _, reused in rows]
+            try:
+                rows.append((*self.run(task, bool(batch["exists"][i])), ""))
+            except UserError as exc:
+                rows.append((ShardInfo(task.name, task.rows, 0, ""), False, str(exc)))
+        out = {f.name: [getattr(info, f.name) for info, _, _ in rows] for f in dataclasses.fields(ShardInfo)}
+        out["reused"] = [reused for _, reused, _ in rows]
+        out["error"] = [error for _, _, error in rows]
         return out
 
 
@@ -457,9 +470,9 @@ def _output_sizes(job: RefineJob) -> dict[str, int]:
 
 
 def _run_tasks(job: RefineJob, present: dict[str, int], progress: bool
-               ) -> tuple[dict[int, ShardInfo], int, dict[str, Any]]:
-    """Every shard task on the actor pool; returns the verified ShardInfos, how many were kept from
-    an earlier run, and the stage's speed."""
+               ) -> tuple[dict[int, ShardInfo], dict[int, str], int, dict[str, Any]]:
+    """Every shard task on the actor pool; returns the verified ShardInfos, the errors of the shards
+    that failed, how many were kept from an earlier run, and the stage's speed."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -490,13 +503,16 @@ def _run_tasks(job: RefineJob, present: dict[str, int], progress: bool
         batch_format="numpy",
         **resources,
     )
-    infos, finished_at, reused = {}, [], 0
+    infos, failed, finished_at, reused = {}, {}, [], 0
     index_of = {t.name: t.index for t in job.tasks}
     started = time.perf_counter()
     desc = f"refine ({stats['actors']} actors, {stats['precision']})"
     with _progress(sum(t.rows for t in job.tasks), 0, desc, progress) as bar:
         for row in refined.iter_rows():
             info = ShardInfo(str(row["path"]), int(row["rows"]), int(row["bytes"]), str(row["sha256"]))
+            if row["error"]:
+                failed[index_of[info.path]] = str(row["error"])
+                continue
             infos[index_of[info.path]] = info
             if row["reused"]:
                 reused += 1
@@ -513,7 +529,7 @@ def _run_tasks(job: RefineJob, present: dict[str, int], progress: bool
         if len(finished_at) > wave:
             span = finished_at[-1][0] - finished_at[wave - 1][0]
             stats["steady_images_per_s"] = round(sum(n for _, n in finished_at[wave:]) / max(span, 1e-9))
-    return infos, reused, stats
+    return infos, failed, reused, stats
 
 
 def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress: bool = True) -> Manifest:
@@ -531,11 +547,11 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     from simgan_dist.ray_cluster import connect
 
     connect()
-    infos, reused, stats = _run_tasks(job, _output_sizes(job), progress)
+    infos, failed, reused, stats = _run_tasks(job, _output_sizes(job), progress)
 
     # The actors verified every shard; one listing confirms each is still there, as verified.
     sizes = _output_sizes(job)
-    problems = [f"{t.name}: never written" for t in job.tasks if t.index not in infos]
+    problems = [f"{t.name}: {failed.get(t.index, 'never written')}" for t in job.tasks if t.index not in infos]
     problems += [f"{t.name}: {sizes.get(t.name, 'no')} bytes now, {infos[t.index].bytes} when verified (replaced?)"
                  for t in job.tasks if t.index in infos and sizes.get(t.name) != infos[t.index].bytes]
     rows = sum(info.rows for info in infos.values())

@@ -23,13 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from simgan_dist.config import Config, config_from_dict, load_config
+from simgan_dist.config import Config, UserError, config_from_dict, load_config
 from simgan_dist.imaging import to_host, wide_codes
 from simgan_dist.models import build_discriminator, build_refiner
 
 PREVIEW = 8
 CHUNK_BATCHES = 8  # batches per Ray Data fetch (ShardStream)
 DS_TAG = "engine"  # DeepSpeed writes a file named "latest" beside the tag folder
+
+
+class TrainingError(UserError, RuntimeError):
+    """A training run that failed once its restarts (train.max_failures) were used up."""
 
 
 def history_run_id(cfg: Config) -> str:
@@ -305,6 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = Evaluator.from_config(cfg)
     averager = MetricAverager()
     images, wait_mark, clock, saved_at = 0, 0.0, time.perf_counter(), time.monotonic()
+    restarts_said = 0
     while not algo.done:
         phase = algo.phase
         averager.add(algo.advance())
@@ -326,7 +331,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data_wait_s": wait - wait_mark,
             "buffer_fill": len(history) / (cfg.train.buffer_size * world),
             "restored_from_step": restored_from, "history_restored": history_restored,
-            "history_run": loop_config["history_run"],
+            "history_run": loop_config["history_run"], "history_restarts": len(history.restarts),
         }
         if evaluator is not None and evaluate:
             # The weights the checkpoint holds and refine uses (the EMA when there is one): fp32
@@ -339,6 +344,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["objective"] = float("nan")
         if sink and (step % cfg.train.image_every == 0 or algo.done):
             sink.log.image(step, _preview_grid(refining, to_input, synthetic.preview, real.preview))
+        if sink and len(history.restarts) > restarts_said:
+            # Deliberately not fatal: the shard refills from the next D steps; the run should not roll back.
+            shards_lost = sorted(set(history.restarts[restarts_said:]))
+            say(f"[{cfg.train.name}] warning: history shard(s) {shards_lost} lost their actor and came back empty "
+                f"by step {step}; training goes on while they refill ({len(history)} images in the buffer now)")
+            restarts_said = len(history.restarts)
         if sink:
             sink.log.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             say(progress_line(step, algo.total_steps, phase, metrics) + score_text(metrics))
@@ -405,7 +416,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     import threading
 
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
@@ -475,6 +486,11 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     printer.start()
     try:
         return trainer.fit()
+    except TrainingFailedError as exc:
+        # What failed, in one line, instead of the traceback of every worker (those stay in Ray's logs).
+        raise TrainingError(
+            f"run {cfg.train.name!r} failed: {ray_cluster.failure_line(exc)}. The same command continues it from "
+            f"its latest checkpoint in {storage.join(cfg.train.storage_path, cfg.train.name)}") from exc
     finally:
         done.set()
         printer.join(timeout=10)
@@ -590,8 +606,6 @@ def cli_train(args: argparse.Namespace) -> int:
         print(f"images and TensorBoard logs: {run.folder}")
         return 0
     result = fit(cfg)
-    if result.error:
-        raise SystemExit(f"training failed: {result.error}")
     from simgan_dist.data import storage
 
     monitor = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")

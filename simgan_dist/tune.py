@@ -5,8 +5,11 @@ Each trial is a whole training run: a Tune function trainable builds and fits a 
 named after the trial. Ray Train's `TuneReportCallback` forwards every scored report
 (`objective`, `realism`, `drift`, the step and the checkpoint path) to Tune; ASHA stops
 trials whose objective lags at a rung. The history actors go away when a trial ends or
-fails (`train.fit`'s `finally`) or is stopped by ASHA (`HistoryCleanup`, on the driver: a
-stopped trial's process is killed, its `finally` may never run).
+fails (`train.fit`'s `finally`) or is stopped by ASHA (`TrialCleanup`, on the driver: a
+stopped trial's process is killed, its `finally` may never run), and so does the placement
+group of a stopped trial's worker group, which Ray would otherwise keep until the sweep ends.
+A trial that reaches its last step ends on its own (ASHA's `stop_last_trials` off), so its
+controller shuts its worker group down and its last checkpoint is whole.
 
 Everything goes under `tune.output/tune.name/`: Tune's experiment state (rerunning the same
 sweep resumes it with `Tuner.restore`, finished trials are not rerun), each trial's training
@@ -29,16 +32,17 @@ import csv
 import io
 import math
 import os
-import re
+import time
 from typing import Any
 
 from simgan_dist.config import Config, UserError, config_from_dict, load_config
 from simgan_dist.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
-from simgan_dist.ray_cluster import say, verbose
+from simgan_dist.ray_cluster import failure_line, say, verbose
 
 PARAMS = ("k_g", "lr", "lambda_reg")
 # What a trial's own process holds: it only drives its worker group (Tune refuses an empty request).
 TRIAL_CPUS = 0.01
+ORPHAN_CHECK_S = 5.0  # how often the driver looks for a stopped trial's placement group
 
 
 class TuneError(UserError, ValueError):
@@ -131,14 +135,23 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: di
         raise result.error
 
 
-def _history_cleanup(base: dict[str, Any]):
+def _trial_cleanup(base: dict[str, Any]):
     from ray.tune import Callback
 
     from simgan_dist import distributed_history as dh
+    from simgan_dist.ray_cluster import remove_orphaned_placement_groups
     from simgan_dist.train import history_run_id
 
-    class HistoryCleanup(Callback):
-        """Remove a trial's history actors when it completes, fails or is stopped (on the driver)."""
+    class TrialCleanup(Callback):
+        """On the driver: what a stopped trial's killed process leaves behind goes away.
+
+        Its history actors when it completes, fails or is stopped; its worker group's placement
+        group (`remove_orphaned_placement_groups`) once the trial's process is gone, checked
+        every ORPHAN_CHECK_S while the sweep runs (Tune kills the process after its callbacks).
+        """
+
+        def __init__(self):
+            self.last_check = time.monotonic()
 
         def _remove(self, trial) -> None:
             cfg = trial_config(base, trial.config, trial.trial_id)
@@ -150,7 +163,14 @@ def _history_cleanup(base: dict[str, Any]):
         def on_trial_error(self, iteration, trials, trial, **info):
             self._remove(trial)
 
-    return HistoryCleanup()
+        def on_step_end(self, iteration, trials, **info):
+            if time.monotonic() - self.last_check >= ORPHAN_CHECK_S:
+                self.last_check = time.monotonic()
+                for held in remove_orphaned_placement_groups():
+                    if verbose():
+                        say(f"tune: removed a stopped trial's placement group, freeing {held}")
+
+    return TrialCleanup()
 
 
 def _sweep_progress():
@@ -276,8 +296,9 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         searcher, limit = BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=concurrency), None
+    # A trial at max_t ends on its own: stopping it there would kill it amid its last checkpoint.
     scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
-                              reduction_factor=cfg.tune.reduction_factor)
+                              reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
     if not verbose():  # Tune's own status table and banners: --verbose (the legacy reporter is silent at 0)
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     say(f"tune: sweep {cfg.tune.name!r}: {trial_count(cfg)} trials, up to {concurrency} at once, "
@@ -288,15 +309,9 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                  callbacks=[_history_cleanup(base), _sweep_progress()],
+                                  callbacks=[_trial_cleanup(base), _sweep_progress()],
                                   verbose=1 if verbose() else 0),
     )
-
-
-def failure_line(error: BaseException) -> str:
-    """The line that says what went wrong: a Ray task error's last line (the exception), without colour codes."""
-    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
-    return (lines[-1].strip() if lines else type(error).__name__)[:160]
 
 
 def _row(result, cfg: Config) -> dict[str, Any]:
@@ -313,7 +328,7 @@ def _row(result, cfg: Config) -> dict[str, Any]:
     else:
         row.update({key: math.nan for key in SCORE_KEYS}, best_step=-1, last_step=-1)
     if result.error:
-        row["stop"] = f"failed: {failure_line(result.error)}"
+        row["stop"] = f"failed: {failure_line(result.error)[:160]}"
     elif row["last_step"] < _total_steps(apply_params(cfg, params)):
         row["stop"] = "stopped early (ASHA)"
     else:
@@ -372,6 +387,7 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     concurrency, worker_resources = sweep_resources(cfg)
     ray_cluster.say(f"tune: each trial {ray_cluster.describe(worker_resources, cfg)}")
     grid = make_tuner(cfg, concurrency, worker_resources).fit()
+    ray_cluster.remove_orphaned_placement_groups()  # the last trial ASHA stopped: its process is gone now
     rows = [_row(result, cfg) for result in grid]
     return rows, write_results(cfg, rows)
 

@@ -63,8 +63,20 @@ def test_shards_ask_for_resources_and_restart(shards):
     while ray.get(actors[0].size.remote()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(shared.sample(2)) == 0  # no crash: the D step then uses current images only
+    assert shared.restarts == [0]  # the client noticed (training says so)
     shared.push(torch.zeros(2, *SHAPE))
     assert len(shared.sample(2)) == 2
+    assert shared.restarts == [0]
+
+
+def test_a_shard_that_cannot_come_back_fails_the_call_instead_of_hanging(ray_local):
+    # As a shard whose restart finds no room on the cluster: it is never placed, so it never answers.
+    actor = dh.HistoryShard.options(resources={"no-such-node": 1}).remote(4, SHAPE, 0)
+    try:
+        with pytest.raises(dh.HistoryUnavailable, match="did not answer within 1 s"):
+            dh.SharedHistory([actor], sample_size=2, timeout_s=1)
+    finally:
+        ray.kill(actor)
 
 
 def test_fills_and_replaces_exactly_half_a_batch_across_shards(shards):

@@ -12,7 +12,6 @@ from simgan_dist.config import UserError, load_config
 from simgan_dist.data.schema import DatasetWriter, Layout, load_numpy, read_manifest
 from simgan_dist.data.simulate import DETERMINISTIC_PARTS, render_rows, simulate_dataset
 from simgan_dist.evaluate import (
-    angular_error_deg,
     cli_evaluate,
     detect_pupil,
     paired_improvement,
@@ -20,8 +19,8 @@ from simgan_dist.evaluate import (
     realism_score,
     run_gaze_variants,
     summarize_gaze,
-    validation_split,
 )
+from simgan_dist.gaze import angular_error_deg, validation_split
 
 # --- angular error ---------------------------------------------------------------------------
 

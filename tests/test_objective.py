@@ -130,3 +130,30 @@ def test_real_validation_split_reads_exactly_the_datasets_good_rows(tmp_path, la
     np.testing.assert_array_equal(objective._load_real_val(cfg, 1000), rows["image"][held])
     np.testing.assert_array_equal(objective._load_real_val(cfg, 5), rows["image"][held][:5])
     np.testing.assert_array_equal(_load_images(str(real), "real", cfg), rows["image"][~held])
+
+
+def test_gaze_feature_space_scores_a_perfect_appearance_transfer_as_more_real(eyes):
+    """The oracle: the same synthetic eyes re-rendered with the simulator's real appearance (labels unchanged)."""
+    import torch
+
+    from simgan_dist.data.simulate import APPEARANCE_PARTS, render_rows
+
+    synthetic = load_numpy(str(eyes / "synthetic"), columns=["image", "gaze"])
+    real = load_numpy(str(eyes / "real"), columns=["image"])["image"]
+    transferred = render_rows("eye", "synthetic", 5, 0, len(synthetic["image"]), appearance=APPEARANCE_PARTS)["image"]
+    before = torch.random.get_rng_state()
+    space = objective.GazeFeatures(synthetic["image"], synthetic["gaze"], seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)  # a training run's RNG streams are untouched
+    reference = objective.RealismReference(real, features=space)
+    assert reference.score(transferred) < 0.5 * reference.score(synthetic["image"])
+    again = objective.GazeFeatures(synthetic["image"], synthetic["gaze"], seed=0)
+    assert objective.RealismReference(real, features=again).score(transferred) == pytest.approx(
+        reference.score(transferred), rel=1e-6)  # the same space in every process for a seed
+
+
+def test_eye_runs_are_scored_in_the_gaze_feature_space(eyes):
+    cfg = load_config("tiny", overrides=[f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}",
+                                         "train.eval_every=10", "train.eval_samples=32"])
+    evaluator = objective.Evaluator.from_config(cfg)
+    assert isinstance(evaluator.reference.features_of, objective.GazeFeatures)
+    assert len(evaluator.synthetic) == 32

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -109,3 +110,40 @@ def test_a_run_too_big_for_the_cluster_fails_at_once():
     assert run.returncode == 1, run.stderr
     assert "started a local Ray instance" in run.stdout
     assert f"train.num_workers={workers} needs at least" in run.stderr and "Set train.num_workers=" in run.stderr
+
+
+def test_placement_groups_of_dead_actors_are_removed_and_no_others(ray_local):
+    """What ASHA leaves when it kills a trial with its Train controller: a group whose creator actor died."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from simgan_dist.ray_cluster import remove_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def reserve(self) -> str:
+            group = placement_group([{"CPU": 0.25}, {"CPU": 0.125}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    def state(group_id: str) -> str:
+        return ray.util.placement_group_table()[group_id]["state"]
+
+    by_driver = placement_group([{"CPU": 0.25}])
+    ray.get(by_driver.ready())
+    doomed, living = Creator.remote(), Creator.remote()
+    orphan, kept = ray.get(doomed.reserve.remote()), ray.get(living.reserve.remote())
+    ray.kill(doomed)
+    deadline = time.monotonic() + 30
+    freed = []
+    while not freed and time.monotonic() < deadline:  # the GCS learns of the death asynchronously
+        freed = remove_orphaned_placement_groups()
+        time.sleep(0.2)
+    assert freed == [{"CPU": 0.375}]
+    deadline = time.monotonic() + 10
+    while state(orphan) != "REMOVED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state(orphan) == "REMOVED"
+    assert state(kept) == "CREATED" and state(by_driver.id.hex()) == "CREATED"
+    ray.kill(living)
+    remove_placement_group(by_driver)

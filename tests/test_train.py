@@ -4,6 +4,8 @@ over gloo, the loopback S3 endpoint, and simulated data in the Parquet contract.
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from simgan_dist.checkpoint import load_refiner
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.local_train import train_local
-from simgan_dist.train import CHUNK_BATCHES, ShardStream, checkpoint_uri, fit
+from simgan_dist.train import CHUNK_BATCHES, ShardStream, checkpoint_uri, fit, history_run_id
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +27,12 @@ def eye_data(tmp_path_factory):
     return folder
 
 
+SCHEDULE = ["train.pretrain_refiner_steps=4", "train.pretrain_disc_steps=4", "train.report_every=5",
+            "train.image_every=10"]
+
+
 def _config(*overrides):
-    return load_config("tiny", overrides=["train.pretrain_refiner_steps=4", "train.pretrain_disc_steps=4",
-                                          "train.report_every=5", "train.image_every=10", *overrides])
+    return load_config("tiny", overrides=[*SCHEDULE, *overrides])
 
 
 class _Shard:
@@ -142,8 +147,80 @@ def test_killed_worker_resumes_from_checkpoint_with_buffer(ray_local, eye_data, 
     assert metrics["history_restored"] == min(256, disc_steps * 2 * 16)
 
 
+def test_killed_driver_then_the_same_command_resumes_from_the_checkpoint(ray_local, eye_data, tmp_path):
+    """The driver of a run (what `ray job submit` starts) SIGKILLed mid-run: nothing of it cleans up, its
+    detached history shards outlive it holding images newer than the checkpoint. The same command again
+    continues from the checkpoint, with the checkpoint's buffer, not the leftovers."""
+    import ray
+
+    from simgan_dist import distributed_history as dh
+
+    overrides = ["train.iterations=20", "train.checkpoint_every=10", f"data.synthetic={eye_data}/synthetic",
+                 f"data.real={eye_data}/real", f"train.storage_path={tmp_path}", "train.name=driver"]
+    cfg = _config(*overrides)
+    snapshot = tmp_path / "driver" / "checkpoint_manager_snapshot.json"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "simgan_dist.cli", "train", "--preset", "tiny",
+                                   *(a for o in (*SCHEDULE, *overrides) for a in ("--set", o))],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 400
+            # only a checkpoint Ray Train has registered is one a new run resumes from
+            while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()
+                assert time.time() < deadline, "no checkpoint within 400 s"
+                time.sleep(0.2)
+        finally:
+            driver.kill()
+            driver.wait()
+    left = sum(ray.get([s.size.remote() for s in dh.get_shards(history_run_id(cfg), cfg.train.buffer_shards)]))
+    result = fit(cfg)
+    assert result.error is None and result.metrics["step"] == 28
+    restored = result.metrics["restored_from_step"]
+    assert restored > 0 and restored % 10 == 0, "the second run did not start from a checkpoint"
+    disc_steps = 4 + (restored - 8)  # pretraining D steps + one D step per iteration
+    assert result.metrics["history_restored"] == min(256, disc_steps * 16) <= left
+
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_killed_history_shard_comes_back_empty_and_training_goes_on(ray_local, eye_data, tmp_path, capsys):
+    import ray
+
+    from simgan_dist import distributed_history as dh
+
+    cfg = _config("train.iterations=30", "train.report_every=2", "train.checkpoint_every=100", "train.buffer_size=128",
+                  f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",
+                  f"train.storage_path={tmp_path}", "train.name=shard", "train.max_failures=0")
+    metrics = tmp_path / "shard" / "monitor" / "metrics.jsonl"
+    killed = []
+
+    def kill_once_the_buffer_is_full():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and any(r.get("buffer_fill") == 1.0 for r in _jsonl(metrics)):
+                shard = dh.get_shards(history_run_id(cfg), cfg.train.buffer_shards)[0]
+                ray.kill(shard, no_restart=False)  # as if its node died: Ray restarts it from its constructor
+                killed.append(_jsonl(metrics)[-1]["step"])
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_once_the_buffer_is_full, daemon=True)
+    killer.start()
+    result = fit(cfg)
+    killer.join(timeout=5)
+    assert killed, "the buffer never filled, or no shard was found to kill"
+    assert result.error is None
+    # the run went on, with no worker-group restart, and said what happened
+    assert result.metrics["step"] == 38 and result.metrics["restored_from_step"] == 0
+    assert result.metrics["history_restarts"] == 1
+    assert "warning: history shard(s) [0] lost their actor and came back empty" in capsys.readouterr().out
+    fills = [r["buffer_fill"] for r in _jsonl(metrics) if r["step"] > killed[0]]
+    assert min(fills) < 1.0 and fills[-1] == 1.0  # half the buffer was lost, then refilled
 
 
 def test_single_worker_follows_the_local_trainer(ray_local, eye_data, tmp_path):

@@ -31,6 +31,7 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
         "tune.lr=[1.0e-4, 5.0]",  # lr 5 wrecks the refiner in its first steps: ASHA must stop that trial
         # (one at a time, in grid order: the good trial sets the rung's bar first)
         "tune.lambda_reg=[1.0e-4]", "tune.grace_steps=2", "tune.max_concurrent_trials=1"])
+    held_before = _placement_groups_holding_resources()
     rows, best = sweep(cfg)
     by_lr = {r["lr"]: r for r in rows}
     assert set(by_lr) == {1e-4, 5.0}, rows
@@ -47,6 +48,9 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
 
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("simgan-history/")], "a trial's history actors outlived it"
+    # ASHA killed the bad trial with its Train controller: its worker group's placement group must not
+    # hold CPUs until the session ends (Ray Train's own cleaner needs the dashboard, absent here)
+    assert _placement_groups_holding_resources() <= held_before
 
     # the winner's config trains as written (here with the local trainer, shortened)
     winner = load_config("eye", folder / "best_config.yaml", ["train.iterations=2", "train.eval_every=0"])
@@ -58,6 +62,12 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
     rows_again, best_again = sweep(cfg)
     assert _trial_reports(folder) == before
     assert best_again["objective"] == best["objective"]
+
+
+def _placement_groups_holding_resources() -> set[str]:
+    import ray
+
+    return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
 
 
 def test_trials_get_their_own_history_buffer():

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from simgan_dist.config import StorageConfig
+from simgan_dist.config import StorageConfig, UserError
 from simgan_dist.data.schema import DatasetError, Layout, decode_table, shard_paths, validate
 
 
@@ -121,6 +121,12 @@ def parallel_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = 
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             i = position[done[0]]
-            results[i] = ray.get(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                # A clear error raised in a task reaches the user as itself, not as Ray's remote traceback.
+                if isinstance(exc.cause, UserError):
+                    raise exc.cause from None
+                raise
             bar.update(weights[i])
     return results

@@ -6,9 +6,12 @@ variables: `FileSystem.from_uri` would probe real AWS to find the bucket's regio
 which hangs or fails against MinIO, moto or a cluster without internet. The same
 filesystem object is what Ray Data gets, so drivers and workers agree.
 
-Every failure that reaches the user is a `StorageError` naming the URI and saying
-which of the usual suspects it is: missing bucket, bad credentials, unreachable
-endpoint.
+Every S3 request is tried MAX_ATTEMPTS times with the AWS SDK's backoff
+(`AwsStandardS3RetryStrategy`): throttling (503 SlowDown), server errors, dropped and
+stalled connections. Ray Data's reads and Ray Train's checkpoint uploads retry those
+failures a few times more on top. Every failure that reaches the user is a
+`StorageError` naming the URI and saying which of the usual suspects it is: missing
+bucket, bad credentials, unreachable endpoint, an endpoint that keeps failing.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pyarrow.fs as pafs
 
 from simgan_dist.config import StorageConfig, UserError
 
-# A wrong endpoint must fail in seconds: short connects, few retries.
+# A wrong endpoint must fail in seconds: short connects, few attempts.
 CONNECT_TIMEOUT_S = 3.0
 MAX_ATTEMPTS = 3
 DEFAULT_REGION = "us-east-1"
@@ -93,6 +96,26 @@ def bucket_region(bucket: str) -> str:
                            "AWS_DEFAULT_REGION, or storage.endpoint_url for S3-compatible storage") from exc
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem, pickled with its retry strategy.
+
+    pyarrow pickles every other option but not the retry strategy, so the copies that Ray
+    Data's read tasks and Ray Train's checkpoint uploads use would retry by pyarrow's
+    default policy instead of the one `s3_filesystem` sets.
+    """
+
+    def __init__(self, *, retry_strategy: pafs.S3RetryStrategy, **options):
+        super().__init__(retry_strategy=retry_strategy, **options)
+        self.retry_strategy = retry_strategy
+
+    def __reduce__(self):
+        return _rebuild_s3_filesystem, (super().__reduce__()[1][0], self.retry_strategy)
+
+
+def _rebuild_s3_filesystem(options: dict, retry_strategy: pafs.S3RetryStrategy) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(retry_strategy=retry_strategy, **options)
+
+
 def s3_filesystem(storage_cfg: StorageConfig | None = None, bucket: str | None = None) -> pafs.S3FileSystem:
     """An S3 filesystem from `storage.*`, falling back to the AWS_* environment variables.
 
@@ -120,7 +143,7 @@ def s3_filesystem(storage_cfg: StorageConfig | None = None, bucket: str | None =
         if not parsed.netloc:
             raise StorageError(f"storage endpoint {endpoint!r} is not a URL like http://host:port")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(**kwargs)
 
 
 def is_s3(uri: str) -> bool:
@@ -160,6 +183,10 @@ def explain(exc: BaseException, uri: str, action: str) -> StorageError:
                    r"SignatureDoesNotMatch|AccessDenied", text):
         hint = ("access denied: check the credentials (storage.access_key_id / storage.secret_access_key "
                 "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the bucket's permissions")
+    elif re.search(r"SLOW_DOWN|SlowDown|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|InternalError|HTTP status 5\d\d", text):
+        hint = "the storage endpoint answered with an error (throttling or a server-side failure): try again later"
+    elif re.search(r"Empty reply|Operation too slow|Connection reset|Recv failure|Send failure", text):
+        hint = "the storage endpoint dropped or stalled the request: check the network and the server"
     elif re.search(r"NETWORK_CONNECTION|curlCode|Could not connect|Couldn't connect|timed out|"
                    r"Connection refused|resolve host", text):
         hint = ("cannot reach the storage endpoint: check storage.endpoint_url / AWS_ENDPOINT_URL "

@@ -1,0 +1,158 @@
+"""Gaze estimators trained on labeled eye images: the downstream check and the objective's realism space.
+
+`evaluate.train_gaze` trains one per training set (synthetic, refined, real) and tests it on
+real_test; `objective.GazeFeatures` trains one on the synthetic labels and reads its
+penultimate layer. One training loop serves both. Pure PyTorch, no Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from simgan_dist.config import EvaluateConfig
+from simgan_dist.imaging import to_host, to_model_input
+from simgan_dist.models import GAZE_MODELS
+
+PREDICT_CHUNK = 1024
+
+
+def angular_error_deg(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Angle in degrees between each pair of 3-D gaze vectors (neither needs unit length)."""
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if pred.shape != target.shape or pred.shape[-1] != 3:
+        raise ValueError(f"expected two N×3 arrays of gaze vectors, got {pred.shape} and {target.shape}")
+    pred = pred / np.maximum(np.linalg.norm(pred, axis=-1, keepdims=True), 1e-12)
+    target = target / np.maximum(np.linalg.norm(target, axis=-1, keepdims=True), 1e-12)
+    # Rounding can push |cos| a hair above 1, where arccos is NaN.
+    cos = np.clip((pred * target).sum(-1), -1.0, 1.0)
+    return np.degrees(np.arccos(cos))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) row indices: a seeded `fraction` of a training set held out for early stopping.
+
+    It depends only on n and the seed, so variants of the same rows (synthetic and refined,
+    aligned by id) hold out the same ids: the paired comparison stays paired.
+    """
+    order = np.random.default_rng([seed, 0x5A1]).permutation(n)
+    n_val = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _autocast(on_gpu: bool):
+    return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
+
+
+def _on(images: np.ndarray | torch.Tensor, where: torch.device) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images.to(where)
+    with warnings.catch_warnings():
+        # Arrays from Ray's object store are read-only; they are only ever indexed here.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(images).to(where)
+
+
+@torch.no_grad()
+def run_model(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *, embed: bool = False) -> np.ndarray:
+    """Gaze vectors (N×3), or with `embed` the penultimate activations, of N×H×W×C integer images."""
+    where = next(model.parameters()).device
+    on_gpu = where.type == "cuda"
+    images = _on(images, where)
+    forward = model.embed if embed else model
+    model.eval()
+    with _autocast(on_gpu)():
+        return to_host(torch.cat([
+            forward(to_model_input(images[lo:lo + PREDICT_CHUNK], device=where, channels_last=on_gpu)).float()
+            for lo in range(0, len(images), PREDICT_CHUNK)]))
+
+
+def fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: EvaluateConfig, *,
+             name: str = "gaze", seed: int = 0, threads: int | None = None,
+             progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a gaze estimator to convergence on labeled eye images; returns it and how training went.
+
+    The model is `cfg.gaze_model` (the paper's GazeNet, or a small CPU CNN); L2 on the 3-D
+    gaze vector, Adam, cosine-decayed lr over at most `cfg.gaze_epochs` epochs. A seeded
+    `cfg.gaze_val_fraction` of the training set is held out: after every epoch the mean
+    angular error on it is measured, training stops after `cfg.gaze_patience` epochs
+    without improvement, and the best epoch's weights are kept (no held-out part: all epochs).
+
+    Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8
+    dataset resident on the device).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    where = device()
+    on_gpu = where.type == "cuda"
+    torch.backends.cudnn.benchmark = on_gpu  # fixed input shapes: let cuDNN pick its fastest kernels
+    memory_format = torch.channels_last if on_gpu else torch.contiguous_format
+    autocast = _autocast(on_gpu)
+    train_idx, val_idx = validation_split(len(train_images), cfg.gaze_val_fraction, seed)
+    all_images = _on(train_images, where)
+    all_labels = torch.from_numpy(np.asarray(train_gaze_labels, dtype=np.float32)).to(where)
+    train_rows, val_rows = (torch.from_numpy(i).to(where) for i in (train_idx, val_idx))
+    images, labels = all_images[train_rows], all_labels[train_rows]
+    val_images, val_gaze = all_images[val_rows], np.asarray(train_gaze_labels, dtype=np.float32)[val_idx]
+    to_input = functools.partial(to_model_input, device=where, channels_last=on_gpu)
+
+    h, w, c = train_images.shape[1:]
+    model = GAZE_MODELS[cfg.gaze_model](c, h, w).to(where, memory_format=memory_format)
+    batch = min(cfg.gaze_batch_size, len(images))
+    steps_per_epoch = len(images) // batch
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.gaze_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.gaze_epochs * steps_per_epoch))
+    order_rng = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    val_errors: list[float] = []
+    best_epoch, best_state = 0, None
+    start = time.perf_counter()
+    for epoch in range(cfg.gaze_epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=order_rng).to(where)
+        total = torch.zeros((), device=where)
+        t_epoch = time.perf_counter()
+        for i in range(steps_per_epoch):
+            idx = order[i * batch:(i + 1) * batch]
+            with autocast():
+                pred = model(to_input(images[idx]))
+            loss = (pred.float() - labels[idx]).square().sum(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.detach()
+        losses.append(float(total) / steps_per_epoch)
+        if len(val_idx):
+            val_errors.append(float(angular_error_deg(run_model(model, val_images), val_gaze).mean()))
+            if val_errors[-1] <= min(val_errors):
+                best_epoch = epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            best_epoch = epoch + 1
+        if progress:
+            rate = steps_per_epoch * batch / (time.perf_counter() - t_epoch)
+            val = f" val={val_errors[-1]:.2f}°" if val_errors else ""
+            print(f"[gaze {name} seed {seed}] epoch {epoch + 1}/{cfg.gaze_epochs} loss={losses[-1]:.4f}{val} "
+                  f"({rate:,.0f} img/s)", flush=True)
+        if val_errors and cfg.gaze_patience and epoch + 1 - best_epoch >= cfg.gaze_patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), {
+        "model": cfg.gaze_model, "seed": seed, "train_rows": int(len(images)), "val_rows": int(len(val_idx)),
+        "epochs_run": len(losses), "best_epoch": best_epoch, "seconds": round(time.perf_counter() - start, 1),
+        "device": str(where), "loss_curve": losses, "val_curve": val_errors,
+    }
