@@ -380,9 +380,13 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     from simgan_dist.data import storage
 
     _check(cfg)
-    if not storage.is_s3(cfg.tune.output):  # trial processes run in other folders
-        cfg = config_from_dict(cfg.to_dict(redact=False))  # a copy in this process: keeps the credentials
-        cfg.tune.output = storage.resolve(cfg.tune.output)[1]
+    # Trial processes run in their trial folders: local paths must not depend on this one's.
+    cfg = config_from_dict(cfg.to_dict(redact=False))  # a copy in this process: keeps the credentials
+    for section, key in (("tune", "output"), ("data", "synthetic"), ("data", "real"), ("data", "real_val"),
+                         ("data", "real_test"), ("train", "storage_path")):
+        uri = getattr(getattr(cfg, section), key)
+        if uri and not storage.is_s3(uri):
+            setattr(getattr(cfg, section), key, storage.resolve(uri)[1])
     ray_cluster.connect()  # as every command: RAY_ADDRESS, a registered cluster, or a local instance
     concurrency, worker_resources = sweep_resources(cfg)
     ray_cluster.say(f"tune: each trial {ray_cluster.describe(worker_resources, cfg)}")
