@@ -17,16 +17,16 @@ def _trial_reports(folder) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_path):
-    data = tmp_path / "data"
-    simulate_dataset(str(data), synthetic=160, real=160, real_test=0, seed=2, rows_per_shard=80)
+def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths, as `make demo` gives: trials run in their own folders
+    simulate_dataset("data", synthetic=160, real=160, real_test=0, seed=2, rows_per_shard=80)
     cfg = load_config("tiny", overrides=[
-        f"data.synthetic={data / 'synthetic'}", f"data.real={data / 'real'}",
+        "data.synthetic=data/synthetic", "data.real=data/real",
         f"data.real_test={tmp_path / 'does-not-exist'}",  # the objective must never read it
         "data.real_val_fraction=0.2", "train.eval_every=2", "train.eval_samples=32", "train.keep_best=2",
         "train.pretrain_refiner_steps=4", "train.pretrain_disc_steps=2", "train.iterations=4",
-        "train.checkpoint_every=10", f"train.storage_path={tmp_path / 'runs'}",
-        "tune.name=t", f"tune.output={tmp_path / 'sweeps'}", "tune.search=grid", "tune.num_samples=1",
+        "train.checkpoint_every=10", "train.storage_path=runs", "tune.name=t", "tune.output=sweeps",
+        "tune.search=grid", "tune.num_samples=1",
         "tune.k_g=[1]",
         "tune.lr=[1.0e-4, 5.0]",  # lr 5 wrecks the refiner in its first steps: ASHA must stop that trial
         # (one at a time, in grid order: the good trial sets the rung's bar first)

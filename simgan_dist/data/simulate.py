@@ -448,6 +448,8 @@ def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, se
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     storage_cfg = storage.effective_config(storage_cfg)
+    if not storage.is_s3(out_uri):  # Ray tasks write from their own working folders
+        out_uri = storage.resolve(out_uri)[1]
     if parallel is None:
         parallel = sum(counts.values()) > rows_per_shard
     # Ray tasks get the credentials through their environment, never as arguments.
