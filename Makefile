@@ -21,9 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu bash jobs/demo.sh $(DEMO_DIR)
 
+# The venv's bin first: DeepSpeed's CPU accelerator JIT-builds a small op with the `ninja` on PATH,
+# and Ray's workers find the venv's. Two ninja versions rewrite each other's build log, so every
+# switch between an in-process engine and a Ray worker's would rebuild it (~30 s of both cores).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	DS_ACCELERATOR=cpu $(PY) -m pytest tests
+	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu $(PY) -m pytest tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

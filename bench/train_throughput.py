@@ -22,9 +22,10 @@ machine that, not the code, would decide the ratio, so Ray's workers here keep t
 priority (`RAY_worker_niceness=0`), the plain loop's.
 
 Throughput is the wall clock between a run's reports (metrics.jsonl `time`), so everything a
-step does, reports included, is in it; the first report (start-up) and the last (the final
-checkpoint) are left out. The sides alternate (plain, ray, plain, ...) so that load drifts
-show, and each ratio is median(ray) / median(plain).
+step does, reports included, is in it; the first fifth of the reports (start-up, warm-up) and
+the last (the final checkpoint) are left out. The sides alternate (plain, ray, plain, ...) so
+that load drifts show; each ratio is median(ray) / median(plain), and each Ray run is also set
+against the mean of the two plain runs beside it (the "pairs", whose spread shows the noise).
 
     python bench/train_throughput.py --configs eye --workers 1 --iterations 60           # one GPU
     DS_ACCELERATOR=cpu python bench/train_throughput.py --cpu --configs tiny jobs/configs/tiny.yaml \
@@ -47,6 +48,7 @@ from simgan_dist import ray_cluster
 from simgan_dist.config import Config, config_from_dict, load_config
 
 SYNTHETIC, REAL = 4000, 2000  # the demo's corpus (README, `make demo`)
+WARMUP_SHARE = 0.2
 SETTLE_S = 10  # a finished run's Ray processes take seconds to exit: the next plain run must not pay for it
 
 
@@ -58,11 +60,16 @@ def config_for(name: str, overrides: list[str]) -> Config:
 
 
 def steady_rate(metrics: Path, images_per_step: int) -> float:
-    """images/s between the first and the second-to-last report, by their wall-clock times."""
+    """images/s from the end of the warm-up to the second-to-last report, by their wall-clock times.
+
+    Warm-up: the first WARMUP_SHARE of the reports. A Ray run's first ~15 s share the 2 cores with
+    its helpers' start-up (R steps 33 ms there, 22 ms after, on `tiny`); the plain loop's first
+    reports hold its allocator's and oneDNN's first passes. Both sides skip the same share.
+    """
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    if len(rows) < 3:
-        raise SystemExit(f"{metrics}: {len(rows)} reports, need 3 or more (raise --iterations)")
-    first, last = rows[0], rows[-2]
+    if len(rows) < 6:
+        raise SystemExit(f"{metrics}: {len(rows)} reports, need 6 or more (raise --iterations)")
+    first, last = rows[max(1, int(len(rows) * WARMUP_SHARE))], rows[-2]
     return (last["step"] - first["step"]) * images_per_step / (last["time"] - first["time"])
 
 
@@ -162,11 +169,12 @@ def main() -> None:
                     device = torch.cuda.get_device_name() if use_gpu else "CPU"
                     for t in threads:
                         p = statistics.median(rates[t])
+                        pairs = [ray / statistics.mean(rates[t][i:i + 2]) for i, ray in enumerate(rates["ray"])]
                         summary.append(
                             f"ratio {r / p:.2f} (ray/plain): {name}, batch {cfg.train.batch_size} x {workers} "
                             f"worker(s), K_g {cfg.train.k_g}, K_d {cfg.train.k_d}, {device}; plain ({t or '-'} "
                             f"thread(s), batch {cfg.train.batch_size * workers}) {p:,.0f} images/s, ray ({ray_threads} "
-                            f"thread(s) per worker) {r:,.0f} images/s")
+                            f"thread(s) per worker) {r:,.0f} images/s; pairs {', '.join(f'{x:.2f}' for x in pairs)}")
         finally:
             ray.shutdown()
     print("\n".join(summary))

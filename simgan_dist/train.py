@@ -14,8 +14,10 @@ import contextlib
 import functools
 import hashlib
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from simgan_dist.models import build_discriminator, build_refiner
 
 PREVIEW = 8
 CHUNK_BATCHES = 8  # batches per Ray Data fetch (ShardStream)
+QUEUED_CHUNKS = 2  # fetched ahead of the training thread, per stream
+_EPOCH_END = object()
 DS_TAG = "engine"  # DeepSpeed writes a file named "latest" beside the tag folder
 
 
@@ -115,6 +119,10 @@ def build_engines(cfg: Config, device: torch.device, bf16: bool,
             optimizer=make_optimizer(module.parameters(), cfg.train, role, device),
         )
         load_as_data(engine)
+        if engine.dp_world_size == 1 and not cfg.train.zero_stage:
+            # One rank has nothing to average: DeepSpeed would still copy every gradient into a
+            # flat buffer, all-reduce it and copy it back, ~3% of a tiny-preset step on CPU.
+            engine.enable_backward_allreduce = False
         if cfg.train.compile:
             engine.compile()  # compiles engine.module in place: the bare-module calls use it too
         engines.append(engine)
@@ -127,10 +135,13 @@ class ShardStream:
     Ray Data hands over chunks of CHUNK_BATCHES batches, served here slice by slice: its own cost
     per batch (shuffle-buffer take, Arrow to torch conversion, collation) is 1.2 ms of CPU at the
     tiny preset's batch of 32, about 5x what the same rows cost in fetches of 128 without Ray's
-    shuffle (bench/RESULTS.md, issue 11 (b)). With
-    `shuffle`, each chunk (with the previous chunk's remainder) is permuted on the device: a local
-    shuffle over 8 batches, where Ray's shuffle buffer held 4. An epoch's last partial batch is
-    dropped, so an unshuffled run sees exactly the local trainer's batches.
+    shuffle (bench/RESULTS.md, issue 11 (b)). A background thread fetches them, QUEUED_CHUNKS
+    ahead, and starts the next epoch as soon as one is read: an epoch's start (a round trip to
+    the split coordinator and a new execution, ~80 ms at the demo's size) overlaps the steps
+    instead of stalling one. With `shuffle`, each chunk (with the previous chunk's remainder) is
+    permuted on the device, in the training thread (its RNG stream): a local shuffle over 8
+    batches, where Ray's shuffle buffer held 4. An epoch's last partial batch is dropped, so an
+    unshuffled run sees exactly the local trainer's batches.
     """
 
     def __init__(self, shard, batch_size: int, to_input, shuffle: bool):
@@ -141,18 +152,40 @@ class ShardStream:
         self.wait_s = 0.0
         self.preview: np.ndarray | None = None  # kept on the host: batches arrive on the worker's device
         self.rows: torch.Tensor | None = None  # this epoch's images not served yet
-        self.chunks = self._epoch()
+        self.chunks: queue.Queue = queue.Queue(maxsize=QUEUED_CHUNKS)
+        self.closed = threading.Event()
+        threading.Thread(target=self._fetch, name="shard-stream", daemon=True).start()
 
-    def _epoch(self):
-        return iter(self.shard.iter_torch_batches(batch_size=CHUNK_BATCHES * self.batch_size, prefetch_batches=1))
+    def _fetch(self) -> None:
+        """Chunks, then _EPOCH_END, epoch after epoch; an exception is handed on and ends it."""
+        try:
+            while True:
+                for batch in self.shard.iter_torch_batches(batch_size=CHUNK_BATCHES * self.batch_size,
+                                                           prefetch_batches=1):
+                    if not self._put(batch["image"]):
+                        return
+                if not self._put(_EPOCH_END):
+                    return
+        except BaseException as exc:  # raised in the training thread at its next batch
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self.closed.is_set():
+            try:
+                self.chunks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def _refill(self) -> bool:
-        """Append the next chunk; at the end of the epoch start the next one instead (returns True)."""
-        try:
-            chunk = next(self.chunks)["image"]
-        except StopIteration:
-            self.chunks, self.rows = self._epoch(), None
+        """Append the next chunk; at the end of the epoch drop the remainder instead (returns True)."""
+        chunk = self.chunks.get()
+        if chunk is _EPOCH_END:
+            self.rows = None
             return True
+        if isinstance(chunk, BaseException):
+            raise chunk
         rows = chunk if self.rows is None else torch.cat([self.rows, chunk])
         self.rows = rows[torch.randperm(len(rows), device=rows.device)] if self.shuffle else rows
         return False
@@ -169,6 +202,10 @@ class ShardStream:
         if self.preview is None:
             self.preview = to_host(images[:PREVIEW])
         return self.to_input(images)
+
+    def close(self) -> None:
+        """Stop fetching (the thread ends at its next chunk)."""
+        self.closed.set()
 
 
 class MonitorSink:
@@ -376,6 +413,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             saved_at = time.monotonic()
         images, wait_mark, clock = 0, wait, time.perf_counter()
+    synthetic.close()
+    real.close()
     if sink:
         sink.close()
 
@@ -413,7 +452,6 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     connected cluster (and fails at once when the run cannot fit). The run's history-buffer
     actors are removed when it ends, however it ends.
     """
-    import threading
 
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError

@@ -106,3 +106,28 @@ def test_zero_stages_train_d_after_an_r_step_under_bf16(process_group, stage):
     algo.advance()
     assert all(not torch.equal(a, p) for a, p in zip(before, d_engine.module.parameters(), strict=True))
     assert any(not torch.equal(a, p) for a, p in zip(r_before, r_engine.module.parameters(), strict=True))
+
+
+def test_one_rank_skips_the_gradient_all_reduce_and_steps_as_plain_torch(process_group):
+    import copy
+
+    from simgan_dist.algorithm import make_optimizer
+
+    cfg = _cfg()
+    r_engine, _ = build_engines(cfg, torch.device("cpu"), bf16=False)
+    assert r_engine.dp_world_size == 1 and not r_engine.enable_backward_allreduce
+    reduced = []
+    r_engine.allreduce_gradients = lambda *args, **kwargs: reduced.append(args)
+    plain = copy.deepcopy(r_engine.module)
+    plain_optimizer = make_optimizer(plain.parameters(), cfg.train, "refiner")
+    x = torch.rand(8, 1, 35, 55) * 2 - 1
+    updater = DeepSpeedUpdater(r_engine)
+    updater.backward(updater.forward(x).square().mean())
+    updater.step()
+    plain(x).square().mean().backward()
+    plain_optimizer.step()
+    assert reduced == []
+    for ours, theirs in zip(r_engine.module.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # ZeRO keeps its own reduction path (partitioned optimizer state needs it even at one rank)
+    assert build_engines(_cfg("train.zero_stage=1"), torch.device("cpu"), bf16=False)[0].enable_backward_allreduce

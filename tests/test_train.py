@@ -69,6 +69,27 @@ def test_shard_stream_serves_chunks_batch_by_batch():
         ShardStream(_Shard(5), 8, to_input=lambda images: images, shuffle=False)()
 
 
+def test_shard_stream_starts_the_next_epoch_ahead_and_hands_on_read_errors():
+    shard = _Shard(100)  # an epoch is 2 chunks of 64 and 36 rows
+    stream = ShardStream(shard, 8, to_input=lambda images: images, shuffle=False)
+    stream()
+    deadline = time.monotonic() + 10
+    while len(shard.fetches) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(shard.fetches) == 3, "the next epoch was not started while this one still had 11 batches"
+    stream.close()
+
+    class _Unreadable(_Shard):
+        def iter_torch_batches(self, batch_size: int, prefetch_batches: int):
+            yield {"image": self.images[:batch_size]}
+            raise OSError("s3://bucket/real/part-3.parquet: connection reset")
+
+    broken = ShardStream(_Unreadable(100), 8, to_input=lambda images: images, shuffle=False)
+    assert len(_epoch_rows(broken, 8)) == 8  # the first chunk is served
+    with pytest.raises(OSError, match="part-3.parquet: connection reset"):
+        broken()
+
+
 def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
     data = f"{s3_bucket}/eyes"
     simulate_dataset(data, synthetic=384, real=192, real_test=0, seed=1, rows_per_shard=100)
