@@ -21,9 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu bash jobs/demo.sh $(DEMO_DIR)
 
-# The venv's bin first: DeepSpeed's CPU accelerator JIT-builds a small op with the `ninja` on PATH,
-# and Ray's workers find the venv's. Two ninja versions rewrite each other's build log, so every
-# switch between an in-process engine and a Ray worker's would rebuild it (~30 s of both cores).
+# The venv's bin first, as for `make demo` and the job-submit tests' cluster: DeepSpeed's CPU
+# accelerator JIT-builds a small op with the `ninja` on PATH, and two ninja versions (the system's,
+# pip's) rewrite each other's build log, so each switch between them rebuilds it (~30 s, both cores).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu $(PY) -m pytest tests
