@@ -1,8 +1,10 @@
-"""On one GPU: training past the first image grid and a checkpoint in bf16, a sync-free inner loop,
-ZeRO-1/2 under bf16, torch.compile, 100K-row refinement, the hand refiner at its refine batch size."""
+"""On one GPU: training past the first image grid and a checkpoint in bf16, a sync-free inner loop and
+data stream, ZeRO-1/2 under bf16, torch.compile, 100K-row refinement, the hand refiner at its refine
+batch size."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -13,9 +15,10 @@ import torch
 from simgan_dist.checkpoint import load_refiner, write_checkpoint
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import LAYOUTS, simulate_dataset
+from simgan_dist.imaging import to_model_input
 from simgan_dist.models import build_discriminator, build_refiner
 from simgan_dist.refine import BatchRefiner, refine, refine_sizes
-from simgan_dist.train import build_engines, checkpoint_uri, fit
+from simgan_dist.train import ShardStream, build_engines, checkpoint_uri, fit
 from tests.test_deepspeed_config import _cfg, _simgan, process_group  # noqa: F401 (fixture)
 
 
@@ -59,6 +62,28 @@ def test_the_refiner_steps_never_wait_on_the_host(process_group):  # noqa: F811
             algo.refiner_step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_shard_stream_serves_device_batches_without_host_syncs():
+    """The data side of the inner loop: chunk refills, the on-device shuffle (randperm), slicing."""
+    from tests.test_train import _Shard
+
+    class _DeviceShard(_Shard):  # what iter_torch_batches hands over on a GPU worker: device chunks
+        def iter_torch_batches(self, batch_size: int, prefetch_batches: int):
+            for start in range(0, len(self.on_device), batch_size):
+                yield {"image": self.on_device[start:start + batch_size]}
+
+    shard = _DeviceShard(16 * 512)
+    shard.on_device = shard.images.expand(-1, 35, 55, 1).cuda()
+    stream = ShardStream(shard, 512, to_input=functools.partial(to_model_input, device="cuda"), shuffle=True)
+    stream()  # the first batch copies its preview to the host, once per run
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [stream() for _ in range(12)]  # crosses a chunk boundary (8 batches per chunk)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(b.shape == (512, 1, 35, 55) and b.is_cuda for b in batches)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
