@@ -26,6 +26,8 @@ worker group restarts from the latest checkpoint (`train.max_failures`).
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import uuid
 
 import numpy as np
@@ -148,10 +150,12 @@ def load_shards(shards: list[ray.actor.ActorHandle], states: list[dict]) -> int:
 class SharedHistory:
     """The `History` interface of algorithm.py over the shard actors, with one-step prefetch.
 
-    One host sync per D step (the push's device→host copy of b/2 integer images) and one
-    actor call per shard (the push, which returns the next sample); the K_g refiner steps
-    between two D steps never wait on the buffer. `restarts` lists the index of every shard
-    seen restarted (empty) since this client started.
+    One host sync per D step (the push's device→host copy of b/2 integer images); the actor
+    calls themselves run in a background thread (`history-client`): one per shard and push,
+    whose reply is the next sample, so the training thread neither submits calls nor
+    deserialises replies, and the K_g refiner steps between two D steps never wait on the
+    buffer. Each shard still sees one caller's calls in order. `restarts` lists the index of
+    every shard seen restarted (empty) since this client started.
     """
 
     def __init__(self, shards: list[ray.actor.ActorHandle], sample_size: int,
@@ -165,8 +169,11 @@ class SharedHistory:
         self.known_size = sum(size for size, _ in status)
         self.incarnations = [incarnation for _, incarnation in status]
         self.restarts: list[int] = []
-        self.pending: list[ray.ObjectRef] | None = None
-        self.pushes: list[ray.ObjectRef] = []
+        self.outbox: queue.Queue = queue.Queue()  # pushes for the background client, in order
+        self.answered = threading.Condition()
+        self.in_flight = 0  # pushes not answered yet
+        self.latest: list | BaseException | None = None  # the newest push's replies, until sampled
+        threading.Thread(target=self._serve, name="history-client", daemon=True).start()
 
     def _get(self, refs: list[ray.ObjectRef]) -> list:
         try:
@@ -176,6 +183,24 @@ class SharedHistory:
                 f"the history buffer's shard actors did not answer within {self.timeout_s:g} s: one that died "
                 "could not be restarted (restarts used up, or no room for it on the cluster)") from exc
 
+    def _serve(self) -> None:
+        while (chunks := self.outbox.get()) is not None:
+            try:
+                replies = self._get([shard.push_and_sample.remote(chunk, self._share)
+                                     for shard, chunk in zip(self.shards, chunks, strict=False)])
+            except BaseException as exc:  # raised in the training thread at its next sample or flush
+                replies = exc
+            with self.answered:
+                self.latest = replies
+                self.in_flight -= 1
+                self.answered.notify_all()
+
+    def _wait_answered(self) -> None:
+        if not self.answered.wait_for(lambda: self.in_flight == 0, timeout=self.timeout_s):
+            raise HistoryUnavailable(f"the history buffer's shard actors did not answer within {self.timeout_s:g} s")
+        if isinstance(self.latest, BaseException):
+            raise self.latest
+
     def __len__(self) -> int:
         return self.known_size
 
@@ -183,14 +208,14 @@ class SharedHistory:
     def _share(self) -> int:
         return -(-self.sample_size // len(self.shards))
 
-    def _request(self) -> list[ray.ObjectRef]:
-        return [s.sample.remote(self._share) for s in self.shards]
-
     def sample(self, k: int) -> torch.Tensor:
         if k != self.sample_size:
             raise ValueError(f"this history client samples {self.sample_size} images, asked for {k}")
-        refs, self.pending = self.pending or self._request(), None
-        replies = self._get(refs)
+        with self.answered:
+            self._wait_answered()
+            replies, self.latest = self.latest, None
+        if replies is None:  # no push since the last sample (a run's first D step after a resume)
+            replies = self._get([s.sample.remote(self._share) for s in self.shards])
         for i, (_, _, incarnation) in enumerate(replies):
             if incarnation != self.incarnations[i]:
                 self.incarnations[i] = incarnation
@@ -201,12 +226,16 @@ class SharedHistory:
 
     def push(self, images: torch.Tensor) -> None:
         chunks = np.array_split(to_host(history_codes(images, self.wide)), len(self.shards))
-        # Fire-and-forget: an actor runs one caller's calls in order; refs are kept for flush().
-        # The reply is the next sample, which sees this push and is ready by the next D step.
-        self.pushes = self.pending = [shard.push_and_sample.remote(chunk, self._share)
-                                      for shard, chunk in zip(self.shards, chunks, strict=False)]
+        with self.answered:
+            self.in_flight += 1
+        self.outbox.put(chunks)
         self.known_size = max(self.known_size, 1)
 
     def flush(self) -> None:
-        """Wait until this client's last pushes have landed (before a checkpoint)."""
-        self._get(self.pushes)
+        """Wait until this client's pushes have landed (before a checkpoint)."""
+        with self.answered:
+            self._wait_answered()
+
+    def close(self) -> None:
+        """End the background client once its pushes are sent."""
+        self.outbox.put(None)

@@ -415,6 +415,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         images, wait_mark, clock = 0, wait, time.perf_counter()
     synthetic.close()
     real.close()
+    history.close()
     if sink:
         sink.close()
 
