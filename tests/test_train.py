@@ -134,30 +134,39 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
+def _fit_acting_once(cfg, act, within_s: float = 300):
+    """fit(cfg) while a thread polls `act()` until it returns a value (it acted) or time runs out;
+    returns the result and [that value], or [] when it never acted."""
+    acted = []
+
+    def poll():
+        deadline = time.time() + within_s
+        while time.time() < deadline and not acted:
+            if (value := act()) is not None:
+                acted.append(value)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    result = fit(cfg)
+    watcher.join(timeout=5)
+    return result, acted
+
+
 def test_killed_worker_resumes_from_checkpoint_with_buffer(ray_local, eye_data, tmp_path):
     cfg = _config("train.num_workers=2", "train.iterations=40", "train.checkpoint_every=10",
                   f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",
                   f"train.storage_path={tmp_path}", "train.name=killed", "train.max_failures=1")
-    run = tmp_path / "killed"
-    killed = []
+    snapshot = tmp_path / "killed" / "checkpoint_manager_snapshot.json"
 
-    def kill_after_first_checkpoint():
-        snapshot = run / "checkpoint_manager_snapshot.json"
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            # only a checkpoint Ray Train has registered is one a restart resumes from
-            if snapshot.exists() and "checkpoint_" in snapshot.read_text():
-                workers = _train_workers()
-                if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    killed.append(workers[-1].pid)
-                    return
-            time.sleep(0.2)
+    def kill_a_worker():
+        # only a checkpoint Ray Train has registered is one a restart resumes from
+        if snapshot.exists() and "checkpoint_" in snapshot.read_text() and (workers := _train_workers()):
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            return workers[-1].pid
+        return None
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    result = fit(cfg)
-    killer.join(timeout=5)
+    result, killed = _fit_acting_once(cfg, kill_a_worker)
     assert killed, "no training worker was found to kill"
     assert result.error is None
     metrics = result.metrics
@@ -218,22 +227,15 @@ def test_killed_history_shard_comes_back_empty_and_training_goes_on(ray_local, e
                   f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",
                   f"train.storage_path={tmp_path}", "train.name=shard", "train.max_failures=0")
     metrics = tmp_path / "shard" / "monitor" / "metrics.jsonl"
-    killed = []
 
-    def kill_once_the_buffer_is_full():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if metrics.exists() and any(r.get("buffer_fill") == 1.0 for r in _jsonl(metrics)):
-                shard = dh.get_shards(history_run_id(cfg), cfg.train.buffer_shards)[0]
-                ray.kill(shard, no_restart=False)  # as if its node died: Ray restarts it from its constructor
-                killed.append(_jsonl(metrics)[-1]["step"])
-                return
-            time.sleep(0.1)
+    def kill_a_shard_once_the_buffer_is_full():
+        if not (metrics.exists() and any(r.get("buffer_fill") == 1.0 for r in _jsonl(metrics))):
+            return None
+        shard = dh.get_shards(history_run_id(cfg), cfg.train.buffer_shards)[0]
+        ray.kill(shard, no_restart=False)  # as if its node died: Ray restarts it from its constructor
+        return _jsonl(metrics)[-1]["step"]
 
-    killer = threading.Thread(target=kill_once_the_buffer_is_full, daemon=True)
-    killer.start()
-    result = fit(cfg)
-    killer.join(timeout=5)
+    result, killed = _fit_acting_once(cfg, kill_a_shard_once_the_buffer_is_full)
     assert killed, "the buffer never filled, or no shard was found to kill"
     assert result.error is None
     # the run went on, with no worker-group restart, and said what happened
