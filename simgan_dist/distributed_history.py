@@ -175,13 +175,16 @@ class SharedHistory:
         self.latest: list | BaseException | None = None  # the newest push's replies, until sampled
         threading.Thread(target=self._serve, name="history-client", daemon=True).start()
 
+    def _unavailable(self) -> HistoryUnavailable:
+        return HistoryUnavailable(
+            f"the history buffer's shard actors did not answer within {self.timeout_s:g} s: one that died "
+            "could not be restarted (restarts used up, or no room for it on the cluster)")
+
     def _get(self, refs: list[ray.ObjectRef]) -> list:
         try:
             return ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
-            raise HistoryUnavailable(
-                f"the history buffer's shard actors did not answer within {self.timeout_s:g} s: one that died "
-                "could not be restarted (restarts used up, or no room for it on the cluster)") from exc
+            raise self._unavailable() from exc
 
     def _serve(self) -> None:
         while (chunks := self.outbox.get()) is not None:
@@ -197,7 +200,7 @@ class SharedHistory:
 
     def _wait_answered(self) -> None:
         if not self.answered.wait_for(lambda: self.in_flight == 0, timeout=self.timeout_s):
-            raise HistoryUnavailable(f"the history buffer's shard actors did not answer within {self.timeout_s:g} s")
+            raise self._unavailable()
         if isinstance(self.latest, BaseException):
             raise self.latest
 
