@@ -31,6 +31,7 @@ from simgan_dist.checkpoint import (
 from simgan_dist.config import Config
 from simgan_dist.data.schema import DatasetError
 from simgan_dist.history import CodedHistory
+from simgan_dist.host_memory import reuse_freed_memory
 from simgan_dist.imaging import to_model_input, to_storage, wide_codes
 from simgan_dist.losses import RefinerLoss
 from simgan_dist.models import build_discriminator, build_refiner
@@ -122,6 +123,7 @@ def keep_if_best(best: Path, step: int, scores: dict[str, float], keep: int, wri
 def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = None,
                 real: np.ndarray | None = None, progress: bool = True) -> LocalRun:
     """Run Algorithm 1 in this process; resumes if `folder/checkpoint` exists."""
+    reuse_freed_memory()
     folder = Path(folder)
     if synthetic is None:
         synthetic = _load_images(cfg.data.synthetic, "synthetic", cfg)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from simgan_dist.config import Config, UserError, config_from_dict, load_config
+from simgan_dist.host_memory import reuse_freed_memory
 from simgan_dist.imaging import to_host, wide_codes
 from simgan_dist.models import build_discriminator, build_refiner
 
@@ -266,6 +267,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from simgan_dist.data.pipeline import adopt_env
 
     adopt_env(loop_config.get("env"))
+    reuse_freed_memory()
     cfg = config_from_dict(loop_config["config"])
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -30,10 +30,7 @@ size or the number of workers.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import functools
 import math
-import sys
 import time
 from collections.abc import Callable
 
@@ -49,6 +46,7 @@ from simgan_dist.data.schema import (
     write_manifest,
     write_shard,
 )
+from simgan_dist.host_memory import reuse_freed_memory
 
 BLOCK = 256  # eyes per generator and per render call: numpy temporaries stay a few MB
 HAND_BLOCK = 16
@@ -359,26 +357,6 @@ RENDERERS: dict[str, Callable[[np.random.Generator, int, str], tuple[np.ndarray,
     "eye": render_eyes,
     "hand": render_hands,
 }
-
-
-@functools.cache
-def reuse_freed_memory() -> None:
-    """Let glibc keep freed numpy temporaries in its heap instead of unmapping them.
-
-    By default every multi-MB temporary is a fresh mmap whose pages the kernel
-    zero-fills on first touch, which costs more than the arithmetic: this makes
-    the renderer 2-3x faster (measured). Process-wide, so only the renderer's
-    entry points call it; elsewhere (not Linux/glibc) it does nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 << 20)
-    libc.mallopt(m_trim_threshold, 128 << 20)
 
 
 def block_rng(seed: int, kind: str, split: str, block: int) -> np.random.Generator:
