@@ -13,9 +13,10 @@ def reuse_freed_memory() -> None:
 
     By default every multi-MB temporary (numpy's or a CPU tensor's) can be a fresh mmap whose
     pages the kernel zero-fills on first touch, which costs more than the arithmetic: this
-    makes the renderer 2-3x faster and a CPU training step ~9% faster (bench/RESULTS.md).
-    Process-wide, so it is called where a process does that work: the renderer, the training
-    loops, the refine actors, the gaze fit. Elsewhere (not Linux/glibc) it does nothing.
+    makes the renderer 2-3x faster and the tiny preset's CPU training step ~9% faster
+    (bench/RESULTS.md, issue 11 (b)). Process-wide, so it is called where a process does that
+    work and nothing else: the renderer and the two training loops. Elsewhere (not
+    Linux/glibc) it does nothing.
     """
     if not sys.platform.startswith("linux"):
         return
