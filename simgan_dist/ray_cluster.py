@@ -31,10 +31,6 @@ MIN_WORKER_CPUS = 0.5
 # each: a few ms of copying per push or sample) and a Tune trial's sliver come out of its share.
 MIN_WORKER_SHARE = 0.25
 QUIET_RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
-# Ray starts every worker process at nice 15 (its `worker_niceness`), below its own GCS, raylet and
-# dashboard. The training workers are the job's foreground work: run them at the priority Ray gives
-# a job's driver, so its helpers, Ray Data's read tasks and the other actors yield to them.
-FOREGROUND_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 _verbose = False
 

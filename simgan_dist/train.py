@@ -516,7 +516,6 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
             name=cfg.train.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=checkpoint_config, callbacks=callbacks,
-            worker_runtime_env=ray_cluster.FOREGROUND_RUNTIME_ENV,
         ),
         datasets=datasets,
         dataset_config=data_config,

@@ -147,24 +147,3 @@ def test_placement_groups_of_dead_actors_are_removed_and_no_others(ray_local):
     assert state(kept) == "CREATED" and state(by_driver.id.hex()) == "CREATED"
     ray.kill(living)
     remove_placement_group(by_driver)
-
-
-def test_training_workers_run_at_a_drivers_priority_not_rays_background_one(ray_local, tmp_path):
-    """Ray starts workers at nice 15; the Train workers ask for 0 the way `train.fit` does (Train V2's worker env)."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from simgan_dist.ray_cluster import FOREGROUND_RUNTIME_ENV
-
-    seen = tmp_path / "nice.txt"
-
-    def record_niceness():
-        seen.write_text(str(os.nice(0)))
-
-    background = ray.get(ray.remote(num_cpus=0.25)(lambda: os.nice(0)).remote())
-    TorchTrainer(record_niceness, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                          run_config=RunConfig(name="niceness", storage_path=str(tmp_path),
-                                               worker_runtime_env=FOREGROUND_RUNTIME_ENV)).fit()
-    assert background > 0, "Ray's default for worker processes"
-    assert int(seen.read_text()) == os.nice(0)
