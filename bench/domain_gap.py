@@ -27,7 +27,7 @@ from simgan_dist.data.simulate import (
     render_eyes,
     sample_eye_params,
 )
-from simgan_dist.gaze import angular_error_deg
+from simgan_dist.metrics.gaze import angular_error_deg
 
 
 def features(images: np.ndarray) -> np.ndarray:

@@ -22,8 +22,8 @@ import time
 import ray
 import torch
 
-from simgan_dist import distributed_history as dh
 from simgan_dist.config import load_config
+from simgan_dist.train import distributed_history as dh
 
 
 @ray.remote(num_cpus=0)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from simgan_dist.config import load_config
+from simgan_dist.core.models import build_refiner
 from simgan_dist.data.schema import load_numpy
-from simgan_dist.local_train import train_local
-from simgan_dist.models import build_refiner
-from simgan_dist.objective import Evaluator
+from simgan_dist.metrics.objective import Evaluator
+from simgan_dist.train.local import train_local
 
 
 def main() -> None:

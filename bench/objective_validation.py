@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from simgan_dist.checkpoint import load_refiner
 from simgan_dist.config import load_config
+from simgan_dist.core.imaging import to_model_input, to_storage
 from simgan_dist.data.schema import load_numpy
 from simgan_dist.evaluate import train_gaze
-from simgan_dist.imaging import to_model_input, to_storage
-from simgan_dist.local_train import train_local
-from simgan_dist.objective import Evaluator
+from simgan_dist.metrics.objective import Evaluator
+from simgan_dist.train.checkpoint import load_refiner
+from simgan_dist.train.local import train_local
 from simgan_dist.tune import apply_params
 
 # Spread over the demo recipe's space (jobs/configs/tiny.yaml: λ weighs the per-pixel mean |R(x) − x|,

@@ -32,13 +32,13 @@ import time
 import numpy as np
 import torch
 
-from simgan_dist.checkpoint import write_checkpoint
 from simgan_dist.config import load_config
+from simgan_dist.core.imaging import to_model_input
+from simgan_dist.core.models import build_discriminator, build_refiner
 from simgan_dist.data import storage
 from simgan_dist.data.schema import DatasetWriter, Layout
-from simgan_dist.imaging import to_model_input
-from simgan_dist.models import build_discriminator, build_refiner
 from simgan_dist.refine import BatchRefiner, refine, refine_sizes
+from simgan_dist.train.checkpoint import write_checkpoint
 
 WRITE_CHUNK = 65536
 

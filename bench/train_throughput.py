@@ -74,7 +74,7 @@ def steady_rate(metrics: Path, images_per_step: int) -> float:
 
 
 def plain(cfg: Config, folder: Path, threads: int | None) -> float:
-    from simgan_dist.local_train import train_local
+    from simgan_dist.train.local import train_local
 
     cfg = config_from_dict(cfg.to_dict(redact=False))
     workers = cfg.train.num_workers
@@ -91,7 +91,7 @@ def plain(cfg: Config, folder: Path, threads: int | None) -> float:
 
 
 def distributed(cfg: Config, folder: Path) -> float:
-    from simgan_dist.train import fit
+    from simgan_dist.train.driver import fit
 
     cfg = config_from_dict(cfg.to_dict(redact=False))
     cfg.train.storage_path, cfg.train.name = str(folder.parent), folder.name

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-from simgan_dist.config import PRESETS, ConfigError, UserError, load_config
+from simgan_dist.config import PRESETS, load_config
+from simgan_dist.errors import ConfigError, UserError
 
 EPILOG = """\
 pipeline:
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--local", action="store_true", help="single process, plain PyTorch, no Ray")
     _add_config_args(train)
-    train.set_defaults(handler="simgan_dist.train:cli_train")
+    train.set_defaults(handler="simgan_dist.train.driver:cli_train")
 
     tune = commands.add_parser(
         "tune", help="Ray Tune sweep over K_g, lr and λ, ranked by the label-free objective",

@@ -16,13 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class UserError(Exception):
-    """Bad input the user can fix; the message names the file, field or URI. The CLI prints it."""
-
-
-class ConfigError(UserError, ValueError):
-    """A config file or override that does not match the schema."""
+from simgan_dist.errors import ConfigError
 
 
 @dataclass

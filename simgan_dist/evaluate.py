@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from simgan_dist import report
-from simgan_dist.config import Config, EvaluateConfig, UserError, load_config
-from simgan_dist.gaze import angular_error_deg, fit_gaze, run_model
-from simgan_dist.objective import (
+from simgan_dist.config import Config, EvaluateConfig, load_config
+from simgan_dist.errors import UserError
+from simgan_dist.metrics.gaze import angular_error_deg, fit_gaze, run_model
+from simgan_dist.metrics.objective import (
     FEATURE_NET_ROWS,
     PUPIL_RADIUS,
     GazeFeatures,

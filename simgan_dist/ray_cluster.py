@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simgan_dist.config import Config, UserError
+from simgan_dist.config import Config
+from simgan_dist.errors import UserError
 
 # A training run streams its corpora through Ray Data tasks that each hold one CPU; the
 # workers must leave at least that much free or the read tasks never start.
@@ -145,7 +146,7 @@ def history_cpus(cfg: Config) -> float:
 
 
 def _shard_cpus() -> float:
-    from simgan_dist.distributed_history import SHARD_CPUS  # imports Ray: not at this module's import
+    from simgan_dist.train.distributed_history import SHARD_CPUS  # imports Ray: not at this module's import
 
     return SHARD_CPUS
 

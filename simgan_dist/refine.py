@@ -56,8 +56,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from simgan_dist.checkpoint import REFINER_FILE, CheckpointError, load_refiner
-from simgan_dist.config import Config, ModelConfig, RefineConfig, StorageConfig, UserError, load_config
+from simgan_dist.config import Config, ModelConfig, RefineConfig, StorageConfig, load_config
+from simgan_dist.core.imaging import normalize, to_storage
+from simgan_dist.core.models import Refiner, build_refiner
 from simgan_dist.data import storage
 from simgan_dist.data.schema import (
     LEGACY_MANIFEST_NAME,
@@ -77,8 +78,8 @@ from simgan_dist.data.schema import (
     write_manifest,
 )
 from simgan_dist.data.storage import StorageError
-from simgan_dist.imaging import normalize, to_storage
-from simgan_dist.models import Refiner, build_refiner
+from simgan_dist.errors import UserError
+from simgan_dist.train.checkpoint import REFINER_FILE, CheckpointError, load_refiner
 
 JOB_FILE = "_refine_job.json"
 LEGACY_JOB_FILE = "refine_job.json"  # before the `_` convention; still honoured
@@ -586,8 +587,8 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
 
 def choose_checkpoint(uri: str, cfg: Config) -> str:
     """A checkpoint folder as given, or the best one by the label-free objective under a run or sweep folder."""
-    from simgan_dist.checkpoint import CONFIG_FILE
-    from simgan_dist.objective import best_checkpoint
+    from simgan_dist.metrics.objective import best_checkpoint
+    from simgan_dist.train.checkpoint import CONFIG_FILE
 
     filesystem, path = storage.resolve(uri, cfg.storage)
     if storage.file_info(filesystem, f"{path}/{CONFIG_FILE}", storage.join(uri, CONFIG_FILE)).type \

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from simgan_dist.imaging import grid, save_png
+from simgan_dist.core.imaging import grid, save_png
 
 
 class Inputs(Protocol):

@@ -35,8 +35,9 @@ import os
 import time
 from typing import Any
 
-from simgan_dist.config import Config, UserError, config_from_dict, load_config
-from simgan_dist.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
+from simgan_dist.config import Config, config_from_dict, load_config
+from simgan_dist.errors import UserError
+from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
 from simgan_dist.ray_cluster import failure_line, say, verbose
 
 PARAMS = ("k_g", "lr", "lambda_reg")
@@ -126,7 +127,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: di
     """
     import ray.tune
 
-    from simgan_dist.train import fit
+    from simgan_dist.train.driver import fit
 
     os.environ.update(env or {})  # this trial's own process; fit() hands them on to its workers
     cfg = trial_config(base, config, ray.tune.get_context().get_trial_id())
@@ -138,9 +139,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: di
 def _trial_cleanup(base: dict[str, Any]):
     from ray.tune import Callback
 
-    from simgan_dist import distributed_history as dh
     from simgan_dist.ray_cluster import remove_orphaned_placement_groups
-    from simgan_dist.train import history_run_id
+    from simgan_dist.train import distributed_history as dh
+    from simgan_dist.train.driver import history_run_id
 
     class TrialCleanup(Callback):
         """On the driver: what a stopped trial's killed process leaves behind goes away.
@@ -359,7 +360,7 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     lines = [f"# Sweep {cfg.tune.name}", "", "Ranked by the label-free objective (lower = better; "
-             "realism / realism(synthetic) + drift beyond the tolerance, see simgan_dist/objective.py).", "",
+             "realism / realism(synthetic) + drift beyond the tolerance, see simgan_dist/metrics/objective.py).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     storage.write_bytes_atomic(storage.join(folder, "results.md"), ("\n".join(lines) + "\n").encode(), cfg.storage)

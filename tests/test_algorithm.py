@@ -5,13 +5,13 @@ import pytest
 import torch
 from toy_domains import toy_images
 
-from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
 from simgan_dist.config import load_config
-from simgan_dist.history import HistoryBuffer
-from simgan_dist.imaging import to_model_input, to_storage
-from simgan_dist.local_train import ArraySampler
-from simgan_dist.losses import RefinerLoss
-from simgan_dist.models import build_discriminator, build_refiner
+from simgan_dist.core.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
+from simgan_dist.core.history import HistoryBuffer
+from simgan_dist.core.imaging import to_model_input, to_storage
+from simgan_dist.core.losses import RefinerLoss
+from simgan_dist.core.models import build_discriminator, build_refiner
+from simgan_dist.train.local import ArraySampler
 
 
 class CountingUpdater(TorchUpdater):

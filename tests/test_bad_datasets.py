@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from simgan_dist.checkpoint import write_checkpoint
-from simgan_dist.config import UserError, load_config
+from simgan_dist.config import load_config
+from simgan_dist.core.models import build_discriminator, build_refiner
 from simgan_dist.data.schema import (
     MANIFEST_NAME,
     DatasetError,
@@ -23,9 +23,10 @@ from simgan_dist.data.schema import (
     validate,
 )
 from simgan_dist.data.simulate import simulate_dataset
-from simgan_dist.local_train import train_local
-from simgan_dist.models import build_discriminator, build_refiner
-from simgan_dist.train import check_corpora, check_resumable
+from simgan_dist.errors import UserError
+from simgan_dist.train.checkpoint import write_checkpoint
+from simgan_dist.train.driver import check_corpora, check_resumable
+from simgan_dist.train.local import train_local
 
 
 @pytest.fixture

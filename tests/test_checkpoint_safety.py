@@ -14,9 +14,9 @@ import pytest
 import torch
 from toy_domains import toy_images
 
-from simgan_dist.checkpoint import CheckpointError, load_data, load_refiner, rng_state, set_rng_state
 from simgan_dist.config import load_config
-from simgan_dist.local_train import train_local
+from simgan_dist.train.checkpoint import CheckpointError, load_data, load_refiner, rng_state, set_rng_state
+from simgan_dist.train.local import train_local
 
 
 class Payload:
@@ -74,8 +74,8 @@ def test_deepspeed_checkpoint_files_load_as_data_and_a_payload_is_refused(tmp_pa
         import os, sys, torch, deepspeed, torch.distributed as dist
         sys.path.insert(0, {os.getcwd()!r})
         from test_checkpoint_safety import plant
-        from simgan_dist.checkpoint import CheckpointError
-        from simgan_dist.train import load_as_data
+        from simgan_dist.train.checkpoint import CheckpointError
+        from simgan_dist.train.driver import load_as_data
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo")
@@ -162,7 +162,7 @@ def test_ema_state_and_best_checkpoints_of_a_ray_run_are_data_and_resume(ray_loc
     weights_only=True, a resubmitted run resumes through them (EMA from refiner.pt), and a
     payload planted in the best checkpoint is refused by refine's choice of it."""
     from simgan_dist.refine import choose_checkpoint
-    from simgan_dist.train import fit
+    from simgan_dist.train.driver import fit
 
     overrides = [f"train.storage_path={tmp_path}", "train.name=ema", "train.buffer_shards=1"]
     result = fit(_scored_config(eyes, *overrides, "train.iterations=3"))

@@ -1,7 +1,8 @@
 import pytest
 
 from simgan_dist.cli import main
-from simgan_dist.config import ConfigError, config_from_dict, load_config
+from simgan_dist.config import config_from_dict, load_config
+from simgan_dist.errors import ConfigError
 
 
 def test_presets_match_the_paper():

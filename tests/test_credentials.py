@@ -72,7 +72,7 @@ def test_pipeline_with_fake_credentials_writes_them_nowhere(ray_local, s3_server
     from simgan_dist.data.simulate import simulate_dataset
     from simgan_dist.evaluate import cli_evaluate
     from simgan_dist.refine import refine
-    from simgan_dist.train import checkpoint_uri, fit
+    from simgan_dist.train.driver import checkpoint_uri, fit
 
     secrets = [f"storage.{k}={v}" for k, v in FAKE.items()]
     data = f"{s3_bucket}/eyes"

@@ -9,13 +9,13 @@ import socket
 import pytest
 import torch
 
-from simgan_dist.algorithm import Schedule, SimGAN
 from simgan_dist.config import load_config
-from simgan_dist.history import CodedHistory
-from simgan_dist.imaging import to_model_input
-from simgan_dist.local_train import ArraySampler
-from simgan_dist.losses import RefinerLoss
-from simgan_dist.train import DeepSpeedUpdater, build_engines, deepspeed_config
+from simgan_dist.core.algorithm import Schedule, SimGAN
+from simgan_dist.core.history import CodedHistory
+from simgan_dist.core.imaging import to_model_input
+from simgan_dist.core.losses import RefinerLoss
+from simgan_dist.train.driver import DeepSpeedUpdater, build_engines, deepspeed_config
+from simgan_dist.train.local import ArraySampler
 from tests.toy_domains import toy_images
 
 
@@ -111,7 +111,7 @@ def test_zero_stages_train_d_after_an_r_step_under_bf16(process_group, stage):
 def test_one_rank_skips_the_gradient_all_reduce_and_steps_as_plain_torch(process_group):
     import copy
 
-    from simgan_dist.algorithm import make_optimizer
+    from simgan_dist.core.algorithm import make_optimizer
 
     cfg = _cfg()
     r_engine, _ = build_engines(cfg, torch.device("cpu"), bf16=False)

@@ -6,9 +6,9 @@ import pytest
 import ray
 import torch
 
-from simgan_dist import distributed_history as dh
-from simgan_dist.history import HistoryBuffer
-from simgan_dist.imaging import from_history_codes, history_codes
+from simgan_dist.core.history import HistoryBuffer
+from simgan_dist.core.imaging import from_history_codes, history_codes
+from simgan_dist.train import distributed_history as dh
 
 SHAPE = (1, 2, 3)
 

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from simgan_dist.cli import build_parser
-from simgan_dist.config import UserError, load_config
+from simgan_dist.config import load_config
 from simgan_dist.data.schema import DatasetWriter, Layout, load_numpy, read_manifest
 from simgan_dist.data.simulate import DETERMINISTIC_PARTS, render_rows, simulate_dataset
+from simgan_dist.errors import UserError
 from simgan_dist.evaluate import (
     cli_evaluate,
     detect_pupil,
@@ -20,7 +21,7 @@ from simgan_dist.evaluate import (
     run_gaze_variants,
     summarize_gaze,
 )
-from simgan_dist.gaze import angular_error_deg, validation_split
+from simgan_dist.metrics.gaze import angular_error_deg, validation_split
 
 # --- angular error ---------------------------------------------------------------------------
 

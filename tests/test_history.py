@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from simgan_dist.history import HistoryBuffer
+from simgan_dist.core.history import HistoryBuffer
 
 
 def _images(n, value):

@@ -9,7 +9,7 @@ import pytest
 MEASURE = """
 import resource
 import numpy as np
-from simgan_dist.host_memory import reuse_freed_memory
+from simgan_dist.core.host_memory import reuse_freed_memory
 
 def page_faults_per_buffer(n=8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

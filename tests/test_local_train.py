@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 from toy_domains import toy_images
 
-from simgan_dist.checkpoint import STATE_FILE, load_refiner
 from simgan_dist.config import load_config
-from simgan_dist.local_train import train_local
+from simgan_dist.train.checkpoint import STATE_FILE, load_refiner
+from simgan_dist.train.local import train_local
 
 
 def test_local_run_writes_grid_metrics_checkpoint_and_resumes(tmp_path):

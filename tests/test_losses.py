@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from simgan_dist.config import LossConfig
-from simgan_dist.losses import REAL, REFINED, RefinerLoss, local_adversarial_loss, make_psi
+from simgan_dist.core.losses import REAL, REFINED, RefinerLoss, local_adversarial_loss, make_psi
 
 
 def test_adversarial_loss_covers_every_patch():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from simgan_dist.config import load_config
-from simgan_dist.models import Discriminator, GazeNet, Refiner, build_discriminator, build_refiner
+from simgan_dist.core.models import Discriminator, GazeNet, Refiner, build_discriminator, build_refiner
 
 
 @pytest.mark.parametrize("preset, size", [("eye", (4, 9)), ("hand", (5, 5))])

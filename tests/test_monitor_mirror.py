@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from simgan_dist.data import storage
-from simgan_dist.monitor import FolderMirror, RunLog
+from simgan_dist.train.monitor import FolderMirror, RunLog
 
 
 def _steps(uri: str) -> list[int]:

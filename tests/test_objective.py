@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from simgan_dist import evaluate, objective
-from simgan_dist.config import ConfigError, load_config
+from simgan_dist import evaluate
+from simgan_dist.config import load_config
 from simgan_dist.data.schema import load_numpy
 from simgan_dist.data.simulate import simulate_dataset
-from simgan_dist.local_train import train_local
+from simgan_dist.errors import ConfigError
+from simgan_dist.metrics import objective
+from simgan_dist.train.local import train_local
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_local_training_keeps_best_checkpoints_without_reading_real_test(eyes, t
 
 def test_scores_describe_the_weights_the_checkpoint_holds_with_an_ema(eyes, tmp_path):
     """With an EMA, a best checkpoint's scores are those of its refiner.pt (the EMA refine loads), not of raw R."""
-    from simgan_dist.checkpoint import load_refiner
+    from simgan_dist.train.checkpoint import load_refiner
 
     cfg = load_config("tiny", overrides=[
         f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}", "data.real_val_fraction=0.2",
@@ -111,7 +113,7 @@ def test_real_validation_split_reads_exactly_the_datasets_good_rows(tmp_path, la
     import pandas as pd
 
     from simgan_dist.data.schema import LEGACY_MANIFEST_NAME, MANIFEST_NAME
-    from simgan_dist.local_train import _load_images
+    from simgan_dist.train.local import _load_images
 
     simulate_dataset(str(tmp_path / "eyes"), synthetic=8, real=120, real_test=0, seed=7, rows_per_shard=50)
     simulate_dataset(str(tmp_path / "other"), synthetic=0, real=30, real_test=0, seed=8, rows_per_shard=50)

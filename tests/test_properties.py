@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simgan_dist.cli import build_parser, main
-from simgan_dist.config import Config, ConfigError, load_config
+from simgan_dist.config import Config, load_config
+from simgan_dist.errors import ConfigError
 
 SECTIONS = {f.name: [g.name for g in dataclasses.fields(f.type if isinstance(f.type, type) else
                                                          type(getattr(Config(), f.name)))]

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from simgan_dist.config import UserError, load_config
-from simgan_dist.distributed_history import SHARD_CPUS
+from simgan_dist.config import load_config
+from simgan_dist.errors import UserError
 from simgan_dist.ray_cluster import DATA_CPUS, history_cpus, plan_workers
+from simgan_dist.train.distributed_history import SHARD_CPUS
 
 
 def _cfg(*overrides):

@@ -23,14 +23,14 @@ import pytest
 import torch
 
 from simgan_dist import cli
-from simgan_dist.checkpoint import load_refiner, write_checkpoint
 from simgan_dist.config import load_config
+from simgan_dist.core.imaging import to_model_input, to_storage
+from simgan_dist.core.models import build_discriminator, build_refiner
 from simgan_dist.data import storage
 from simgan_dist.data.schema import MANIFEST_NAME, DatasetError, load_numpy, read_manifest
 from simgan_dist.data.simulate import simulate_dataset
-from simgan_dist.imaging import to_model_input, to_storage
-from simgan_dist.models import build_discriminator, build_refiner
 from simgan_dist.refine import JOB_FILE, RefineError, refine
+from simgan_dist.train.checkpoint import load_refiner, write_checkpoint
 
 pytestmark = pytest.mark.slow
 

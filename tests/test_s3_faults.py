@@ -199,9 +199,9 @@ def refine_job(ray_local, s3_bucket, tmp_path):
     """(a checkpoint, an S3 corpus of 2 input shards cut into 4 output shards, its fault-free refinement)."""
     import torch
 
-    from simgan_dist.checkpoint import write_checkpoint
-    from simgan_dist.models import build_discriminator, build_refiner
+    from simgan_dist.core.models import build_discriminator, build_refiner
     from simgan_dist.refine import refine
+    from simgan_dist.train.checkpoint import write_checkpoint
 
     cfg = load_config("tiny", overrides=REFINE)
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def checkpoint_files(uri: str) -> dict[str, int]:
 
 
 def test_train_rides_out_transient_faults(train_data, s3_bucket, proxy):
-    from simgan_dist.train import checkpoint_uri, fit
+    from simgan_dist.train.driver import checkpoint_uri, fit
 
     cfg = load_config("tiny", overrides=[*train_data, "train.name=clean"])
     clean = checkpoint_uri(cfg, fit(cfg).checkpoint)
@@ -289,7 +289,7 @@ def test_train_rides_out_transient_faults(train_data, s3_bucket, proxy):
 
 
 def test_train_under_a_persistent_upload_fault_fails_clearly(train_data, s3_bucket, proxy, capsys):
-    from simgan_dist.checkpoint import CheckpointError, load_refiner
+    from simgan_dist.train.checkpoint import CheckpointError, load_refiner
 
     proxy.inject("slowdown", method="POST", path=r"/runs/persistent/checkpoint_[^/]+/refiner\.pt$", times=1000)
     assert cli.main(["train", *cli_sets(proxy, *train_data, "train.name=persistent")]) == 1

@@ -13,11 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simgan_dist.checkpoint import load_refiner
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
-from simgan_dist.local_train import train_local
-from simgan_dist.train import CHUNK_BATCHES, ShardStream, checkpoint_uri, fit, history_run_id
+from simgan_dist.train.checkpoint import load_refiner
+from simgan_dist.train.driver import CHUNK_BATCHES, ShardStream, checkpoint_uri, fit, history_run_id
+from simgan_dist.train.local import train_local
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_killed_driver_then_the_same_command_resumes_from_the_checkpoint(ray_loc
     continues from the checkpoint, with the checkpoint's buffer, not the leftovers."""
     import ray
 
-    from simgan_dist import distributed_history as dh
+    from simgan_dist.train import distributed_history as dh
 
     overrides = ["train.iterations=20", "train.checkpoint_every=10", f"data.synthetic={eye_data}/synthetic",
                  f"data.real={eye_data}/real", f"train.storage_path={tmp_path}", "train.name=driver"]
@@ -221,7 +221,7 @@ def _jsonl(path: Path) -> list[dict]:
 def test_killed_history_shard_comes_back_empty_and_training_goes_on(ray_local, eye_data, tmp_path, capsys):
     import ray
 
-    from simgan_dist import distributed_history as dh
+    from simgan_dist.train import distributed_history as dh
 
     cfg = _config("train.iterations=30", "train.report_every=2", "train.checkpoint_every=100", "train.buffer_size=128",
                   f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",

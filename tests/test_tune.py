@@ -7,8 +7,8 @@ import yaml
 
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
-from simgan_dist.local_train import train_local
-from simgan_dist.train import history_run_id
+from simgan_dist.train.driver import history_run_id
+from simgan_dist.train.local import train_local
 from simgan_dist.tune import TuneError, default_concurrency, sweep, sweep_resources, trial_config
 
 

@@ -53,10 +53,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from simgan_dist.config import Config, StorageConfig, UserError, load_config
+from simgan_dist.config import Config, StorageConfig, load_config
 from simgan_dist.data import storage
 from simgan_dist.data.schema import DatasetWriter, Layout, Manifest
 from simgan_dist.data.simulate import EYE_H, EYE_W, GAZE_CONVENTION, HAND_SIZE
+from simgan_dist.errors import UserError
 
 QUARANTINE_NAME = "_quarantine/quarantine.parquet"
 # Where datasets ingested before the `_` convention keep it (plain readers took it for data).

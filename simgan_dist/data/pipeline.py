@@ -23,8 +23,9 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from simgan_dist.config import StorageConfig, UserError
+from simgan_dist.config import StorageConfig
 from simgan_dist.data.schema import DatasetError, Layout, decode_table, shard_paths, validate
+from simgan_dist.errors import UserError
 
 
 def read_dataset(uri: str, storage_cfg: StorageConfig | None = None, *, columns: Sequence[str] | None = None,

@@ -39,9 +39,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from simgan_dist.config import StorageConfig, UserError
+from simgan_dist.config import StorageConfig
 from simgan_dist.data import storage
 from simgan_dist.data.storage import MissingFileError
+from simgan_dist.errors import UserError
 
 FORMAT = "simgan_dist.dataset"
 FORMAT_VERSION = 1

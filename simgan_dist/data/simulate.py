@@ -37,6 +37,7 @@ from collections.abc import Callable
 import numpy as np
 
 from simgan_dist.config import StorageConfig, load_config
+from simgan_dist.core.host_memory import reuse_freed_memory
 from simgan_dist.data import storage
 from simgan_dist.data.schema import (
     Layout,
@@ -46,7 +47,6 @@ from simgan_dist.data.schema import (
     write_manifest,
     write_shard,
 )
-from simgan_dist.host_memory import reuse_freed_memory
 
 BLOCK = 256  # eyes per generator and per render call: numpy temporaries stay a few MB
 HAND_BLOCK = 16

@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from simgan_dist.config import StorageConfig, UserError
+from simgan_dist.config import StorageConfig
+from simgan_dist.errors import UserError
 
 # A wrong endpoint must fail in seconds: short connects, few attempts.
 CONNECT_TIMEOUT_S = 3.0

@@ -31,9 +31,10 @@ import torch
 import yaml
 from torch import nn
 
-from simgan_dist.config import Config, ConfigError, StorageConfig, UserError, config_from_dict
-from simgan_dist.imaging import to_host
-from simgan_dist.models import Refiner, build_refiner
+from simgan_dist.config import Config, StorageConfig, config_from_dict
+from simgan_dist.core.imaging import to_host
+from simgan_dist.core.models import Refiner, build_refiner
+from simgan_dist.errors import ConfigError, UserError
 
 CONFIG_FILE = "config.yaml"
 REFINER_FILE = "refiner.pt"

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from simgan_dist.config import EvaluateConfig
-from simgan_dist.imaging import to_host, to_model_input
-from simgan_dist.models import GAZE_MODELS
+from simgan_dist.core.imaging import to_host, to_model_input
+from simgan_dist.core.models import GAZE_MODELS
 
 PREDICT_CHUNK = 1024
 

@@ -34,8 +34,8 @@ import numpy as np
 import ray
 import torch
 
-from simgan_dist.history import HistoryBuffer
-from simgan_dist.imaging import from_history_codes, history_codes, to_host
+from simgan_dist.core.history import HistoryBuffer
+from simgan_dist.core.imaging import from_history_codes, history_codes, to_host
 
 NAMESPACE = "simgan_dist"
 SHARD_CPUS = 0.25  # a push or sample is a few ms of copying; enough to be scheduled, not to crowd

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simgan_dist.imaging import grid, save_png, to_host
+from simgan_dist.core.imaging import grid, save_png, to_host
 
 
 class MetricAverager:

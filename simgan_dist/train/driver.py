@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from simgan_dist.config import Config, UserError, config_from_dict, load_config
-from simgan_dist.host_memory import reuse_freed_memory
-from simgan_dist.imaging import to_host, wide_codes
-from simgan_dist.models import build_discriminator, build_refiner
+from simgan_dist.config import Config, config_from_dict, load_config
+from simgan_dist.core.host_memory import reuse_freed_memory
+from simgan_dist.core.imaging import to_host, wide_codes
+from simgan_dist.core.models import build_discriminator, build_refiner
+from simgan_dist.errors import UserError
 
 PREVIEW = 8
 CHUNK_BATCHES = 8  # batches per Ray Data fetch (ShardStream)
@@ -109,7 +110,7 @@ def build_engines(cfg: Config, device: torch.device, bf16: bool,
     """
     import deepspeed
 
-    from simgan_dist.algorithm import make_optimizer
+    from simgan_dist.core.algorithm import make_optimizer
 
     torch.manual_seed(cfg.train.seed)
     engines = []
@@ -218,7 +219,7 @@ class MonitorSink:
 
     def __init__(self, cfg: Config):
         from simgan_dist.data import storage
-        from simgan_dist.monitor import FolderMirror, RunLog
+        from simgan_dist.train.monitor import FolderMirror, RunLog
 
         remote = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
         self.mirror = None
@@ -254,7 +255,7 @@ def load_as_data(engine) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from simgan_dist.checkpoint import load_data
+    from simgan_dist.train.checkpoint import load_data
 
     def load(path: str, map_location: Any = None) -> Any:
         return load_data(path, f"DeepSpeed checkpoint file {os.path.basename(path)}", map_location,
@@ -275,13 +276,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    from simgan_dist import distributed_history as dh
-    from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN
-    from simgan_dist.checkpoint import REFINER_FILE, STATE_FILE, load_data, rng_state, set_rng_state, write_checkpoint
-    from simgan_dist.imaging import to_model_input
-    from simgan_dist.losses import RefinerLoss
-    from simgan_dist.monitor import MetricAverager, progress_line
-    from simgan_dist.objective import score_text, write_scores
+    from simgan_dist.core.algorithm import EmaWeights, Schedule, SimGAN
+    from simgan_dist.core.imaging import to_model_input
+    from simgan_dist.core.losses import RefinerLoss
+    from simgan_dist.metrics.objective import score_text, write_scores
+    from simgan_dist.train import distributed_history as dh
+    from simgan_dist.train.checkpoint import (
+        REFINER_FILE,
+        STATE_FILE,
+        load_data,
+        rng_state,
+        set_rng_state,
+        write_checkpoint,
+    )
+    from simgan_dist.train.monitor import MetricAverager, progress_line
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -343,7 +351,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sink = MonitorSink(cfg) if rank == 0 else None
     evaluator = None
     if rank == 0 and cfg.train.eval_every:
-        from simgan_dist.objective import Evaluator
+        from simgan_dist.metrics.objective import Evaluator
 
         evaluator = Evaluator.from_config(cfg)
     averager = MetricAverager()
@@ -434,8 +442,8 @@ def _time_to_save(saved_at: float, every_s: float, device: torch.device) -> bool
 def _preview_grid(refiner: torch.nn.Module, to_input, synthetic: np.ndarray, real: np.ndarray | None
                   ) -> np.ndarray:
     """synthetic | refined | real, as the model sees them (depth shown normalised around the hand)."""
-    from simgan_dist.imaging import to_storage
-    from simgan_dist.monitor import comparison_grid
+    from simgan_dist.core.imaging import to_storage
+    from simgan_dist.train.monitor import comparison_grid
 
     with torch.no_grad():
         x = to_input(synthetic)
@@ -461,10 +469,10 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from simgan_dist import distributed_history as dh
     from simgan_dist import ray_cluster
     from simgan_dist.data import storage
     from simgan_dist.data.pipeline import share_env
+    from simgan_dist.train import distributed_history as dh
 
     ray_cluster.connect()
     if worker_resources is None:
@@ -542,9 +550,9 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
 def check_corpora(cfg: Config) -> None:
     """Before any worker starts: both corpora are finished datasets of the model's image shape,
     each large enough for one batch on every worker (batches drop the remainder)."""
-    from simgan_dist.config import UserError
     from simgan_dist.data.schema import load_numpy, read_manifest
-    from simgan_dist.objective import holds_out_real, validation_mask
+    from simgan_dist.errors import UserError
+    from simgan_dist.metrics.objective import holds_out_real, validation_mask
 
     expected = [cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels]
     need = cfg.train.batch_size * cfg.train.num_workers
@@ -571,9 +579,9 @@ def check_resumable(cfg: Config) -> None:
     or ZeRO-partitioned optimizer state restored at another worker count."""
     from pyarrow import fs as pafs
 
-    from simgan_dist.checkpoint import CONFIG_FILE, load_checkpoint_config
-    from simgan_dist.config import UserError
     from simgan_dist.data import storage
+    from simgan_dist.errors import UserError
+    from simgan_dist.train.checkpoint import CONFIG_FILE, load_checkpoint_config
 
     run_uri = storage.join(cfg.train.storage_path, cfg.train.name)
     filesystem, base = storage.resolve(run_uri, cfg.storage)
@@ -614,7 +622,7 @@ def _open_dataset(uri: str, cfg: Config, holdout: bool = False):
 
     from simgan_dist.data.pipeline import read_dataset
     from simgan_dist.data.schema import read_manifest
-    from simgan_dist.objective import drop_validation_rows, holds_out_real
+    from simgan_dist.metrics.objective import drop_validation_rows, holds_out_real
 
     manifest = read_manifest(uri, cfg.storage)
     if holdout and holds_out_real(cfg):
@@ -638,7 +646,7 @@ def checkpoint_uri(cfg: Config, checkpoint) -> str:
 def cli_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
     if args.local:
-        from simgan_dist.local_train import train_local
+        from simgan_dist.train.local import train_local
 
         if "://" in cfg.train.storage_path:
             raise SystemExit("train --local writes to a local folder: set train.storage_path to a path")

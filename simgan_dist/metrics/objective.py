@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from simgan_dist.config import Config, EvaluateConfig, StorageConfig, UserError
-from simgan_dist.gaze import fit_gaze, run_model
-from simgan_dist.imaging import normalize, to_model_input, to_storage
+from simgan_dist.config import Config, EvaluateConfig, StorageConfig
+from simgan_dist.core.imaging import normalize, to_model_input, to_storage
+from simgan_dist.errors import UserError
+from simgan_dist.metrics.gaze import fit_gaze, run_model
 
 PUPIL_RADIUS = 4  # search window (px) around a pupil in a 35x55 eye; the pupil radius is ~2-3 px
 DETECT_CHUNK = 8192  # images per detector chunk (bounds memory at 1M-image scale)

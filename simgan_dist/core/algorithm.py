@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from simgan_dist.config import TrainConfig
-from simgan_dist.losses import REAL, REFINED, RefinerLoss, local_adversarial_loss, patch_accuracy
+from simgan_dist.core.losses import REAL, REFINED, RefinerLoss, local_adversarial_loss, patch_accuracy
 
 
 class Updater(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from simgan_dist.imaging import from_history_codes, history_codes
+from simgan_dist.core.imaging import from_history_codes, history_codes
 
 
 class HistoryBuffer:

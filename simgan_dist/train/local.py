@@ -18,8 +18,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from simgan_dist.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
-from simgan_dist.checkpoint import (
+from simgan_dist.config import Config
+from simgan_dist.core.algorithm import EmaWeights, Schedule, SimGAN, TorchUpdater, make_optimizer
+from simgan_dist.core.history import CodedHistory
+from simgan_dist.core.host_memory import reuse_freed_memory
+from simgan_dist.core.imaging import to_model_input, to_storage, wide_codes
+from simgan_dist.core.losses import RefinerLoss
+from simgan_dist.core.models import build_discriminator, build_refiner
+from simgan_dist.data.schema import DatasetError
+from simgan_dist.metrics.objective import (
+    SCORES_FILE,
+    Evaluator,
+    drop_validation_rows,
+    holds_out_real,
+    score_text,
+    write_scores,
+)
+from simgan_dist.train.checkpoint import (
     DISCRIMINATOR_FILE,
     REFINER_FILE,
     STATE_FILE,
@@ -28,22 +43,7 @@ from simgan_dist.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from simgan_dist.config import Config
-from simgan_dist.data.schema import DatasetError
-from simgan_dist.history import CodedHistory
-from simgan_dist.host_memory import reuse_freed_memory
-from simgan_dist.imaging import to_model_input, to_storage, wide_codes
-from simgan_dist.losses import RefinerLoss
-from simgan_dist.models import build_discriminator, build_refiner
-from simgan_dist.monitor import MetricAverager, RunLog, comparison_grid, progress_line
-from simgan_dist.objective import (
-    SCORES_FILE,
-    Evaluator,
-    drop_validation_rows,
-    holds_out_real,
-    score_text,
-    write_scores,
-)
+from simgan_dist.train.monitor import MetricAverager, RunLog, comparison_grid, progress_line
 
 
 class ArraySampler:
