@@ -44,8 +44,9 @@ from pathlib import Path
 
 import torch
 
-from simgan_dist import ray_cluster
+from simgan_dist import console, ray_cluster
 from simgan_dist.config import Config, config_from_dict, load_config
+from simgan_dist.train import resources
 
 SYNTHETIC, REAL = 4000, 2000  # the demo's corpus (README, `make demo`)
 WARMUP_SHARE = 0.2
@@ -107,9 +108,9 @@ def ray_worker_threads(cfg: Config) -> int:
     import ray
 
     ray_cluster.connect()
-    resources = ray_cluster.training_resources(cfg)
+    worker_resources = resources.training_resources(cfg)
     probe = ray.remote(lambda: torch.get_num_threads())
-    return ray.get(probe.options(num_cpus=resources["CPU"], num_gpus=resources.get("GPU", 0)).remote())
+    return ray.get(probe.options(num_cpus=worker_resources["CPU"], num_gpus=worker_resources.get("GPU", 0)).remote())
 
 
 def main() -> None:
@@ -127,7 +128,7 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # train_local takes a GPU whenever torch sees one
     use_gpu = torch.cuda.is_available()
     os.environ.setdefault("RAY_worker_niceness", "0")  # before Ray starts: read by its raylet
-    ray_cluster.configure_console(verbose=False)
+    console.configure_console(verbose=False)
     import ray
 
     from simgan_dist.data.simulate import simulate_dataset

@@ -150,7 +150,7 @@ def show_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from simgan_dist.ray_cluster import configure_console
+    from simgan_dist.console import configure_console
 
     configure_console(getattr(args, "verbose", False))  # before the stage module imports Ray
     module_name, func_name = args.handler.split(":")

@@ -296,7 +296,21 @@ def _apply(section: Any, overlay: dict[str, Any], prefix: str) -> None:
             setattr(section, key, _coerce(value, hints[key], path))
 
 
+SEARCH_KEYS = ("k_g", "lr", "lambda_reg")
+
+
+def _normalize(cfg: Config) -> None:
+    """Parsing, before validation: YAML's `1e-4` strings in the search dimensions become numbers."""
+    for key in SEARCH_KEYS:
+        value = getattr(cfg.tune, key)
+        if isinstance(value, list):
+            setattr(cfg.tune, key, [_number(v) for v in value])
+        elif isinstance(value, dict):
+            setattr(cfg.tune, key, {k: _number(v) for k, v in value.items()})
+
+
 def _validate(cfg: Config) -> None:
+    """Checks only: raises ConfigError naming the first bad key, changes nothing."""
     choices = {
         "model.architecture": (cfg.model.architecture, ("eye", "hand")),
         "loss.psi": (cfg.loss.psi, ("identity", "channel_mean", "downsample")),
@@ -344,8 +358,8 @@ def _validate(cfg: Config) -> None:
     if cfg.tune.max_concurrent_trials < 0:
         raise ConfigError(f"tune.max_concurrent_trials: must be >= 0 (0 = what the cluster fits), "
                           f"got {cfg.tune.max_concurrent_trials}")
-    for key in ("k_g", "lr", "lambda_reg"):
-        setattr(cfg.tune, key, search_dimension(f"tune.{key}", getattr(cfg.tune, key), integer=key == "k_g"))
+    for key in SEARCH_KEYS:
+        check_search_dimension(f"tune.{key}", getattr(cfg.tune, key), integer=key == "k_g")
     if not cfg.evaluate.seeds or len(set(cfg.evaluate.seeds)) != len(cfg.evaluate.seeds):
         raise ConfigError(f"evaluate.seeds: give one or more distinct seeds, got {cfg.evaluate.seeds}")
     if not 0 <= cfg.evaluate.gaze_val_fraction < 1:
@@ -379,8 +393,8 @@ def _number(value: Any) -> Any:
     return value
 
 
-def search_dimension(key: str, value: Any, integer: bool = False) -> list | dict:
-    """A search dimension: a non-empty list of positive numbers, or a log-uniform {min: A, max: B}."""
+def check_search_dimension(key: str, value: Any, integer: bool = False) -> None:
+    """A search dimension is a non-empty list of positive numbers, or a log-uniform {min: A, max: B}."""
     kind = "integers" if integer else "numbers"
 
     def ok(v: Any) -> bool:
@@ -388,16 +402,14 @@ def search_dimension(key: str, value: Any, integer: bool = False) -> list | dict
         return isinstance(v, allowed) and not isinstance(v, bool) and v > 0
 
     if isinstance(value, list):
-        value = [_number(v) for v in value]
         if not value or not all(ok(v) for v in value):
             raise ConfigError(f"{key}: a choice list needs positive {kind}, got {value!r}")
-        return value
+        return
     if isinstance(value, dict):
-        value = {k: _number(v) for k, v in value.items()}
         if set(value) != {"min", "max"} or not all(ok(v) for v in value.values()) or value["min"] > value["max"]:
             raise ConfigError(f"{key}: a log-uniform range is {{min: A, max: B}} with 0 < A <= B ({kind}), "
                               f"got {value!r}")
-        return value
+        return
     raise ConfigError(f"{key}: expected a list of choices or a {{min: A, max: B}} log-uniform range, got {value!r}")
 
 
@@ -456,6 +468,7 @@ def load_config(
         for part in reversed(parts):
             nested = {part: nested}
         _apply(cfg, nested, "")
+    _normalize(cfg)
     _validate(cfg)
     return cfg
 
@@ -474,5 +487,6 @@ def config_from_dict(data: dict[str, Any], drop_retired: bool = False) -> Config
                 parent.pop(key, None)
     cfg = Config()
     _apply(cfg, data, "")
+    _normalize(cfg)
     _validate(cfg)
     return cfg

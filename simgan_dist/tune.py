@@ -36,9 +36,9 @@ import time
 from typing import Any
 
 from simgan_dist.config import Config, config_from_dict, load_config
+from simgan_dist.console import failure_line, say, verbose
 from simgan_dist.errors import UserError
 from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
-from simgan_dist.ray_cluster import failure_line, say, verbose
 
 PARAMS = ("k_g", "lr", "lambda_reg")
 # What a trial's own process holds: it only drives its worker group (Tune refuses an empty request).
@@ -208,9 +208,9 @@ def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
 
     (Without that spare CPU per trial, concurrent trials' dataset reads starve and every trial waits;
     without the shards' CPUs a trial's history actors wait for CPUs its workers hold.)
-    GPU trials also need the least CPUs `ray_cluster.plan_workers` accepts.
+    GPU trials also need the least CPUs `resources.plan_workers` accepts.
     """
-    from simgan_dist.ray_cluster import DATA_CPUS, MIN_WORKER_CPUS, MIN_WORKER_SHARE, history_cpus
+    from simgan_dist.train.resources import DATA_CPUS, MIN_WORKER_CPUS, MIN_WORKER_SHARE, history_cpus
 
     workers, cpus = cfg.train.num_workers, resources.get("CPU", 1)
     if cfg.train.use_gpu:
@@ -225,16 +225,16 @@ def sweep_resources(cfg: Config) -> tuple[int, dict[str, float]]:
     """How many trials run at once and each trial's worker resources, on the connected cluster.
 
     The trials share the cluster evenly, each leaving its Ray Data readers a CPU and its history
-    shard actors theirs (`ray_cluster.plan_workers`); a sweep that cannot fit fails here, before
+    shard actors theirs (`resources.plan_workers`); a sweep that cannot fit fails here, before
     any trial starts.
     """
     import ray
 
-    from simgan_dist import ray_cluster
+    from simgan_dist.train import resources
 
     concurrency = cfg.tune.max_concurrent_trials or default_concurrency(cfg, ray.cluster_resources())
     try:
-        plan = ray_cluster.training_resources(cfg, runs=concurrency, reserved_cpus=TRIAL_CPUS)
+        plan = resources.training_resources(cfg, runs=concurrency, reserved_cpus=TRIAL_CPUS)
     except UserError as e:
         if concurrency == 1:
             raise
@@ -377,8 +377,9 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
 
 def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run (or resume) the sweep; returns the table's rows and the winning row."""
-    from simgan_dist import ray_cluster
+    from simgan_dist import console, ray_cluster
     from simgan_dist.data import storage
+    from simgan_dist.train import resources
 
     _check(cfg)
     # Trial processes run in their trial folders: local paths must not depend on this one's.
@@ -390,7 +391,7 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             setattr(getattr(cfg, section), key, storage.resolve(uri)[1])
     ray_cluster.connect()  # as every command: RAY_ADDRESS, a registered cluster, or a local instance
     concurrency, worker_resources = sweep_resources(cfg)
-    ray_cluster.say(f"tune: each trial {ray_cluster.describe(worker_resources, cfg)}")
+    console.say(f"tune: each trial {resources.describe(worker_resources, cfg)}")
     grid = make_tuner(cfg, concurrency, worker_resources).fit()
     ray_cluster.remove_orphaned_placement_groups()  # the last trial ASHA stopped: its process is gone now
     rows = [_row(result, cfg) for result in grid]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,7 +11,7 @@ from simgan_dist.data import simulate, storage
 from simgan_dist.data.schema import MANIFEST_NAME, DatasetError, load_numpy
 
 pytest.importorskip("ray")
-from simgan_dist.data.pipeline import cycle_batches, read_dataset  # noqa: E402
+from simgan_dist.data.pipeline import read_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +75,6 @@ def test_per_worker_shards_split_the_rows(eyes):
         per_worker = list(pool.map(consume, shards))
     assert [len(ids) for ids in per_worker] == [350, 350]
     assert len(set(per_worker[0]) | set(per_worker[1])) == 700
-
-
-def test_cycle_batches_runs_epoch_after_epoch(eyes):
-    ds = read_dataset(storage.join(eyes, "real_test"))
-    batches = list(itertools.islice(cycle_batches(ds, batch_size=40), 6))  # 90 rows: 3 batches an epoch
-    assert [len(b["image"]) for b in batches] == [40, 40, 10, 40, 40, 10]
 
 
 def test_incomplete_or_corrupt_datasets_fail_before_reading(eyes, s3_bucket):

@@ -7,6 +7,7 @@ import pytest
 
 from simgan_dist import evaluate
 from simgan_dist.config import load_config
+from simgan_dist.data import splits
 from simgan_dist.data.schema import load_numpy
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.errors import ConfigError
@@ -52,11 +53,11 @@ def test_identity_scores_one_and_a_shifted_refiner_pays_for_drift(eyes):
 
 def test_validation_split_is_deterministic_and_excluded_from_training():
     ids = np.array([f"real-{i:06d}" for i in range(4000)], dtype=object)
-    mask = objective.validation_mask(ids, 0.1)
+    mask = splits.validation_mask(ids, 0.1)
     assert 300 < mask.sum() < 500
-    np.testing.assert_array_equal(mask[::-1], objective.validation_mask(ids[::-1], 0.1))  # order-free
+    np.testing.assert_array_equal(mask[::-1], splits.validation_mask(ids[::-1], 0.1))  # order-free
     batch = {"id": ids, "image": np.arange(4000)}
-    kept = objective.drop_validation_rows(batch, 0.1)
+    kept = splits.drop_validation_rows(batch, 0.1)
     assert set(kept) == {"image"} and len(kept["image"]) == (~mask).sum()
     with pytest.raises(ConfigError, match="real_val_fraction"):
         load_config("tiny", overrides=["data.real_val_fraction=1.5"])
@@ -127,10 +128,10 @@ def test_real_validation_split_reads_exactly_the_datasets_good_rows(tmp_path, la
 
     rows = load_numpy(str(real), columns=["id", "image"])
     assert sorted(rows["id"]) == sorted(plain_ids) and len(plain_ids) == 120
-    held = objective.validation_mask(rows["id"], 0.25)
+    held = splits.validation_mask(rows["id"], 0.25)
     assert 10 < held.sum() < 50
-    np.testing.assert_array_equal(objective._load_real_val(cfg, 1000), rows["image"][held])
-    np.testing.assert_array_equal(objective._load_real_val(cfg, 5), rows["image"][held][:5])
+    np.testing.assert_array_equal(splits.load_real_val(cfg, 1000), rows["image"][held])
+    np.testing.assert_array_equal(splits.load_real_val(cfg, 5), rows["image"][held][:5])
     np.testing.assert_array_equal(_load_images(str(real), "real", cfg), rows["image"][~held])
 
 

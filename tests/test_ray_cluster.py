@@ -12,8 +12,8 @@ import pytest
 
 from simgan_dist.config import load_config
 from simgan_dist.errors import UserError
-from simgan_dist.ray_cluster import DATA_CPUS, history_cpus, plan_workers
 from simgan_dist.train.distributed_history import SHARD_CPUS
+from simgan_dist.train.resources import DATA_CPUS, history_cpus, plan_workers
 
 
 def _cfg(*overrides):

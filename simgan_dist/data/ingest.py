@@ -68,7 +68,6 @@ EYE_CROP_SCALE = 1.35
 # Joints are bone centres: the hand's surface reaches a little beyond their box.
 HAND_CROP_SCALE = 1.3
 MPII_IMAGE = (36, 60)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class IngestError(UserError, ValueError):

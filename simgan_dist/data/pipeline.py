@@ -8,14 +8,14 @@ The only module of `simgan_dist.data` that imports Ray.
         batch["gaze"]    # float32 N×3
 
 For Ray Train pass the datasets to the trainer (`datasets={"synthetic": ds, "real": real}`)
-and read `ray.train.get_dataset_shard(name)` on each worker; `cycle_batches` loops
-over the smaller real set: every call of `iter_torch_batches` on a shard is a new epoch.
+and read `ray.train.get_dataset_shard(name)` on each worker: every call of
+`iter_torch_batches` on a shard is a new epoch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,20 +57,6 @@ def read_dataset(uri: str, storage_cfg: StorageConfig | None = None, *, columns:
 def decode_batch(table: pa.Table, layout: Layout) -> dict[str, np.ndarray]:
     """One Arrow batch of the contract → numpy columns (uint8/uint16 images, float32 labels)."""
     return decode_table(table, layout)
-
-
-def cycle_batches(source: Any, **iter_kwargs: Any) -> Iterator[dict[str, Any]]:
-    """Endless torch batches from a Dataset or a Train dataset shard, one epoch after another.
-
-    Use it for the smaller real set, so that it keeps pace with the synthetic one.
-    """
-    while True:
-        empty = True
-        for batch in source.iter_torch_batches(**iter_kwargs):
-            empty = False
-            yield batch
-        if empty:
-            raise DatasetError("cycle_batches: the dataset (or this worker's shard) yields no batches")
 
 
 def share_env(env: dict[str, str]) -> list[ray.ObjectRef]:

@@ -459,7 +459,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     `datasets` ({"synthetic", "real"} Ray Datasets with a uint8 N×H×W×C `image` column)
     replaces reading `data.synthetic` / `data.real`. `callbacks`: Ray Train callbacks (Tune's
     report callback in a sweep). `worker_resources`: each worker's share, as planned by a sweep
-    for its concurrent trials; by default `ray_cluster.training_resources` plans it on the
+    for its concurrent trials; by default `resources.training_resources` plans it on the
     connected cluster (and fails at once when the run cannot fit). The run's history-buffer
     actors are removed when it ends, however it ends.
     """
@@ -469,14 +469,15 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from simgan_dist import ray_cluster
+    from simgan_dist import console, ray_cluster
     from simgan_dist.data import storage
     from simgan_dist.data.pipeline import share_env
     from simgan_dist.train import distributed_history as dh
+    from simgan_dist.train import resources
 
     ray_cluster.connect()
     if worker_resources is None:
-        worker_resources = ray_cluster.training_resources(cfg)
+        worker_resources = resources.training_resources(cfg)
     context = ray.data.DataContext.get_current()
     # Our progress line says what matters; per-epoch Ray Data bars would bury it.
     context.enable_progress_bars = False
@@ -511,8 +512,8 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     data_config = DataConfig(datasets_to_split="all")  # carries preserve_order over from the context
     # Workers' output stays in Ray's logs unless --verbose: rank 0 sends its progress lines here.
     progress = Queue(actor_options={"num_cpus": 0})
-    ray_cluster.say(f"train: run {cfg.train.name!r} in {storage.join(cfg.train.storage_path, cfg.train.name)}, "
-                    f"{ray_cluster.describe(worker_resources, cfg)}")
+    console.say(f"train: run {cfg.train.name!r} in {storage.join(cfg.train.storage_path, cfg.train.name)}, "
+                    f"{resources.describe(worker_resources, cfg)}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
@@ -529,7 +530,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         dataset_config=data_config,
     )
     done = threading.Event()
-    printer = threading.Thread(target=ray_cluster.progress_printer, args=(progress, done), daemon=True)
+    printer = threading.Thread(target=console.progress_printer, args=(progress, done), daemon=True)
     dh.create_shards(run, cfg.train.buffer_size * cfg.train.num_workers, image_shape, cfg.train.buffer_shards,
                      cfg.train.seed + 3, wide=wide_codes(cfg.model))
     printer.start()
@@ -538,7 +539,7 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     except TrainingFailedError as exc:
         # What failed, in one line, instead of the traceback of every worker (those stay in Ray's logs).
         raise TrainingError(
-            f"run {cfg.train.name!r} failed: {ray_cluster.failure_line(exc)}. The same command continues it from "
+            f"run {cfg.train.name!r} failed: {console.failure_line(exc)}. The same command continues it from "
             f"its latest checkpoint in {storage.join(cfg.train.storage_path, cfg.train.name)}") from exc
     finally:
         done.set()
@@ -551,8 +552,8 @@ def check_corpora(cfg: Config) -> None:
     """Before any worker starts: both corpora are finished datasets of the model's image shape,
     each large enough for one batch on every worker (batches drop the remainder)."""
     from simgan_dist.data.schema import load_numpy, read_manifest
+    from simgan_dist.data.splits import holds_out_real, validation_mask
     from simgan_dist.errors import UserError
-    from simgan_dist.metrics.objective import holds_out_real, validation_mask
 
     expected = [cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels]
     need = cfg.train.batch_size * cfg.train.num_workers
@@ -622,7 +623,7 @@ def _open_dataset(uri: str, cfg: Config, holdout: bool = False):
 
     from simgan_dist.data.pipeline import read_dataset
     from simgan_dist.data.schema import read_manifest
-    from simgan_dist.metrics.objective import drop_validation_rows, holds_out_real
+    from simgan_dist.data.splits import drop_validation_rows, holds_out_real
 
     manifest = read_manifest(uri, cfg.storage)
     if holdout and holds_out_real(cfg):

@@ -26,11 +26,10 @@ from simgan_dist.core.imaging import to_model_input, to_storage, wide_codes
 from simgan_dist.core.losses import RefinerLoss
 from simgan_dist.core.models import build_discriminator, build_refiner
 from simgan_dist.data.schema import DatasetError
+from simgan_dist.data.splits import drop_validation_rows, holds_out_real
 from simgan_dist.metrics.objective import (
     SCORES_FILE,
     Evaluator,
-    drop_validation_rows,
-    holds_out_real,
     score_text,
     write_scores,
 )
