@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu $(PY) -m pytest tests
+
+# What to run while editing (a few minutes on 2 cores): everything but the tests marked `slow`, those
+# that start Ray, DeepSpeed or the S3 server (tests/conftest.py checks the marker). `make test` runs all.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu $(PY) -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

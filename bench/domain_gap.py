@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from simgan_dist.data.simulate import (
+from simgan_dist.data.render import (
     add_real_eye_appearance,
     render_eye_clean,
     render_eyes,

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from simgan_dist.config import load_config
+from simgan_dist.data.render import APPEARANCE_PARTS, DETERMINISTIC_PARTS
 from simgan_dist.data.schema import load_numpy, read_manifest
-from simgan_dist.data.simulate import APPEARANCE_PARTS, DETERMINISTIC_PARTS, render_rows
+from simgan_dist.data.simulate import render_rows
 from simgan_dist.evaluate import _align_by_id, paired_improvement, run_gaze_variants, summarize_gaze
 
 ORACLES = {

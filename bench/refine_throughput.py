@@ -36,8 +36,10 @@ from simgan_dist.config import load_config
 from simgan_dist.core.imaging import to_model_input
 from simgan_dist.core.models import build_discriminator, build_refiner
 from simgan_dist.data import storage
-from simgan_dist.data.schema import DatasetWriter, Layout
-from simgan_dist.refine import BatchRefiner, refine, refine_sizes
+from simgan_dist.data.schema import Layout
+from simgan_dist.data.writer import DatasetWriter
+from simgan_dist.refine import refine
+from simgan_dist.refine_shards import BatchRefiner, refine_sizes
 from simgan_dist.train.checkpoint import write_checkpoint
 
 WRITE_CHUNK = 65536

@@ -4,7 +4,7 @@ Both sides train the same config on the same simulated corpus, adversarial itera
 (no pretraining, no evaluation, no checkpoint before the last step), reporting and drawing
 image grids at the config's cadence:
 
-- plain: `local_train.train_local`, the product's single-process loop, in this process with
+- plain: `train.local.train_local`, the product's single-process loop, in this process with
   `--threads` torch threads (default: one per Ray worker; several values: one plain run of
   each per round). It is the training step minus the distributed machinery: the same models,
   `make_optimizer` (fused Adam), uint8 `CodedHistory`, EMA and instance noise, batches of

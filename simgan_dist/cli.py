@@ -32,6 +32,22 @@ AWS_SECRET_ACCESS_KEY (or storage.* in the config).
 """
 
 
+class _FormatNames:
+    """`ingest`'s format choices, read from the formats' registry only when argparse looks at them:
+    building the parser (and `simgan-dist --help`) imports no format module."""
+
+    def _names(self) -> list[str]:
+        from simgan_dist.data.formats import FORMATS
+
+        return sorted(FORMATS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "eye") -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true",
@@ -85,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert UnityEyes, MPIIGaze, Kaggle HDF5, NYU hand or an image folder. "
         "Files that cannot be parsed go to a quarantine table with the reason.",
     )
-    ingest.add_argument("format", choices=("unityeyes", "mpiigaze", "kaggle-h5", "nyu-hand", "folder"))
+    ingest.add_argument("format", choices=_FormatNames(), metavar="FORMAT", help="one of: %(choices)s")
     ingest.add_argument("src", metavar="SRC", help="the downloaded dataset (folder or file)")
     ingest.add_argument("--out", required=True, metavar="URI")
     ingest.add_argument("--labels", metavar="CSV", help="folder format: CSV with an id column and label columns")

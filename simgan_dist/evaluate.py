@@ -6,10 +6,10 @@
    data order for every variant, no augmentation, so the training images are the
    only difference. The variants run as parallel Ray tasks (or in-process).
 2. Label preservation: how far the refiner moved the pupil, in pixels (the paper:
-   1.1 ± 0.8 px on a 55 px eye). See `objective.pupil_shift`.
+   1.1 ± 0.8 px on a 55 px eye). See `drift.pupil_shift`.
 3. Realism: a kernel distance between refined and held-out real images in the feature
-   space of a gaze CNN fitted to the synthetic labels (`objective.GazeFeatures` and
-   `objective.realism_score`, shared with training and Tune; no real labels).
+   space of a gaze CNN fitted to the synthetic labels (`realism.GazeFeatures` and
+   `realism.realism_score`, shared with training and Tune; no real labels).
 
 Outputs: `OUT/metrics.json` for machines and `OUT/report.html` (with PNGs) for people.
 """
@@ -28,15 +28,9 @@ import numpy as np
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, load_config
 from simgan_dist.errors import UserError
+from simgan_dist.metrics.drift import PUPIL_RADIUS, detect_pupil, pupil_shift
 from simgan_dist.metrics.gaze import angular_error_deg, fit_gaze, run_model
-from simgan_dist.metrics.objective import (
-    FEATURE_NET_ROWS,
-    PUPIL_RADIUS,
-    GazeFeatures,
-    detect_pupil,
-    pupil_shift,
-    realism_score,
-)
+from simgan_dist.metrics.realism import FEATURE_NET_ROWS, GazeFeatures, realism_score
 
 WITHIN_DEG = 7.0  # the paper's threshold for "correct" gaze
 PUPIL_FOUND_PX = 1.5  # detector within this of the label → the pupil is visible and found
@@ -61,7 +55,7 @@ def gaze_summary(errors_deg: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Label preservation (the pupil detector lives in objective.py)
+# Label preservation (the pupil detector lives in metrics/drift.py)
 
 
 def _stats(values: np.ndarray) -> dict[str, float | None]:
@@ -345,7 +339,7 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
     features = GazeFeatures(data.synthetic[:FEATURE_NET_ROWS], data.gaze[:FEATURE_NET_ROWS], seed)
     realism = {
         "feature_space": (f"penultimate layer of a small gaze CNN trained on the first {FEATURE_NET_ROWS:,} synthetic "
-                          "images' gaze labels (objective.GazeFeatures, seeded)"),
+                          "images' gaze labels (realism.GazeFeatures, seeded)"),
         "distance": "unbiased MMD², mixture of RBF kernels, features standardised by the real set",
         "reference": "real_test images (held out: the refiner never saw them)",
         "samples": [int(n_a), int(n_b)], "seed": seed,

@@ -9,29 +9,20 @@ shard size); a rerun with other weights or another input into the same prefix is
 refused instead of mixing two refinements.
 
 Work is cut into shard tasks: output shard k (`part-0000k.parquet`) holds input rows
-[start, stop) of one input shard, at most `refine.rows_per_shard` of them. Sizes come
-from the image size in bytes, not a fixed row count (`refine_sizes`): a batch's
-activations fit `refine.batch_memory_gb` (eye: ~4,000 images, hand: ~80), a task holds
-`refine.task_mb` of input images. Ray Data runs the tasks on an autoscaling pool of
-`RefinerActor`s (`refine.min_actors`..`refine.max_actors`, each with `refine.num_gpus`
-GPUs — explicit, so a cluster whose GPU nodes are scaled to zero scales them up rather
-than refining on CPUs): an actor reads its input rows, refines them in batches (uint8
-shipped to the device and normalised there; bf16 and channels-last on GPU, depth fp32;
-optional torch.compile) and writes the shard atomically (one PUT, or a rename). `id`,
-labels and `source` are passed through as Arrow columns, never decoded, so they stay
-bit-identical. Several tasks are in flight per actor, two running, so one's
-read/encode/upload hides behind the other's forward passes.
+[start, stop) of one input shard, at most `refine.rows_per_shard` of them. Ray Data runs
+the tasks on an autoscaling pool of `RefinerActor`s (`refine.min_actors`..`refine.max_actors`,
+each with `refine.num_gpus` GPUs — explicit, so a cluster whose GPU nodes are scaled to
+zero scales them up rather than refining on CPUs). What one task does (sizes, refining,
+writing, verifying) is `refine_shards.py`. Several tasks are in flight per actor, two
+running, so one's read/encode/upload hides behind the other's forward passes.
 
 The output shards themselves are the job's checkpoint, with no second record that
 could disagree with them: a shard is either complete or absent, its name says which
-input rows it holds. Verification happens in the actors, beside the data they already
-hold: after writing a shard an actor reads it back (footer, ids, labels) and compares it
-with its input rows; a shard an earlier run left is checked the same way, plus its
-sha256, and kept or redone. A shard task that Ray retries overwrites the same name, so
-no row can be written twice. (Ray Data's `write_parquet` names files by block and would
-need its separate id-checkpoint store to resume; this contract wants deterministic,
-checksummed shards.) The driver only lists the output once at the end: every shard
-present with the size its actor verified.
+input rows it holds, and its actor verified it against its input rows. A shard task
+that Ray retries overwrites the same name, so no row can be written twice. (Ray Data's
+`write_parquet` names files by block and would need its separate id-checkpoint store to
+resume; this contract wants deterministic, checksummed shards.) The driver only lists
+the output once at the end: every shard present with the size its actor verified.
 
 The result is recorded in the manifest (`extra.refine.exactness`); `_manifest.json` is
 written last and is what makes the output a dataset.
@@ -45,40 +36,29 @@ import datetime
 import hashlib
 import json
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 
-from simgan_dist.config import Config, ModelConfig, RefineConfig, StorageConfig, load_config
-from simgan_dist.core.imaging import normalize, to_storage
-from simgan_dist.core.models import Refiner, build_refiner
+from simgan_dist.config import Config, ModelConfig, load_config
+from simgan_dist.core.models import Refiner
 from simgan_dist.data import storage
 from simgan_dist.data.schema import (
     LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
     DatasetError,
-    Layout,
     Manifest,
     ShardInfo,
-    encode_shard,
-    images_from_binary,
-    labels_from_list,
-    make_manifest,
     read_manifest,
     read_manifest_bytes,
-    shard_name,
     validate,
-    write_manifest,
 )
 from simgan_dist.data.storage import StorageError
-from simgan_dist.errors import UserError
+from simgan_dist.data.writer import make_manifest, write_manifest
+from simgan_dist.refine_shards import RefineError, RefinerActor, ShardIo, ShardTask, actor_resources, refine_sizes
 from simgan_dist.train.checkpoint import REFINER_FILE, CheckpointError, load_refiner
 
 JOB_FILE = "_refine_job.json"
@@ -91,120 +71,10 @@ JOB_IDENTITY = ("checkpoint_sha256", "input_manifest_sha256", "rows_per_shard")
 # and queued per actor so the next starts without a round trip to the scheduler.
 TASKS_RUNNING_PER_ACTOR = 2
 TASKS_IN_FLIGHT_PER_ACTOR = 4
-# Live activation maps of the refiner's width per image during a forward pass
-# (a residual block's input, its two convolutions, the sum), measured within ~2x.
-LIVE_ACTIVATIONS = 4
-
-
-class RefineError(UserError, RuntimeError):
-    """The refine job cannot start or its output is not exact; the message says why and what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The refiner as a numpy → numpy function (Ray-free: the benchmark's plain-PyTorch baseline too)
-
-
-class BatchRefiner:
-    """N×H×W×C uint8/uint16 images → refined images of the same shape and dtype.
-
-    On GPU: bf16 weights and activations for 8-bit images (depth: fp32 weights and inputs,
-    TF32 convolutions, so millimetres are not quantised), channels-last, normalisation on
-    the device, optional torch.compile (tail batches are padded so it compiles one shape only).
-    On CPU: fp32, the same arithmetic as `to_model_input` → model → `to_storage`.
-    Thread-safe: while one caller runs the model, the others do their I/O and host work.
-    """
-
-    def __init__(self, refiner: Refiner, batch_size: int, device: str | torch.device | None = None,
-                 compile: bool = False, depth: bool = False):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        on_gpu = self.device.type == "cuda"
-        self.dtype = torch.bfloat16 if on_gpu and not depth else torch.float32
-        self.channels_last = on_gpu
-        self.batch_size = batch_size
-        model = refiner.to(self.device, self.dtype).eval()
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.pad = compile
-        self.model = torch.compile(model, dynamic=False) if compile else model
-        self.lock = threading.Lock()
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = np.empty_like(images)
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            n = len(chunk)
-            if self.pad and n < self.batch_size:
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-            with self.lock:  # one forward at a time; the download and cast below overlap the next one
-                x, centres = normalize(chunk, self.device, self.dtype, self.channels_last)
-                y = self.model(x)
-            out[start:start + n] = to_storage(y[:n], images.dtype, None if centres is None else centres[:n])
-        return out
-
-
-def refine_sizes(model: ModelConfig, layout: Layout, refine_cfg: RefineConfig) -> tuple[int, int]:
-    """(images per forward pass, rows per shard task) from the image size in bytes.
-
-    A batch's activations — `LIVE_ACTIVATIONS` maps of `refiner_channels` × H × W, bf16 on
-    GPU for 8-bit images and fp32 otherwise — fit `batch_memory_gb`; a task holds about
-    `task_mb` of input images and a whole number of batches. Set values win.
-    """
-    h, w = layout.image_shape[:2]
-    element = 2 if refine_cfg.num_gpus and layout.image_dtype == "uint8" else 4
-    per_image = LIVE_ACTIVATIONS * model.refiner_channels * h * w * element
-    batch = refine_cfg.batch_size or max(1, int(refine_cfg.batch_memory_gb * 2**30 // per_image))
-    if not refine_cfg.batch_size and batch >= 64:
-        batch -= batch % 32  # tensor-core friendly
-    rows = refine_cfg.rows_per_shard or max(batch, int(refine_cfg.task_mb * 2**20 // layout.image_nbytes)
-                                            // batch * batch)
-    return batch, rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Planning: everything is checked here, before anything is written
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """Output shard `index` = rows [start, stop) of the input shard at `input_uri`."""
-
-    index: int
-    input_uri: str
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.index)
-
-
-@dataclass(frozen=True)
-class ShardIo:
-    """What a worker needs to read input rows and read/write output shards."""
-
-    out_uri: str
-    layout: Layout
-    storage_cfg: StorageConfig  # effective settings in the driver; actors get them without secrets
-
-    def input_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
-        return storage.resolve(task.input_uri, self.storage_cfg)
-
-    def input_rows(self, task: ShardTask, columns: list[str]) -> pa.Table:
-        try:
-            return read_rows(*self.input_file(task), task.start, task.stop, columns=columns)
-        except OSError as exc:
-            raise storage.explain(exc, task.input_uri, "read") from exc
-
-    def output_uri(self, task: ShardTask) -> str:
-        return storage.join(self.out_uri, task.name)
-
-    def output_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
-        return storage.resolve(self.output_uri(task), self.storage_cfg)
 
 
 @dataclass
@@ -224,14 +94,6 @@ class RefineJob:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def plan_shards(input_uri: str, manifest: Manifest, rows_per_shard: int) -> list[ShardTask]:
@@ -330,120 +192,6 @@ def plan_job(checkpoint: str, input_uri: str, out_uri: str, cfg: Config) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------
-# Shard I/O (runs in the actors and in driver threads)
-
-
-def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
-    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
-    with fs.open_input_file(path) as f:
-        parquet = pq.ParquetFile(f)
-        groups, first, offset = [], 0, 0
-        for g in range(parquet.metadata.num_row_groups):
-            n = parquet.metadata.row_group(g).num_rows
-            if offset < stop and offset + n > start:
-                first = first if groups else offset
-                groups.append(g)
-            offset += n
-        if offset < stop:
-            raise DatasetError(f"{path}: has {offset} rows, rows up to {stop} were expected")
-        table = parquet.read_row_groups(groups, columns=columns)
-    return table.slice(start - first, stop - start)
-
-
-def refine_shard(task: ShardTask, io: ShardIo, refiner: BatchRefiner) -> ShardInfo:
-    """Read one task's input rows, refine the images, write the output shard."""
-    layout = io.layout
-    table = io.input_rows(task, layout.columns)
-    refined = refiner(images_from_binary(table.column("image"), layout.image_shape, layout.image_dtype))
-    image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(layout.image_nbytes), task.rows,
-                                                 [None, pa.py_buffer(refined)])
-    columns = [image if name == "image" else table.column(name) for name in layout.columns]
-    data, digest = encode_shard(pa.Table.from_arrays(columns, schema=layout.arrow_schema()))
-    storage.write_bytes_atomic(io.output_uri(task), data, io.storage_cfg)
-    return ShardInfo(path=task.name, rows=task.rows, bytes=len(data), sha256=digest)
-
-
-def verify_shard(task: ShardTask, io: ShardIo, checksum: bool) -> tuple[ShardInfo | None, str | None]:
-    """Compare an output shard with its input rows: schema, row count, ids equal, labels bit-identical.
-
-    With `checksum` the whole file is hashed too (shards left by an earlier run);
-    without it only the footer and the id and label columns are read (the final pass).
-    Returns (info, None) or (None, what is wrong).
-    """
-    layout, (fs, path) = io.layout, io.output_file(task)
-    keys = ["id", *layout.label_fields]
-    try:
-        digest = _file_sha256(fs, path) if checksum else ""
-        with fs.open_input_file(path) as f:
-            size, parquet = f.size(), pq.ParquetFile(f)
-            if not parquet.schema_arrow.equals(layout.arrow_schema(), check_metadata=False):
-                return None, f"{task.name}: schema differs from the input's layout"
-            if parquet.metadata.num_rows != task.rows:
-                return None, f"{task.name}: {parquet.metadata.num_rows} rows, expected {task.rows}"
-            got = parquet.read(columns=keys)
-    except FileNotFoundError:
-        return None, f"{task.name}: missing"
-    except (OSError, pa.ArrowInvalid) as exc:
-        return None, f"{task.name}: unreadable ({exc})"
-    want = io.input_rows(task, keys)
-    if not got.column("id").equals(want.column("id")):
-        return None, f"{task.name}: ids differ from input rows {task.start}..{task.stop} of {task.input_uri}"
-    for name, shape in layout.label_fields.items():
-        a, b = (labels_from_list(t.column(name), shape) for t in (got, want))
-        if not np.array_equal(a.view(np.uint32), b.view(np.uint32)):
-            return None, f"{task.name}: label {name!r} is not bit-identical to the input"
-    return ShardInfo(path=task.name, rows=task.rows, bytes=size, sha256=digest), None
-
-
-class RefinerActor:
-    """Ray Data UDF: a batch of shard tasks in, one verified ShardInfo row per shard out.
-
-    A shard an earlier run left (`exists`) is checked in full (sha256, ids, labels) and kept
-    if sound; anything else is refined, written, read back and compared with its input.
-    A shard that fails with a clear error (storage that keeps failing) comes out as a row
-    with that `error`: the other shards still get done, and the driver reports it in one line
-    instead of Ray Data's traceback of this actor.
-    """
-
-    def __init__(self, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], io: ShardIo, batch_size: int,
-                 compile: bool, env: list | None = None):
-        from simgan_dist.data.pipeline import adopt_env
-
-        adopt_env(env)
-        refiner = build_refiner(model_cfg)
-        refiner.load_state_dict(weights)
-        self.refiner = BatchRefiner(refiner, batch_size, compile=compile, depth=io.layout.image_dtype == "uint16")
-        self.io = io
-
-    def run(self, task: ShardTask, exists: bool) -> tuple[ShardInfo, bool]:
-        """(info, reused)."""
-        if exists:
-            info, problem = verify_shard(task, self.io, checksum=True)
-            if info is not None:
-                return info, True
-            print(f"refine: redoing {problem}", file=sys.stderr)
-        written = refine_shard(task, self.io, self.refiner)
-        info, problem = verify_shard(task, self.io, checksum=False)
-        if info is None or info.bytes != written.bytes:
-            raise RefineError(f"{task.name} read back wrong after writing: {problem or 'size changed'}")
-        return written, False
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = []
-        for i in range(len(batch["index"])):
-            task = ShardTask(int(batch["index"][i]), str(batch["input_uri"][i]), int(batch["start"][i]),
-                             int(batch["stop"][i]))
-            try:
-                rows.append((*self.run(task, bool(batch["exists"][i])), ""))
-            except UserError as exc:
-                rows.append((ShardInfo(task.name, task.rows, 0, ""), False, str(exc)))
-        out = {f.name: [getattr(info, f.name) for info, _, _ in rows] for f in dataclasses.fields(ShardInfo)}
-        out["reused"] = [reused for _, reused, _ in rows]
-        out["error"] = [error for _, _, error in rows]
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The driver
 
 
@@ -452,12 +200,6 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
     return tqdm(total=total, initial=initial, desc=desc, unit="img", unit_scale=True, smoothing=0.1,
                 disable=not enabled, file=sys.stdout)
-
-
-def actor_resources(refine_cfg: RefineConfig) -> dict[str, float]:
-    """What each actor asks of the scheduler: `refine.num_gpus` GPUs, or one CPU. Never read from
-    the cluster's current state — the autoscaler adds what is asked for."""
-    return {"num_gpus": refine_cfg.num_gpus} if refine_cfg.num_gpus else {"num_cpus": 1}
 
 
 def _output_sizes(job: RefineJob) -> dict[str, int]:
@@ -609,4 +351,3 @@ def cli_refine(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
     refine(choose_checkpoint(args.checkpoint, cfg), args.input, args.out, cfg)
     return 0
-

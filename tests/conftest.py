@@ -1,11 +1,35 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto server mode) and a local Ray instance."""
+"""Shared fixtures: a real S3 endpoint on loopback (moto server mode) and a local Ray instance.
+
+The `slow` marker: every test that starts Ray, DeepSpeed (torch.distributed) or the S3 server,
+in-process or in a subprocess, carries it; `make test-fast` (`pytest -m "not slow"`) leaves them out.
+Two checks keep the marker honest:
+
+* collection: a test that uses `ray_local`, `s3_server` or `s3_bucket` (directly or through another
+  fixture) without the marker stops the run before anything starts (`HEAVY_FIXTURES`);
+* run time: a test without the marker that leaves Ray or torch.distributed initialized fails, and so
+  does any test that starts Ray other than through `ray_local` (the session shares one instance).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
+
+from simgan_dist.console import configure_console
+
+# Ray's environment as every command sets it, before any test module imports Ray: Ray's driver reads
+# RAY_AUTH_MODE once, at import, while a Ray it starts reads it at start. A CLI test run in-process
+# (configure_console: RAY_AUTH_MODE=token) after Ray was imported but before `ray_local` started it
+# left the driver without auth and the instance with token auth: "AuthenticationError ...
+# RAY_AUTH_MODE is currently 'disabled'" at ray.init.
+configure_console(verbose=False)
+RAY_SETTINGS = ("RAY_AUTH_MODE", "RAY_DEDUP_LOGS", "RAY_DATA_LOGGING_CONFIG")
+
+HEAVY_FIXTURES = frozenset({"ray_local", "s3_server", "s3_bucket"})
+SLOW = "slow"
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -42,9 +66,11 @@ def s3_server():
 
 
 @pytest.fixture
-def s3_bucket(s3_server):
+def s3_bucket(s3_server, request):
     """A fresh, empty bucket on the loopback endpoint; yields "s3://<name>"."""
     import boto3
+
+    _require_slow(request.node, "s3_bucket")  # also when asked for by request.getfixturevalue
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     client = boto3.client("s3", endpoint_url=s3_server, region_name=S3_ENV["AWS_DEFAULT_REGION"],
@@ -63,9 +89,88 @@ def ray_local(s3_server):
     """
     import ray
 
+    global _ray_local_up
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    _ray_local_up = True
     yield ray
+    _ray_local_up = False
     if started:
         ray.shutdown()
+
+
+# --- the `slow` marker ------------------------------------------------------------------------------
+
+
+def _require_slow(item, why: str) -> None:
+    if item.get_closest_marker(SLOW) is None and item.get_closest_marker("gpu") is None:
+        pytest.fail(f"{item.nodeid} uses {why} but is not marked @pytest.mark.{SLOW} (see tests/conftest.py)",
+                    pytrace=False)
+
+
+def unmarked_heavy_tests(items) -> list[str]:
+    """The tests that use a heavy fixture (any depth) without the slow (or gpu) marker."""
+    return [f"{item.nodeid} (uses {', '.join(sorted(HEAVY_FIXTURES & set(item.fixturenames)))})"
+            for item in items
+            if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+            and item.get_closest_marker(SLOW) is None and item.get_closest_marker("gpu") is None]
+
+
+@pytest.hookimpl(trylast=True)  # after tests/gpu/conftest.py adds its marker
+def pytest_collection_modifyitems(config, items):
+    if unmarked := unmarked_heavy_tests(items):
+        raise pytest.UsageError(f"tests that start Ray or the S3 server must be marked @pytest.mark.{SLOW} "
+                                "(pytestmark for a whole module):\n  " + "\n  ".join(unmarked))
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _distributed_running() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+_ray_local_up = False  # set while the ray_local fixture holds the session's instance
+_BEFORE = pytest.StashKey[tuple[bool, bool]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    item.stash[_BEFORE] = (_ray_running(), _distributed_running())
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield  # a test that failed on its own is reported as such
+    if item.get_closest_marker("gpu") is not None:
+        return result  # tests/gpu brings its own ray_local (no S3 server there)
+    ray_before, dist_before = item.stash.get(_BEFORE, (True, True))
+    if not ray_before and _ray_running():
+        if not _ray_local_up:
+            import ray
+
+            ray.shutdown()  # not this test's instance to leave behind: later tests need ray_local's
+            pytest.fail(f"{item.nodeid} started its own Ray instance: use the ray_local fixture "
+                        "(one instance for the session)", pytrace=False)
+        _require_slow(item, "Ray")
+    if not dist_before and _distributed_running():
+        _require_slow(item, "torch.distributed (DeepSpeed)")
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _ray_settings_restored():
+    """A test that runs a command in-process (`--verbose` changes Ray's console settings) leaves the
+    session's settings as conftest set them."""
+    saved = {name: os.environ.get(name) for name in RAY_SETTINGS}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

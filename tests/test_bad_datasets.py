@@ -16,13 +16,12 @@ from simgan_dist.core.models import build_discriminator, build_refiner
 from simgan_dist.data.schema import (
     MANIFEST_NAME,
     DatasetError,
-    DatasetWriter,
     Layout,
-    encode_shard,
     load_numpy,
     validate,
 )
 from simgan_dist.data.simulate import simulate_dataset
+from simgan_dist.data.writer import DatasetWriter, encode_shard
 from simgan_dist.errors import UserError
 from simgan_dist.train.checkpoint import write_checkpoint
 from simgan_dist.train.driver import check_corpora, check_resumable

@@ -67,15 +67,16 @@ def test_local_checkpoint_loads_as_data_and_a_pickle_payload_is_refused(tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoint_files_load_as_data_and_a_payload_is_refused(tmp_path):
-    """The DeepSpeed engines train.py builds read their own files through `load_data` too
+    """The DeepSpeed engines train/engines.py builds read their own files through `load_data` too
     (ZeRO-2: model states and the optimizer partition with its loss scaler)."""
     script = textwrap.dedent(f"""
         import os, sys, torch, deepspeed, torch.distributed as dist
         sys.path.insert(0, {os.getcwd()!r})
         from test_checkpoint_safety import plant
         from simgan_dist.train.checkpoint import CheckpointError
-        from simgan_dist.train.driver import load_as_data
+        from simgan_dist.train.engines import load_as_data
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo")
@@ -111,7 +112,7 @@ def eyes(tmp_path_factory):
     from simgan_dist.data.simulate import simulate_dataset
 
     folder = tmp_path_factory.mktemp("eyes")
-    simulate_dataset(str(folder), synthetic=96, real=128, real_test=0, seed=4, rows_per_shard=64)
+    simulate_dataset(str(folder), synthetic=96, real=128, real_test=0, seed=4, rows_per_shard=64, parallel=False)
     return folder
 
 

@@ -33,6 +33,7 @@ def test_serialised_configs_never_hold_secrets():
     assert cfg.to_dict(redact=False)["storage"]["secret_access_key"] == FAKE["secret_access_key"]
 
 
+@pytest.mark.slow
 def test_session_token_reaches_ray_workers_through_their_environment(ray_local, monkeypatch):
     from simgan_dist.data.pipeline import parallel_map
 
@@ -64,6 +65,7 @@ def every_output(s3_server, bucket: str, *folders) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow
 def test_pipeline_with_fake_credentials_writes_them_nowhere(ray_local, s3_server, s3_bucket, unityeyes_dir,  # noqa: F811
                                                            tmp_path, capsys):
     import ray
@@ -106,6 +108,7 @@ def test_pipeline_with_fake_credentials_writes_them_nowhere(ray_local, s3_server
     assert not any(v in printed.out + printed.err for v in FAKE.values())
 
 
+@pytest.mark.slow
 def test_tune_sweep_with_fake_credentials_writes_them_nowhere(ray_local, s3_server, s3_bucket, tmp_path, capsys):
     """A one-trial sweep reading its data from S3: best_config.yaml, results.csv/md, Tune's own
     trial files (params.json/pkl, result.json, experiment state) and the trial's training run

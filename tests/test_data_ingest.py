@@ -13,8 +13,10 @@ from scipy.io import savemat
 
 from simgan_dist import cli
 from simgan_dist.config import load_config
-from simgan_dist.data import ingest as ingest_mod
-from simgan_dist.data.ingest import IngestError, decode_nyu_depth, ingest, read_quarantine
+from simgan_dist.data.formats import FORMATS
+from simgan_dist.data.formats.base import to_crop
+from simgan_dist.data.formats.hands import decode_nyu_depth
+from simgan_dist.data.ingest import IngestError, ingest, read_quarantine
 from simgan_dist.data.schema import load_numpy, read_manifest
 
 
@@ -118,7 +120,7 @@ def test_unityeyes_round_trip_and_quarantine(unityeyes_dir, tmp_path):
 
 
 def test_output_does_not_depend_on_worker_count(unityeyes_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest_mod.UnityEyes, "items_per_task", 2)  # several chunks for the pool
+    monkeypatch.setattr(FORMATS["unityeyes"], "items_per_task", 2)  # several chunks for the pool
     ingest("unityeyes", unityeyes_dir, str(tmp_path / "one"), workers=1)
     ingest("unityeyes", unityeyes_dir, str(tmp_path / "two"), workers=2)
     one, two = load_numpy(str(tmp_path / "one")), load_numpy(str(tmp_path / "two"))
@@ -262,7 +264,7 @@ def nyu_dir(tmp_path):
 
 def test_crop_coordinates_use_pixel_centres():
     box = (10, 20, 4, 2)  # 4x2 source pixels → 8x4 output pixels: each source pixel becomes 2x2
-    np.testing.assert_allclose(ingest_mod.to_crop(np.array([[10.0, 20.0], [9.5, 19.5], [13.0, 21.0]]), box, (4, 8)),
+    np.testing.assert_allclose(to_crop(np.array([[10.0, 20.0], [9.5, 19.5], [13.0, 21.0]]), box, (4, 8)),
                                [[0.5, 0.5], [-0.5, -0.5], [6.5, 2.5]])
 
 
@@ -319,6 +321,7 @@ def folder_dir(tmp_path):
     return root, csv
 
 
+@pytest.mark.slow
 def test_folder_with_labels_to_s3(folder_dir, s3_bucket):
     root, csv = folder_dir
     out = f"{s3_bucket}/eyes/real"

@@ -13,6 +13,8 @@ from simgan_dist.data.schema import MANIFEST_NAME, DatasetError, load_numpy
 pytest.importorskip("ray")
 from simgan_dist.data.pipeline import read_dataset  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray Data over the S3 server
+
 
 @pytest.fixture(scope="module")
 def eyes(ray_local, s3_server):

@@ -13,13 +13,13 @@ from simgan_dist.data import storage
 from simgan_dist.data.schema import (
     MANIFEST_NAME,
     DatasetError,
-    DatasetWriter,
     Layout,
     images_from_binary,
     load_numpy,
     read_manifest,
     validate,
 )
+from simgan_dist.data.writer import DatasetWriter
 
 LAYOUT = Layout((5, 7, 1), "uint8", {"gaze": (3,), "joints": (2, 3)})
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from simgan_dist import cli
-from simgan_dist.data import simulate, storage
+from simgan_dist.data import render, simulate, storage
 from simgan_dist.data.schema import load_numpy, read_manifest
 
 
@@ -41,7 +41,7 @@ def test_rows_depend_only_on_seed_split_and_index():
 
 
 def test_eye_labels_mean_what_they_say():
-    images, labels = simulate.render_eyes(np.random.default_rng(0), 2000, "synthetic")
+    images, labels = render.render_eyes(np.random.default_rng(0), 2000, "synthetic")
     assert images.shape == (2000, 35, 55, 1) and images.dtype == np.uint8
     np.testing.assert_allclose(np.linalg.norm(labels["gaze"], axis=1), 1.0, rtol=1e-5)
     assert (labels["gaze"][:, 2] < 0).all()  # every eye looks towards the camera
@@ -54,8 +54,8 @@ def test_eye_labels_mean_what_they_say():
 
 def test_real_domain_differs_in_appearance_and_gaze_prior():
     rng = np.random.default_rng(1)
-    syn, syn_labels = simulate.render_eyes(rng, 2000, "synthetic")
-    real, real_labels = simulate.render_eyes(rng, 2000, "real")
+    syn, syn_labels = render.render_eyes(rng, 2000, "synthetic")
+    real, real_labels = render.render_eyes(rng, 2000, "real")
     assert pixel_noise(real) > 3 * pixel_noise(syn) + 1
     # Narrower, clumpier gaze: real yaw spread is well under the synthetic one.
     assert real_labels["gaze"][:, 0].std() < 0.6 * syn_labels["gaze"][:, 0].std()
@@ -64,8 +64,8 @@ def test_real_domain_differs_in_appearance_and_gaze_prior():
 
 
 def test_hand_depth_maps():
-    images, labels = simulate.render_hands(np.random.default_rng(0), 4, "synthetic")
-    real, _ = simulate.render_hands(np.random.default_rng(0), 4, "real")
+    images, labels = render.render_hands(np.random.default_rng(0), 4, "synthetic")
+    real, _ = render.render_hands(np.random.default_rng(0), 4, "real")
     assert images.shape == (4, 224, 224, 1) and images.dtype == np.uint16
     joints = labels["joints_uvd"]
     assert joints.shape == (4, 16, 3) and (joints[..., :2] > 0).all() and (joints[..., :2] < 224).all()
@@ -87,6 +87,7 @@ def test_simulate_is_independent_of_shard_size(tmp_path):
     assert len(read_manifest(str(tmp_path / "b" / "synthetic")).shards) == 5
 
 
+@pytest.mark.slow
 def test_simulate_to_s3_with_ray_tasks_and_read_back(ray_local, s3_bucket):
     out = storage.join(s3_bucket, "eyes")
     counts = simulate.simulate_dataset(out, 900, 300, 200, seed=5, rows_per_shard=250, parallel=True)
@@ -135,7 +136,7 @@ def test_bad_arguments():
 
 def test_appearance_oracle_keeps_rows_and_switches_parts():
     synthetic = simulate.render_rows("eye", "synthetic", 3, 100, 400)
-    full = simulate.render_rows("eye", "synthetic", 3, 100, 400, simulate.APPEARANCE_PARTS)
+    full = simulate.render_rows("eye", "synthetic", 3, 100, 400, render.APPEARANCE_PARTS)
     # Same rows: ids and every label; only the appearance differs.
     np.testing.assert_array_equal(full["id"], synthetic["id"])
     for key in ("gaze", "pupil_xy", "head_pose"):
@@ -143,7 +144,7 @@ def test_appearance_oracle_keeps_rows_and_switches_parts():
     np.testing.assert_array_equal(simulate.render_rows("eye", "synthetic", 3, 100, 400, ())["image"],
                                   synthetic["image"])
     assert pixel_noise(full["image"]) > pixel_noise(synthetic["image"]) + 1
-    deterministic = simulate.render_rows("eye", "synthetic", 3, 100, 400, simulate.DETERMINISTIC_PARTS)
+    deterministic = simulate.render_rows("eye", "synthetic", 3, 100, 400, render.DETERMINISTIC_PARTS)
     assert pixel_noise(deterministic["image"]) < pixel_noise(full["image"]) - 1  # no sensor noise, no texture
     # Glints are the only part that brightens the pupil: switching them off darkens it there.
     no_glints = simulate.render_rows("eye", "synthetic", 3, 100, 400, ("light", "blur", "camera"))

@@ -32,6 +32,7 @@ def test_join_keeps_the_scheme():
     assert storage.join("/data", "synthetic") == "/data/synthetic"
 
 
+@pytest.mark.slow
 def test_s3_filesystem_uses_config_over_environment(s3_server):
     cfg = StorageConfig(endpoint_url="https://minio.example:9000", region="eu-west-1")
     fs, path = storage.resolve("s3://bucket/prefix/", cfg)
@@ -50,6 +51,7 @@ def test_atomic_write_local_leaves_no_temporary_files(tmp_path):
     assert os.listdir(tmp_path / "deep") == ["file.json"]
 
 
+@pytest.mark.slow
 def test_s3_roundtrip_list_and_delete(s3_bucket):
     uri = storage.join(s3_bucket, "dir", "x.bin")
     storage.write_bytes_atomic(uri, b"payload")
@@ -61,6 +63,7 @@ def test_s3_roundtrip_list_and_delete(s3_bucket):
         storage.read_bytes(uri)
 
 
+@pytest.mark.slow
 def test_missing_bucket_is_named(s3_server):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         read_manifest("s3://no-such-bucket/eyes/synthetic")
@@ -68,6 +71,7 @@ def test_missing_bucket_is_named(s3_server):
         storage.write_bytes_atomic("s3://no-such-bucket/x.bin", b"1")
 
 
+@pytest.mark.slow
 def test_empty_prefix_is_not_a_dataset(s3_bucket):
     with pytest.raises(DatasetError, match="no dataset here"):
         read_manifest(storage.join(s3_bucket, "nothing"))
@@ -80,6 +84,7 @@ def _set_moto_auth(endpoint: str, free_requests: str) -> None:
     urllib.request.urlopen(request, timeout=10).read()
 
 
+@pytest.mark.slow
 def test_wrong_credentials_say_access_denied(s3_bucket, s3_server):
     storage.write_bytes_atomic(storage.join(s3_bucket, "x.bin"), b"1")
     bad = StorageConfig(access_key_id="AKIAWRONGWRONGWRONG0", secret_access_key="wrong")

@@ -14,7 +14,7 @@ from simgan_dist.core.algorithm import Schedule, SimGAN
 from simgan_dist.core.history import CodedHistory
 from simgan_dist.core.imaging import to_model_input
 from simgan_dist.core.losses import RefinerLoss
-from simgan_dist.train.driver import DeepSpeedUpdater, build_engines, deepspeed_config
+from simgan_dist.train.engines import DeepSpeedUpdater, build_engines, deepspeed_config
 from simgan_dist.train.local import ArraySampler
 from tests.toy_domains import toy_images
 
@@ -80,6 +80,7 @@ def _host_syncs_raise():
             setattr(torch.Tensor, name, method)
 
 
+@pytest.mark.slow
 def test_engines_keep_fp32_weights_an_unwrapped_optimizer_and_never_sync(process_group):
     cfg = _cfg()
     r_engine, d_engine = build_engines(cfg, torch.device("cpu"), bf16=True)
@@ -95,6 +96,7 @@ def test_engines_keep_fp32_weights_an_unwrapped_optimizer_and_never_sync(process
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
 def test_zero_stages_train_d_after_an_r_step_under_bf16(process_group, stage):
     cfg = _cfg(f"train.zero_stage={stage}")
     r_engine, d_engine = build_engines(cfg, torch.device("cpu"), bf16=True)
@@ -108,6 +110,7 @@ def test_zero_stages_train_d_after_an_r_step_under_bf16(process_group, stage):
     assert any(not torch.equal(a, p) for a, p in zip(r_before, r_engine.module.parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_one_rank_skips_the_gradient_all_reduce_and_steps_as_plain_torch(process_group):
     import copy
 

@@ -10,6 +10,8 @@ from simgan_dist.core.history import HistoryBuffer
 from simgan_dist.core.imaging import from_history_codes, history_codes
 from simgan_dist.train import distributed_history as dh
 
+pytestmark = pytest.mark.slow  # Ray actors (ray_local)
+
 SHAPE = (1, 2, 3)
 
 

@@ -9,8 +9,10 @@ from PIL import Image
 
 from simgan_dist.cli import build_parser
 from simgan_dist.config import load_config
-from simgan_dist.data.schema import DatasetWriter, Layout, load_numpy, read_manifest
-from simgan_dist.data.simulate import DETERMINISTIC_PARTS, render_rows, simulate_dataset
+from simgan_dist.data.render import DETERMINISTIC_PARTS
+from simgan_dist.data.schema import Layout, load_numpy, read_manifest
+from simgan_dist.data.simulate import render_rows, simulate_dataset
+from simgan_dist.data.writer import DatasetWriter
 from simgan_dist.errors import UserError
 from simgan_dist.evaluate import (
     cli_evaluate,
@@ -134,6 +136,7 @@ def _args(root, out, *extra):
         "--set", "evaluate.realism_samples=64", "--set", "evaluate.seeds=[0, 1]", *extra])
 
 
+@pytest.mark.slow
 def test_report_has_every_section(datasets, tmp_path, ray_local, capsys):
     # real_test doubles as labeled real training data here, to exercise the ceiling row.
     args = _args(datasets, tmp_path / "report", "--run", str(datasets / "run"), "--real", str(datasets / "real_test"))

@@ -143,6 +143,7 @@ def test_readme_shows_the_commands_this_test_runs():
         assert command in readme, command
 
 
+@pytest.mark.slow
 def test_token_authentication_is_on(head):
     without_token = {k: v for k, v in head.items() if k != "RAY_AUTH_MODE"}
     out = _sh("ray job list", without_token, timeout=60, check=False)
@@ -176,6 +177,7 @@ def trained(head):
     return stopped_logs, _sh(f"ray job logs {_job_id(submitted)}", head, timeout=60)
 
 
+@pytest.mark.slow
 def test_train_job_stopped_mid_run_resumes_when_submitted_again(trained, head):
     stopped, resumed = trained
     assert re.search(r"\[smoke\] resumed at step [1-9]\d*/38 with \d+ history images", resumed), resumed
@@ -194,6 +196,7 @@ def test_train_job_stopped_mid_run_resumes_when_submitted_again(trained, head):
 
 
 @pytest.mark.parametrize("name", list(JOBS))
+@pytest.mark.slow
 def test_submitted_job_after_training(name, trained, head):
     command, wrote_it = JOBS[name]
     submitted = _sh(command, head)
@@ -211,6 +214,7 @@ def test_submitted_job_after_training(name, trained, head):
         assert "View detailed results here" not in logs and "Trial status:" not in logs, logs
 
 
+@pytest.mark.slow
 def test_cli_on_the_head_node_joins_its_cluster(trained, head):
     """What failed with "num_cpus and num_gpus must not be provided": a command run on a machine
     where `ray start` registered a cluster joins that cluster."""

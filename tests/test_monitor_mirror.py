@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from simgan_dist.data import storage
 from simgan_dist.train.monitor import FolderMirror, RunLog
+
+pytestmark = pytest.mark.slow  # the S3 server
 
 
 def _steps(uri: str) -> list[int]:

@@ -11,21 +11,21 @@ from simgan_dist.data import splits
 from simgan_dist.data.schema import load_numpy
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.errors import ConfigError
-from simgan_dist.metrics import objective
+from simgan_dist.metrics import drift, objective, realism
 from simgan_dist.train.local import train_local
 
 
 @pytest.fixture(scope="module")
 def eyes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eyes")
-    simulate_dataset(str(folder), synthetic=160, real=160, real_test=0, seed=5, rows_per_shard=80)
+    simulate_dataset(str(folder), synthetic=160, real=160, real_test=0, seed=5, rows_per_shard=80, parallel=False)
     return folder
 
 
-def test_evaluate_uses_the_objective_module_not_a_copy():
-    assert evaluate.detect_pupil is objective.detect_pupil
-    assert evaluate.pupil_shift is objective.pupil_shift
-    assert evaluate.realism_score is objective.realism_score
+def test_evaluate_uses_the_metrics_modules_not_a_copy():
+    assert evaluate.detect_pupil is drift.detect_pupil
+    assert evaluate.pupil_shift is drift.pupil_shift
+    assert evaluate.realism_score is realism.realism_score
 
 
 def test_identity_scores_one_and_a_shifted_refiner_pays_for_drift(eyes):
@@ -36,7 +36,7 @@ def test_identity_scores_one_and_a_shifted_refiner_pays_for_drift(eyes):
     shifted = np.roll(synthetic, 4, axis=2)  # every pupil 4 px to the right
     moved = objective.label_free_scores(synthetic, shifted, real)
     assert moved["drift"] > 3.0
-    tolerance = objective.drift_tolerance_px(synthetic.shape[2])
+    tolerance = drift.drift_tolerance_px(synthetic.shape[2])
     ratio = moved["realism"] / moved["realism_synthetic"]
     assert moved["objective"] == pytest.approx(ratio + (moved["drift"] - tolerance) / tolerance)
     assert moved["objective"] > same["objective"] + 1.0
@@ -45,10 +45,10 @@ def test_identity_scores_one_and_a_shifted_refiner_pays_for_drift(eyes):
     assert objective.combine(0.05, 0.1, 3.0, 55) == pytest.approx(1.5)
     hands = np.full((4, 64, 64, 1), 900, np.uint16)
     hands[:, 20:40, 10:30] = 500
-    assert objective.label_drift(hands, np.roll(hands, 5, axis=2), kind="hand") == pytest.approx(5.0)
+    assert drift.label_drift(hands, np.roll(hands, 5, axis=2), kind="hand") == pytest.approx(5.0)
     # refined depth comes back with its background as 0 (no reading): the silhouette stays the hand
     refined = np.where(hands < 900, hands, 0).astype(np.uint16)
-    assert objective.label_drift(hands, refined, kind="hand") == pytest.approx(0.0)
+    assert drift.label_drift(hands, refined, kind="hand") == pytest.approx(0.0)
 
 
 def test_validation_split_is_deterministic_and_excluded_from_training():
@@ -116,8 +116,10 @@ def test_real_validation_split_reads_exactly_the_datasets_good_rows(tmp_path, la
     from simgan_dist.data.schema import LEGACY_MANIFEST_NAME, MANIFEST_NAME
     from simgan_dist.train.local import _load_images
 
-    simulate_dataset(str(tmp_path / "eyes"), synthetic=8, real=120, real_test=0, seed=7, rows_per_shard=50)
-    simulate_dataset(str(tmp_path / "other"), synthetic=0, real=30, real_test=0, seed=8, rows_per_shard=50)
+    simulate_dataset(str(tmp_path / "eyes"), synthetic=8, real=120, real_test=0, seed=7, rows_per_shard=50,
+                     parallel=False)
+    simulate_dataset(str(tmp_path / "other"), synthetic=0, real=30, real_test=0, seed=8, rows_per_shard=50,
+                     parallel=False)
     real = tmp_path / "eyes" / "real"
     (real / "_quarantine").mkdir()  # rows that are not the dataset's: every reader must skip them
     shutil.copy(tmp_path / "other" / "real" / "part-00000.parquet", real / "_quarantine" / "quarantine.parquet")
@@ -139,18 +141,19 @@ def test_gaze_feature_space_scores_a_perfect_appearance_transfer_as_more_real(ey
     """The oracle: the same synthetic eyes re-rendered with the simulator's real appearance (labels unchanged)."""
     import torch
 
-    from simgan_dist.data.simulate import APPEARANCE_PARTS, render_rows
+    from simgan_dist.data.render import APPEARANCE_PARTS
+    from simgan_dist.data.simulate import render_rows
 
     synthetic = load_numpy(str(eyes / "synthetic"), columns=["image", "gaze"])
     real = load_numpy(str(eyes / "real"), columns=["image"])["image"]
     transferred = render_rows("eye", "synthetic", 5, 0, len(synthetic["image"]), appearance=APPEARANCE_PARTS)["image"]
     before = torch.random.get_rng_state()
-    space = objective.GazeFeatures(synthetic["image"], synthetic["gaze"], seed=0)
+    space = realism.GazeFeatures(synthetic["image"], synthetic["gaze"], seed=0)
     assert torch.equal(torch.random.get_rng_state(), before)  # a training run's RNG streams are untouched
-    reference = objective.RealismReference(real, features=space)
+    reference = realism.RealismReference(real, features=space)
     assert reference.score(transferred) < 0.5 * reference.score(synthetic["image"])
-    again = objective.GazeFeatures(synthetic["image"], synthetic["gaze"], seed=0)
-    assert objective.RealismReference(real, features=again).score(transferred) == pytest.approx(
+    again = realism.GazeFeatures(synthetic["image"], synthetic["gaze"], seed=0)
+    assert realism.RealismReference(real, features=again).score(transferred) == pytest.approx(
         reference.score(transferred), rel=1e-6)  # the same space in every process for a seed
 
 
@@ -158,5 +161,5 @@ def test_eye_runs_are_scored_in_the_gaze_feature_space(eyes):
     cfg = load_config("tiny", overrides=[f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}",
                                          "train.eval_every=10", "train.eval_samples=32"])
     evaluator = objective.Evaluator.from_config(cfg)
-    assert isinstance(evaluator.reference.features_of, objective.GazeFeatures)
+    assert isinstance(evaluator.reference.features_of, realism.GazeFeatures)
     assert len(evaluator.synthetic) == 32

@@ -37,6 +37,7 @@ def root(request, tmp_path):
     return request.getfixturevalue("s3_bucket")
 
 
+@pytest.mark.slow
 def test_simulated_and_ingested_datasets_read_exactly_their_good_rows(root, unityeyes_dir, ray_local):  # noqa: F811
     simulate.simulate_dataset(storage.join(root, "eyes"), 30, 12, 0, seed=3, rows_per_shard=16, parallel=False)
     synthetic = storage.join(root, "eyes", "synthetic")

@@ -84,6 +84,7 @@ def _train_cli(tmp_path, *args, **env):
 
 
 @pytest.mark.parametrize("where", ["address file", "RAY_ADDRESS"])
+@pytest.mark.slow
 def test_an_address_nothing_answers_at_is_a_clear_error(tmp_path, where):
     address = f"127.0.0.1:{_closed_port()}"
     if where == "address file":
@@ -99,6 +100,7 @@ def test_an_address_nothing_answers_at_is_a_clear_error(tmp_path, where):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_a_run_too_big_for_the_cluster_fails_at_once():
     """A local instance on this machine's CPUs: 2 + CPUs workers cannot fit beside Ray Data."""
     workers = 2 + (os.cpu_count() or 1)
@@ -113,6 +115,7 @@ def test_a_run_too_big_for_the_cluster_fails_at_once():
     assert f"train.num_workers={workers} needs at least" in run.stderr and "Set train.num_workers=" in run.stderr
 
 
+@pytest.mark.slow
 def test_placement_groups_of_dead_actors_are_removed_and_no_others(ray_local):
     """What ASHA leaves when it kills a trial with its Train controller: a group whose creator actor died."""
     import ray

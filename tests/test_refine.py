@@ -29,7 +29,8 @@ from simgan_dist.core.models import build_discriminator, build_refiner
 from simgan_dist.data import storage
 from simgan_dist.data.schema import MANIFEST_NAME, DatasetError, load_numpy, read_manifest
 from simgan_dist.data.simulate import simulate_dataset
-from simgan_dist.refine import JOB_FILE, RefineError, refine
+from simgan_dist.refine import JOB_FILE, refine
+from simgan_dist.refine_shards import RefineError
 from simgan_dist.train.checkpoint import load_refiner, write_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,9 @@ import pytest
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.train.checkpoint import load_refiner
-from simgan_dist.train.driver import CHUNK_BATCHES, ShardStream, checkpoint_uri, fit, history_run_id
+from simgan_dist.train.driver import checkpoint_uri, fit, history_run_id
 from simgan_dist.train.local import train_local
+from simgan_dist.train.worker import CHUNK_BATCHES, ShardStream
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,7 @@ def test_shard_stream_starts_the_next_epoch_ahead_and_hands_on_read_errors():
         broken()
 
 
+@pytest.mark.slow
 def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
     data = f"{s3_bucket}/eyes"
     simulate_dataset(data, synthetic=384, real=192, real_test=0, seed=1, rows_per_shard=100)
@@ -153,6 +155,7 @@ def _fit_acting_once(cfg, act, within_s: float = 300):
     return result, acted
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_with_buffer(ray_local, eye_data, tmp_path):
     cfg = _config("train.num_workers=2", "train.iterations=40", "train.checkpoint_every=10",
                   f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",
@@ -177,6 +180,7 @@ def test_killed_worker_resumes_from_checkpoint_with_buffer(ray_local, eye_data, 
     assert metrics["history_restored"] == min(256, disc_steps * 2 * 16)
 
 
+@pytest.mark.slow
 def test_killed_driver_then_the_same_command_resumes_from_the_checkpoint(ray_local, eye_data, tmp_path):
     """The driver of a run (what `ray job submit` starts) SIGKILLed mid-run: nothing of it cleans up, its
     detached history shards outlive it holding images newer than the checkpoint. The same command again
@@ -218,6 +222,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_killed_history_shard_comes_back_empty_and_training_goes_on(ray_local, eye_data, tmp_path, capsys):
     import ray
 
@@ -246,6 +251,7 @@ def test_killed_history_shard_comes_back_empty_and_training_goes_on(ray_local, e
     assert min(fills) < 1.0 and fills[-1] == 1.0  # half the buffer was lost, then refilled
 
 
+@pytest.mark.slow
 def test_single_worker_follows_the_local_trainer(ray_local, eye_data, tmp_path):
     import torch
 

@@ -1,7 +1,7 @@
 """Algorithm 1 of the paper as resumable step functions, independent of how weights update.
 
 The same `SimGAN` drives plain torch optimizers (`TorchUpdater`, single process) and
-DeepSpeed engines (an adapter in `train.py`): both expose `forward`, `backward`, `step`
+DeepSpeed engines (an adapter in `train/engines.py`): both expose `forward`, `backward`, `step`
 and the bare `module`.
 
 GAN + DeepSpeed pitfall: R's adversarial loss flows through D's *bare module* with D's

@@ -1,30 +1,4 @@
-"""Datasets: storage URIs, the Parquet contract, the simulator and Ray Data pipelines.
+"""Datasets: storage URIs, the Parquet contract, splits, the simulator, ingest and Ray Data pipelines.
 
-Importing this package does not import Ray; `simgan_dist.data.pipeline` does.
+Importing this package imports nothing else; only `simgan_dist.data.pipeline` imports Ray.
 """
-
-from simgan_dist.data.schema import (
-    DatasetError,
-    DatasetWriter,
-    Layout,
-    Manifest,
-    images_from_binary,
-    load_numpy,
-    read_manifest,
-    validate,
-)
-from simgan_dist.data.storage import StorageError, join, resolve
-
-__all__ = [
-    "DatasetError",
-    "DatasetWriter",
-    "Layout",
-    "Manifest",
-    "StorageError",
-    "images_from_binary",
-    "join",
-    "load_numpy",
-    "read_manifest",
-    "resolve",
-    "validate",
-]

@@ -1,7 +1,7 @@
 """Gaze estimators trained on labeled eye images: the downstream check and the objective's realism space.
 
 `evaluate.train_gaze` trains one per training set (synthetic, refined, real) and tests it on
-real_test; `objective.GazeFeatures` trains one on the synthetic labels and reads its
+real_test; `realism.GazeFeatures` trains one on the synthetic labels and reads its
 penultimate layer. One training loop serves both. Pure PyTorch, no Ray.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simgan_dist.config import Config
 from simgan_dist.core.imaging import grid, save_png, to_host
 
 
@@ -172,3 +174,35 @@ class FolderMirror:
                       file=sys.stderr)
             if final:
                 return
+
+
+class MonitorSink:
+    """Rank 0's TensorBoard, metrics.jsonl and image grids, kept under `<storage>/<name>/monitor`.
+
+    On S3 they are written to a local folder and mirrored by a background thread
+    (`FolderMirror`), so no rank waits for uploads at a report.
+    """
+
+    def __init__(self, cfg: Config):
+        from simgan_dist.data import storage
+
+        remote = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
+        self.mirror = None
+        if storage.is_s3(remote):
+            self.mirror = FolderMirror(tempfile.mkdtemp(prefix="simgan-monitor-"), remote, cfg.storage)
+            self.mirror.restore()
+            self.mirror.start()
+            folder = self.mirror.folder
+        else:
+            folder = storage.resolve(remote)[1]
+        self.log = RunLog(folder)
+
+    def sync(self) -> None:
+        if self.mirror:
+            self.log.tb.flush()
+            self.mirror.sync()
+
+    def close(self) -> None:
+        self.log.close()
+        if self.mirror:
+            self.mirror.close()

@@ -15,10 +15,14 @@ import torch
 from simgan_dist.config import load_config
 from simgan_dist.core.imaging import to_model_input
 from simgan_dist.core.models import build_discriminator, build_refiner
-from simgan_dist.data.simulate import LAYOUTS, simulate_dataset
-from simgan_dist.refine import BatchRefiner, refine, refine_sizes
+from simgan_dist.data.render import LAYOUTS
+from simgan_dist.data.simulate import simulate_dataset
+from simgan_dist.refine import refine
+from simgan_dist.refine_shards import BatchRefiner, refine_sizes
 from simgan_dist.train.checkpoint import load_refiner, write_checkpoint
-from simgan_dist.train.driver import ShardStream, build_engines, checkpoint_uri, fit
+from simgan_dist.train.driver import checkpoint_uri, fit
+from simgan_dist.train.engines import build_engines
+from simgan_dist.train.worker import ShardStream
 from tests.test_deepspeed_config import _cfg, _simgan, process_group  # noqa: F401 (fixture)
 
 
