@@ -15,7 +15,7 @@ config=(--config jobs/configs/tiny.yaml
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1/4 simulate: labeled synthetic eyes, unlabeled real eyes, a labeled real test set"
-simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed 0 "${config[@]}"
+simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed 0 --overwrite "${config[@]}"  # a rerun renders the same rows
 
 step "2/4 tune: 2 trials (λ 1 and 2), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; ASHA on the label-free objective"
 simgan-dist tune "${config[@]}" --set train.num_workers=1 | tee "$out/tune.log"

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--kind", choices=("eye", "hand"), default="eye")
     simulate.add_argument("--rows-per-shard", type=int, default=50000, metavar="R")
+    simulate.add_argument("--overwrite", action="store_true",
+                          help="replace datasets already at --out (the old ones stay readable until the new "
+                          "ones are committed)")
     _add_config_args(simulate)
     simulate.set_defaults(handler="simgan_dist.data.simulate:cli_simulate")
 
@@ -110,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the manifest's kind (default per format: unityeyes and labeled kaggle-h5 synthetic, "
                         "others real); for nyu-hand, synthetic reads synthdepth_*.png instead of depth_*.png")
     ingest.add_argument("--workers", type=int, metavar="N", help="reader processes (default: all cores)")
-    ingest.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    ingest.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset already at --out (the old one stays readable until the new one "
+                        "is committed)")
     _add_config_args(ingest)
     ingest.set_defaults(handler="simgan_dist.data.ingest:cli_ingest")
 

@@ -122,6 +122,10 @@ class TrainConfig:
     resource_wait_s: float = 0.0
     # torch.compile R and D (in place: checkpoints keep their keys); worth it on GPU.
     compile: bool = False
+    # Resuming a run whose checkpoint was trained on other data, model, loss or optimizer
+    # settings is refused (the keys are listed); true goes on and records the change in the
+    # checkpoint (config_changes.json). Cadence, logging and worker settings never need it.
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -346,6 +350,22 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.train.eval_every < 0:
         raise ConfigError(f"train.eval_every: must be >= 0 (0 = off), got {cfg.train.eval_every}")
+    for key in ("iterations", "pretrain_refiner_steps", "pretrain_disc_steps", "max_failures"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(cfg.train, key)}")
+    # Written as ranges so that NaN, which every optimizer would take silently, fails too.
+    if not 0 < cfg.train.lr < float("inf"):
+        raise ConfigError(f"train.lr: must be a positive number, got {cfg.train.lr}")
+    if not 0 <= cfg.train.lr_disc < float("inf"):
+        raise ConfigError(f"train.lr_disc: must be >= 0 (0 = train.lr), got {cfg.train.lr_disc}")
+    if not 0 <= cfg.loss.lambda_reg < float("inf"):
+        raise ConfigError(f"loss.lambda_reg: must be >= 0, got {cfg.loss.lambda_reg}")
+    for key, name, parent in (("train.name", cfg.train.name, "train.storage_path"),
+                              ("tune.name", cfg.tune.name, "tune.output")):
+        # A run is written to <parent>/<name>: one plain folder name keeps it inside.
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(f"{key}: {name!r} must be a plain folder name (no '/', '..' or absolute path): "
+                              f"runs are confined to {parent}")
     if not 0.0 <= cfg.data.real_val_fraction < 1.0:
         raise ConfigError(f"data.real_val_fraction: must be in [0, 1), got {cfg.data.real_val_fraction}")
     if cfg.train.eval_every and not cfg.data.real_val and cfg.data.real_val_fraction == 0:

@@ -216,18 +216,30 @@ class Inputs:
 
 
 def _load(uri: str, what: str, cfg: Config, want: list[str]) -> dict[str, np.ndarray]:
+    from simgan_dist.data.roles import check_kind
     from simgan_dist.data.schema import DatasetError, load_numpy, read_manifest
     from simgan_dist.data.storage import StorageError
 
     try:
-        layout = read_manifest(uri, cfg.storage).layout
+        manifest = read_manifest(uri, cfg.storage)
     except (DatasetError, StorageError) as exc:
         raise EvaluationError(f"{what} dataset {uri!r} cannot be read: {exc}") from exc
-    columns = ["id", "image", *[c for c in want if c in layout.label_fields]]
+    layout = manifest.layout
     try:
-        return load_numpy(uri, cfg.storage, columns=columns)
+        check_kind(f"evaluate --{what.replace('_', '-')}", uri, manifest.kind)
+    except DatasetError as exc:
+        raise EvaluationError(str(exc)) from None
+    labels = [c for c in want if c in layout.label_fields]
+    try:
+        rows = load_numpy(uri, cfg.storage, columns=["id", "image", *labels])
     except (DatasetError, StorageError) as exc:
         raise EvaluationError(f"{what} dataset {uri!r} cannot be read: {exc}") from exc
+    for name in labels:  # writers refuse these; a file made by other tools may still hold them
+        bad = ~np.isfinite(rows[name].reshape(len(rows[name]), -1)).all(1)
+        if bad.any():
+            raise EvaluationError(f"{what} dataset {uri!r}: column {name!r} holds NaN or infinity in "
+                                  f"{int(bad.sum())} row(s) (e.g. id {rows['id'][bad][0]!r})")
+    return rows
 
 
 def _align_by_id(synthetic_ids: np.ndarray, refined_ids: np.ndarray, refined_uri: str) -> np.ndarray:
@@ -313,10 +325,18 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
              run: str | Path | None = None, cfg: Config | None = None, use_ray: bool = True,
              seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Run all three experiments, write `out/metrics.json` and `out/report.html`; return the metrics."""
+    from simgan_dist.data import storage
+
     cfg = cfg or load_config("eye")
     out = Path(out)
     if "://" in str(out):
         raise EvaluationError(f"--out {out}: the report goes to a local folder")
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out}: is a file; the report goes to a folder")
+    for what, uri in (("synthetic", synthetic), ("refined", refined), ("real-test", real_test), ("real", real)):
+        # Report files inside a dataset would be read as its rows by plain Parquet readers.
+        if uri and not storage.is_s3(uri) and storage.is_within(str(out), uri):
+            raise EvaluationError(f"--out {out}: is inside the --{what} dataset {uri}; choose a folder outside it")
     curves = read_run_metrics(run)
     start = time.perf_counter()
     data = load_inputs(synthetic, refined, real_test, real, cfg)

@@ -125,3 +125,33 @@ def remove_orphaned_placement_groups() -> list[dict[str, float]]:
                     held[name] = held.get(name, 0.0) + amount
             freed.append(held)
     return freed
+
+
+def alive_nodes() -> int:
+    """How many nodes of the connected cluster are alive (a 0-CPU head counts: it is a node)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def require_shared_storage(paths: dict[str, str], command: str) -> None:
+    """Refuse local paths up front when the connected cluster has more than one node.
+
+    `paths`: {config key or option: URI}. Each node has its own disk: a worker or actor on
+    another node would read an empty folder, and a run write checkpoints where the driver never
+    looks, found only at the first checkpoint upload (refine: after every shard is refined). On
+    one machine every node shares the disk, so this is our own check, not a probe of the paths.
+    """
+    from simgan_dist.data import storage
+
+    local = {key: uri for key, uri in paths.items() if uri and not storage.is_s3(uri)}
+    if not local:
+        return
+    nodes = alive_nodes()
+    if nodes <= 1:
+        return
+    named = ", ".join(f"{key}={uri}" for key, uri in local.items())
+    key = next(iter(local))
+    raise UserError(f"{command}: {named} {'is a local path' if len(local) == 1 else 'are local paths'} but the Ray "
+                    f"cluster has {nodes} nodes, each with its own disk: use an s3:// URI (e.g. "
+                    f"{key}=s3://bucket/prefix) that every node reaches")

@@ -46,6 +46,7 @@ import torch
 from simgan_dist.config import Config, ModelConfig, load_config
 from simgan_dist.core.models import Refiner
 from simgan_dist.data import storage
+from simgan_dist.data.roles import check_kind
 from simgan_dist.data.schema import (
     LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
@@ -102,7 +103,7 @@ def plan_shards(input_uri: str, manifest: Manifest, rows_per_shard: int) -> list
     for shard in manifest.shards:
         for start in range(0, shard.rows, rows_per_shard):
             tasks.append(ShardTask(len(tasks), storage.join(input_uri, shard.path), start,
-                                   min(start + rows_per_shard, shard.rows)))
+                                   min(start + rows_per_shard, shard.rows), shard.bytes, shard.sha256))
     return tasks
 
 
@@ -121,6 +122,10 @@ def _load_input(uri: str, cfg: Config, model: ModelConfig) -> tuple[Manifest, st
         manifest_sha = _sha256(read_manifest_bytes(uri, cfg.storage)[1])
     except (DatasetError, StorageError) as exc:
         raise RefineError(f"input {uri} is not a dataset in the simgan_dist contract: {exc}") from exc
+    try:
+        check_kind("refine --input", uri, manifest.kind)
+    except DatasetError as exc:
+        raise RefineError(str(exc)) from None
     want = [model.image_height, model.image_width, model.image_channels]
     if list(manifest.image_shape) != want:
         raise RefineError(f"input {uri} holds {'x'.join(map(str, manifest.image_shape))} (HxWxC) images but the "
@@ -128,16 +133,15 @@ def _load_input(uri: str, cfg: Config, model: ModelConfig) -> tuple[Manifest, st
     return manifest, manifest_sha
 
 
-def _location(uri: str, cfg: Config) -> tuple[str, str]:
-    fs, path = storage.resolve(uri, cfg.storage)
-    return fs.type_name, path
-
-
 def _check_output(out_uri: str, input_uri: str, cfg: Config, spec: dict[str, Any]) -> bool:
     """Refuse an output prefix that holds anything but this job's own work; True if it is already complete."""
     try:
-        if _location(out_uri, cfg) == _location(input_uri, cfg):
+        if storage.location(out_uri, cfg.storage) == storage.location(input_uri, cfg.storage):
             raise RefineError(f"--out {out_uri} is the input dataset itself: choose another prefix")
+        # Nested prefixes mix datasets for plain readers, which read a prefix's subfolders too.
+        if storage.is_within(out_uri, input_uri, cfg.storage) or storage.is_within(input_uri, out_uri, cfg.storage):
+            raise RefineError(f"--out {out_uri} is inside or above the input dataset {input_uri}: "
+                              "choose a prefix beside it")
         storage.check_bucket(out_uri, cfg.storage)
         names = storage.list_files(out_uri, cfg.storage)
         job_file = next((n for n in (JOB_FILE, LEGACY_JOB_FILE) if n in names), None)
@@ -285,11 +289,12 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
     if complete:
         print(f"refine: {out_uri} is already complete (its manifest was written by this job)")
         return read_manifest(out_uri, cfg.storage)
+    from simgan_dist.ray_cluster import connect, require_shared_storage
+
+    connect()  # before the job file: a refused job leaves nothing behind
+    require_shared_storage({"refine --input": input_uri, "refine --out": out_uri}, "refine")
     storage.write_bytes_atomic(storage.join(out_uri, JOB_FILE), (json.dumps(job.spec, indent=2) + "\n").encode(),
                                cfg.storage)
-    from simgan_dist.ray_cluster import connect
-
-    connect()
     infos, failed, reused, stats = _run_tasks(job, _output_sizes(job), progress)
 
     # The actors verified every shard; one listing confirms each is still there, as verified.
@@ -315,6 +320,7 @@ def refine(checkpoint: str, input_uri: str, out_uri: str, cfg: Config, progress:
             "ids": "equal to the input's, in input order",
             "labels": "bit-identical to the input's",
             "by": "each actor, reading every shard back after writing it (kept shards: sha256 too)",
+            "inputs": "each input shard's size and sha256 checked against the input manifest as it was read",
             "checked": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }}

@@ -8,9 +8,12 @@ fp32; optional torch.compile) and writes the shard atomically (one PUT, or a ren
 labels and `source` are passed through as Arrow columns, never decoded, so they stay
 bit-identical.
 
-Verification happens in the actors, beside the data they already hold: after writing a
-shard an actor reads it back (footer, ids, labels) and compares it with its input rows; a
-shard an earlier run left is checked the same way, plus its sha256, and kept or redone.
+Verification happens in the actors, beside the data they already hold: an actor hashes the
+input shard it reads and compares it with the input manifest's sha256 before refining (an input
+shard cut into several tasks is read once per task); after writing a shard it reads it back
+(footer, ids, labels) and compares it with its input rows; a shard an earlier run left is
+checked the same way, plus its sha256, and kept or redone. A refiner whose output holds NaN
+or infinity fails the shard instead of writing flat images.
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ class BatchRefiner:
             with self.lock:  # one forward at a time; the download and cast below overlap the next one
                 x, centres = normalize(chunk, self.device, self.dtype, self.channels_last)
                 y = self.model(x)
+            # to_storage would clamp NaN to a flat image: a diverged refiner must not pass for a result
+            if not torch.isfinite(y[:n]).all():
+                raise RefineError("the refiner's output holds NaN or infinity (diverged or corrupt weights): "
+                                  "nothing of this shard was written")
             out[start:start + n] = to_storage(y[:n], images.dtype, None if centres is None else centres[:n])
         return out
 
@@ -119,12 +126,15 @@ def refine_sizes(model: ModelConfig, layout: Layout, refine_cfg: RefineConfig) -
 
 @dataclass(frozen=True)
 class ShardTask:
-    """Output shard `index` = rows [start, stop) of the input shard at `input_uri`."""
+    """Output shard `index` = rows [start, stop) of the input shard at `input_uri`, whose size and
+    sha256 the input manifest records."""
 
     index: int
     input_uri: str
     start: int
     stop: int
+    input_bytes: int
+    input_sha256: str
 
     @property
     def rows(self) -> int:
@@ -146,11 +156,22 @@ class ShardIo:
     def input_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
         return storage.resolve(task.input_uri, self.storage_cfg)
 
-    def input_rows(self, task: ShardTask, columns: list[str]) -> pa.Table:
+    def input_rows(self, task: ShardTask, columns: list[str], verify: bool = False) -> pa.Table:
+        """The task's input rows. `verify`: read the whole input shard once and check its size and
+        sha256 against the input manifest before using it (refining reads the images anyway)."""
+        fs, path = self.input_file(task)
         try:
-            return read_rows(*self.input_file(task), task.start, task.stop, columns=columns)
+            if not verify:
+                with fs.open_input_file(path) as f:
+                    return read_rows(f, task.start, task.stop, task.input_uri, columns)
+            with fs.open_input_stream(path) as f:
+                data = f.readall()
         except OSError as exc:
             raise storage.explain(exc, task.input_uri, "read") from exc
+        if len(data) != task.input_bytes or hashlib.sha256(data).hexdigest() != task.input_sha256:
+            raise DatasetError(f"{task.input_uri}: {len(data)} bytes whose sha256 does not match the input manifest "
+                               f"({task.input_bytes} bytes): corrupt or replaced shard, nothing refined from it")
+        return read_rows(pa.BufferReader(data), task.start, task.stop, task.input_uri, columns)
 
     def output_uri(self, task: ShardTask) -> str:
         return storage.join(self.out_uri, task.name)
@@ -167,27 +188,26 @@ def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
-def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
-    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
-    with fs.open_input_file(path) as f:
-        parquet = pq.ParquetFile(f)
-        groups, first, offset = [], 0, 0
-        for g in range(parquet.metadata.num_row_groups):
-            n = parquet.metadata.row_group(g).num_rows
-            if offset < stop and offset + n > start:
-                first = first if groups else offset
-                groups.append(g)
-            offset += n
-        if offset < stop:
-            raise DatasetError(f"{path}: has {offset} rows, rows up to {stop} were expected")
-        table = parquet.read_row_groups(groups, columns=columns)
-    return table.slice(start - first, stop - start)
+def read_rows(source, start: int, stop: int, where: str, columns: list[str] | None = None) -> pa.Table:
+    """Rows [start, stop) of a Parquet file (an open file or a buffer), reading only the row groups
+    that hold them."""
+    parquet = pq.ParquetFile(source)
+    groups, first, offset = [], 0, 0
+    for g in range(parquet.metadata.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            first = first if groups else offset
+            groups.append(g)
+        offset += n
+    if offset < stop:
+        raise DatasetError(f"{where}: has {offset} rows, rows up to {stop} were expected")
+    return parquet.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
 
 
 def refine_shard(task: ShardTask, io: ShardIo, refiner: BatchRefiner) -> ShardInfo:
     """Read one task's input rows, refine the images, write the output shard."""
     layout = io.layout
-    table = io.input_rows(task, layout.columns)
+    table = io.input_rows(task, layout.columns, verify=True)
     refined = refiner(images_from_binary(table.column("image"), layout.image_shape, layout.image_dtype))
     image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(layout.image_nbytes), task.rows,
                                                  [None, pa.py_buffer(refined)])
@@ -229,6 +249,18 @@ def verify_shard(task: ShardTask, io: ShardIo, checksum: bool) -> tuple[ShardInf
     return ShardInfo(path=task.name, rows=task.rows, bytes=size, sha256=digest), None
 
 
+def actor_device(assigned_gpus: list | None = None) -> torch.device:
+    """The device of a refine actor, from the GPUs Ray assigned to it (`ray.get_gpu_ids()`), never
+    from `torch.cuda.is_available()`: a CPU actor (refine.num_gpus=0) placed on a GPU node sees
+    that node's GPUs too, and would take cuda:0 (and bf16) beside the actors that own it while the
+    manifest says fp32. With GPUs assigned, Ray's CUDA_VISIBLE_DEVICES makes them cuda:0..."""
+    if assigned_gpus is None:
+        import ray
+
+        assigned_gpus = ray.get_gpu_ids()
+    return torch.device("cuda" if assigned_gpus and torch.cuda.is_available() else "cpu")
+
+
 class RefinerActor:
     """Ray Data UDF: a batch of shard tasks in, one verified ShardInfo row per shard out.
 
@@ -246,7 +278,8 @@ class RefinerActor:
         adopt_env(env)
         refiner = build_refiner(model_cfg)
         refiner.load_state_dict(weights)
-        self.refiner = BatchRefiner(refiner, batch_size, compile=compile, depth=io.layout.image_dtype == "uint16")
+        self.refiner = BatchRefiner(refiner, batch_size, device=actor_device(), compile=compile,
+                                    depth=io.layout.image_dtype == "uint16")
         self.io = io
 
     def run(self, task: ShardTask, exists: bool) -> tuple[ShardInfo, bool]:
@@ -266,7 +299,7 @@ class RefinerActor:
         rows = []
         for i in range(len(batch["index"])):
             task = ShardTask(int(batch["index"][i]), str(batch["input_uri"][i]), int(batch["start"][i]),
-                             int(batch["stop"][i]))
+                             int(batch["stop"][i]), int(batch["input_bytes"][i]), str(batch["input_sha256"][i]))
             try:
                 rows.append((*self.run(task, bool(batch["exists"][i])), ""))
             except UserError as exc:

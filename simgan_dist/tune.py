@@ -265,6 +265,20 @@ def _redacted(cfg: Config) -> Config:
     return config_from_dict(cfg.to_dict())
 
 
+def trial_failure_config(cfg: Config):
+    """How often Tune restarts a trial whose process was lost (its node preempted, say): as often as
+    a run restarts its worker group (train.max_failures). A restarted trial calls `train.fit` with
+    the same run name and folder, so it continues from its latest checkpoint.
+
+    Where trials run: a trial's process holds only TRIAL_CPUS (the worker group holds the rest) and
+    Ray places it on any node with that sliver free, spot nodes included; losing it restarts the
+    trial as above. To keep coordinators off spot nodes, give the head or an on-demand group the
+    spare CPUs (a 0-CPU head leaves them nothing)."""
+    from ray import tune
+
+    return tune.FailureConfig(max_failures=cfg.train.max_failures)
+
+
 def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float] | None = None):
     """A new Tuner for the sweep, or the restored one when the sweep folder already holds its state.
 
@@ -311,6 +325,7 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
                                     scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
                                   callbacks=[_trial_cleanup(base), _sweep_progress()],
+                                  failure_config=trial_failure_config(cfg),
                                   verbose=1 if verbose() else 0),
     )
 
@@ -390,9 +405,15 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         if uri and not storage.is_s3(uri):
             setattr(getattr(cfg, section), key, storage.resolve(uri)[1])
     ray_cluster.connect()  # as every command: RAY_ADDRESS, a registered cluster, or a local instance
-    concurrency, worker_resources = sweep_resources(cfg)
-    console.say(f"tune: each trial {resources.describe(worker_resources, cfg)}")
-    grid = make_tuner(cfg, concurrency, worker_resources).fit()
+    ray_cluster.require_shared_storage({f"{section}.{key}": getattr(getattr(cfg, section), key) for section, key in
+                                        (("tune", "output"), ("data", "synthetic"), ("data", "real"),
+                                         ("data", "real_val"))}, "tune")
+    try:
+        concurrency, worker_resources = sweep_resources(cfg)
+        console.say(f"tune: each trial {resources.describe(worker_resources, cfg)}")
+        grid = make_tuner(cfg, concurrency, worker_resources).fit()
+    finally:  # the autoscaler request sweep_resources may have made: the sweep's nodes are not kept after it
+        resources.clear_resource_request()
     ray_cluster.remove_orphaned_placement_groups()  # the last trial ASHA stopped: its process is gone now
     rows = [_row(result, cfg) for result in grid]
     return rows, write_results(cfg, rows)

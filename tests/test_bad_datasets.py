@@ -150,3 +150,44 @@ def test_a_reused_run_name_with_another_model_or_worker_count_is_refused(tmp_pat
     other = load_config("tiny", overrides=[f"train.storage_path={tmp_path}", "train.name=fresh",
                                            "model.refiner_blocks=2"])
     check_resumable(other)  # a new name starts afresh
+
+
+def test_resuming_under_changed_data_or_optimizer_needs_allow_config_change(eyes, tmp_path):
+    """Issue 24 item 10: both trainers compare the checkpoint's config with the new one."""
+    base = ["train.iterations=2", "train.pretrain_refiner_steps=1", "train.pretrain_disc_steps=1",
+            "train.report_every=100", "train.image_every=100", "train.checkpoint_every=100", "train.eval_every=0",
+            "train.batch_size=16", f"data.synthetic={eyes}/synthetic", f"data.real={eyes}/real"]
+    run = tmp_path / "run"
+    train_local(load_config("tiny", overrides=base), run, progress=False)
+    other = tmp_path / "other"
+    simulate_dataset(str(other), 40, 20, 0, seed=5, rows_per_shard=20, parallel=False)
+    for change, message in (("train.lr=5e-4", r"train.lr: 0.001 there, 0.0005 now"),
+                            (f"data.real={other}/real", rf"data.real: '{eyes}/real' there, '{other}/real' now"),
+                            ("loss.lambda_reg=1", r"loss.lambda_reg: 0.0001 there, 1.0 now")):
+        with pytest.raises(UserError, match=rf"{run}/checkpoint was trained with another config \({message}\): "
+                                            ".*train.allow_config_change=true"):
+            train_local(load_config("tiny", overrides=[*base, change]), run, progress=False)
+    # cadence, length and spelling of the same folder are not changes
+    same = [*[o for o in base if not o.startswith("data.")], f"data.synthetic={eyes}/../eyes/synthetic",
+            f"data.real={eyes}/real", "train.iterations=3", "train.report_every=1", "train.checkpoint_every=1"]
+    train_local(load_config("tiny", overrides=same), run, progress=False)
+    assert not (run / "config_changes.jsonl").exists()
+    allowed = load_config("tiny", overrides=[*same, "train.lr=5e-4", "train.iterations=4",
+                                             "train.allow_config_change=true"])
+    train_local(allowed, run, progress=False)
+    (record,) = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert record["resumed_from"] == str(run / "checkpoint") and record["changes"] == ["train.lr: 0.001 there, "
+                                                                                      "0.0005 now"]
+    assert "allow_config_change: true" in (run / "checkpoint" / "config.yaml").read_text()
+
+    # the Ray driver's up-front check (train/driver.py check_resumable) does the same
+    ray_run = [f"train.storage_path={tmp_path}", "train.name=r", *base]
+    saved = load_config("tiny", overrides=ray_run)
+    write_checkpoint(tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000000", saved, build_refiner(saved.model),
+                     build_discriminator(saved.model))
+    check_resumable(load_config("tiny", overrides=[*ray_run, "train.num_workers=2", "train.report_every=3"]))
+    with pytest.raises(UserError, match=r"checkpoint_2026.* was trained with another config \(data.real: "):
+        check_resumable(load_config("tiny", overrides=[*ray_run, f"data.real={other}/real"]))
+    check_resumable(load_config("tiny", overrides=[*ray_run, f"data.real={other}/real",
+                                                   "train.allow_config_change=true"]))
+    assert "data.real: " in (tmp_path / "r" / "config_changes.jsonl").read_text()

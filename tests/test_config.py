@@ -37,6 +37,19 @@ def test_yaml_then_overrides(tmp_path):
     ("loss.psi=gaussian", "loss.psi"),
     ("train.batch_size=31", "train.batch_size: must be even"),
     ("train", "expected section.key=value"),
+    # issue 24 item 11: a torch traceback at the first step, or accepted
+    ("train.lr=-1", "train.lr: must be a positive number, got -1.0"),
+    ("train.lr=.nan", "train.lr: must be a positive number, got nan"),
+    ("train.lr_disc=-1", "train.lr_disc: must be >= 0"),
+    ("train.iterations=-3", "train.iterations: must be >= 0, got -3"),
+    ("train.pretrain_disc_steps=-1", "train.pretrain_disc_steps: must be >= 0"),
+    ("loss.lambda_reg=-0.1", "loss.lambda_reg: must be >= 0"),
+    # issue 24 item 9: a run name that leaves train.storage_path
+    ("train.name=../x", "train.name: '../x' must be a plain folder name (no '/', '..' or absolute path): "
+                        "runs are confined to train.storage_path"),
+    ("train.name=/tmp/elsewhere", "train.name: '/tmp/elsewhere' must be a plain folder name"),
+    ("train.name=..", "train.name: '..' must be a plain folder name"),
+    ("tune.name=a/b", "tune.name: 'a/b' must be a plain folder name"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -346,6 +346,29 @@ def test_folder_without_labels_uses_the_preset_size(folder_dir, tmp_path):
     assert result.rows == 4 and result.reasons() == {"corrupt image": 1}
 
 
+def test_folder_scales_pixel_labels_with_the_image(tmp_path):
+    """issue 24 item 8: the pupil stayed at its source pixel, outside a smaller image."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    image = np.zeros((40, 80), np.uint8)
+    image[8:13, 58:63] = 255  # a pupil centred at x=60, y=10
+    Image.fromarray(image).save(root / "p.png")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("id,pupil_xy_x,pupil_xy_y,tip_uvd_u,tip_uvd_v,tip_uvd_d,score\np,60,10,0,39,450,7\n")
+    cfg = load_config("eye", overrides=["model.image_height=20", "model.image_width=20"])
+    ingest("folder", root, str(tmp_path / "out"), cfg=cfg, labels_csv=csv, workers=1)
+    data = load_numpy(str(tmp_path / "out"))
+    np.testing.assert_allclose(data["pupil_xy"], [[60.5 / 4 - 0.5, 10.5 / 2 - 0.5]])
+    np.testing.assert_allclose(data["tip_uvd"], [[0.5 / 4 - 0.5, 39.5 / 2 - 0.5, 450]])
+    np.testing.assert_allclose(data["score"], [[7]])
+    y, x = np.unravel_index(np.argmax(data["image"][0, ..., 0]), (20, 20))
+    assert abs(x - data["pupil_xy"][0, 0]) <= 1 and abs(y - data["pupil_xy"][0, 1]) <= 1
+
+    csv.write_text("id,pupil_xy_a,pupil_xy_b,pupil_xy_c\np,1,2,3\n")
+    with pytest.raises(IngestError, match="label 'pupil_xy' has 3 column\\(s\\); a pixel label needs a multiple of 2"):
+        ingest("folder", root, str(tmp_path / "bad"), cfg=cfg, labels_csv=csv, workers=1)
+
+
 # --- command line and SRC errors ----------------------------------------------------------------------------
 
 

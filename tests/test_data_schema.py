@@ -109,7 +109,12 @@ def test_unfinished_dataset_is_refused(tmp_path):
         with DatasetWriter(uri, LAYOUT, kind="real", source="t", rows_per_shard=2) as w:
             w.write(make_batch(0, 5))
             raise RuntimeError("crash")
-    with pytest.raises(DatasetError, match=r"incomplete dataset: 2 shard\(s\) but no _manifest.json"):
+    with pytest.raises(DatasetError, match=r"no dataset here \(no _manifest.json\)"):
+        load_numpy(uri)
+    # Shards without a manifest (a write by an older version): refused too.
+    write_dataset(uri, [make_batch(0, 5)])
+    (tmp_path / "ds" / MANIFEST_NAME).unlink()
+    with pytest.raises(DatasetError, match=r"incomplete dataset: 1 shard\(s\) but no _manifest.json"):
         load_numpy(uri)
 
 

@@ -50,6 +50,9 @@ def test_config_asks_for_autocast_not_bf16_weights():
     assert "bf16" not in ds and "fp16" not in ds  # either would make DeepSpeed hold low-precision weights
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["stage"] == 0
     assert deepspeed_config(_cfg(), bf16=False)["torch_autocast"]["enabled"] is False
+    # DeepSpeed's throughput timer (on by default) synchronizes the device around every step
+    assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    assert ds["wall_clock_breakdown"] is False
 
 
 def _simgan(cfg, r_engine, d_engine, device=torch.device("cpu")):
@@ -93,6 +96,27 @@ def test_engines_keep_fp32_weights_an_unwrapped_optimizer_and_never_sync(process
         metrics = [algo.advance() for _ in range(4)]  # pretrain R, pretrain D, two full iterations
     assert metrics[-1]["refiner/adv_loss"].dtype == torch.float32
     assert torch.isfinite(torch.stack([v.float() for m in metrics for v in m.values()])).all()
+
+
+@pytest.mark.slow
+def test_engines_run_no_throughput_or_wall_clock_timers(process_group, monkeypatch):
+    """The engine DeepSpeed builds from our config: its throughput timer never starts and never
+    synchronizes the accelerator during a step."""
+    from deepspeed.accelerator import get_accelerator
+
+    cfg = _cfg()
+    r_engine, d_engine = build_engines(cfg, torch.device("cpu"), bf16=False)
+    syncs = []
+    monkeypatch.setattr(type(get_accelerator()), "synchronize", lambda self, *a, **k: syncs.append(1))
+    for engine in (r_engine, d_engine):
+        assert engine.tput_timer.config.enabled is False and engine.tput_timer.config.synchronized is False
+        assert engine.wall_clock_breakdown() is False
+    updater = DeepSpeedUpdater(r_engine)
+    for _ in range(4):  # past the timer's start_step (2), where an enabled timer would synchronize
+        updater.backward(updater.forward(torch.rand(8, 1, 35, 55) * 2 - 1).square().mean())
+        updater.step()
+    assert not r_engine.tput_timer.started and r_engine.tput_timer.global_step_count == 0
+    assert syncs == []
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -2,17 +2,20 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from simgan_dist.cli import build_parser
 from simgan_dist.config import load_config
 from simgan_dist.data.render import DETERMINISTIC_PARTS
-from simgan_dist.data.schema import Layout, load_numpy, read_manifest
+from simgan_dist.data.schema import MANIFEST_NAME, Layout, load_numpy, read_manifest
 from simgan_dist.data.simulate import render_rows, simulate_dataset
-from simgan_dist.data.writer import DatasetWriter
+from simgan_dist.data.writer import DatasetWriter, encode_shard
 from simgan_dist.errors import UserError
 from simgan_dist.evaluate import (
     cli_evaluate,
@@ -113,9 +116,27 @@ def datasets(tmp_path_factory):
     with DatasetWriter(str(root / "refined"), layout, kind="refined", source="test") as writer:
         writer.write({"id": syn["id"][order], "image": noisy[order],
                       **{k: syn[k][order] for k in layout.label_fields}})
+    # NaN gaze in one real_test row, as a file other tools wrote (our writers refuse it)
+    shutil.copytree(root / "real_test", root / "real_test_nan")
+    manifest = json.loads((root / "real_test_nan" / MANIFEST_NAME).read_text())
+    shard = manifest["shards"][0]
+    table = pq.read_table(root / "real_test_nan" / shard["path"])
+    gaze = table.column("gaze").combine_chunks()
+    values = gaze.flatten().to_numpy(zero_copy_only=False).copy()
+    values[4] = np.nan
+    table = table.set_column(table.schema.get_field_index("gaze"), table.schema.field("gaze"),
+                             pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), 3))
+    data, shard["sha256"] = encode_shard(table)
+    shard["bytes"] = len(data)
+    (root / "real_test_nan" / shard["path"]).write_bytes(data)
+    (root / "real_test_nan" / MANIFEST_NAME).write_text(json.dumps(manifest))
     unlabeled = Layout(layout.image_shape)
     with DatasetWriter(str(root / "refined_other_ids"), unlabeled, kind="refined", source="test") as writer:
         writer.write({"id": np.array([f"x{i}" for i in range(len(noisy))], dtype=object), "image": noisy})
+    # labeled real training images for the ceiling row: other rows than real_test's (never its own test set)
+    with DatasetWriter(str(root / "real_labeled"), read_manifest(str(root / "real_test")).layout, kind="real",
+                       source="test") as writer:
+        writer.write(render_rows("eye", "real_test", 1, 0, 64))
     run = root / "run"
     run.mkdir()
     run.joinpath("metrics.jsonl").write_text("".join(
@@ -138,8 +159,8 @@ def _args(root, out, *extra):
 
 @pytest.mark.slow
 def test_report_has_every_section(datasets, tmp_path, ray_local, capsys):
-    # real_test doubles as labeled real training data here, to exercise the ceiling row.
-    args = _args(datasets, tmp_path / "report", "--run", str(datasets / "run"), "--real", str(datasets / "real_test"))
+    args = _args(datasets, tmp_path / "report", "--run", str(datasets / "run"), "--real",
+                 str(datasets / "real_labeled"))
     assert cli_evaluate(args) == 0
     out = tmp_path / "report"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -215,7 +236,10 @@ def test_paired_improvement_is_per_seed():
 
 @pytest.mark.parametrize("change,message", [
     ({"--refined": "refined_other_ids"}, "does not hold the synthetic dataset's ids"),
-    ({"--real-test": "real"}, "has no gaze labels"),
+    ({"--real-test": "real"}, "evaluate --real-test: .* is a real dataset; evaluate --real-test takes real_test"),
+    ({"--real": "real_test"}, "evaluate --real: .* is a real_test dataset; the test set is never training"),
+    ({"--real-test": "real_test_nan"}, r"real_test dataset .*real_test_nan': column 'gaze' holds NaN or infinity "
+                                       r"in 1 row\(s\) \(e.g. id "),
     ({"--synthetic": "missing"}, "synthetic dataset .* cannot be read"),
 ])
 def test_clear_errors(datasets, tmp_path, change, message):

@@ -62,6 +62,6 @@ def test_datasets_in_the_old_layout_still_load(tmp_path):
     assert read_manifest(uri).rows == 20
     assert len(load_numpy(uri)["id"]) == 20
     # Writing over it replaces the old manifest too, so no stale one is left to disagree.
-    simulate.simulate_dataset(str(tmp_path), 12, 0, 0, seed=2, rows_per_shard=8, parallel=False)
+    simulate.simulate_dataset(str(tmp_path), 12, 0, 0, seed=2, rows_per_shard=8, parallel=False, overwrite=True)
     assert sorted(storage.list_files(uri)) == [MANIFEST_NAME, "part-00000.parquet", "part-00001.parquet"]
     assert read_manifest(uri).rows == 12

@@ -200,3 +200,17 @@ def test_output_prefix_must_be_free_and_reachable(corpus, s3_bucket, capsys):
                      "--preset", "tiny"])
     assert code == 1
     assert "bucket 'no-such-bucket-here' does not exist" in capsys.readouterr().err
+
+
+def test_a_bit_flipped_input_shard_fails_the_job_naming_it(corpus, ray_local):
+    """Issue 24 item 3: the actors hash the input shard they read; no manifest claims an exact result."""
+    data, checkpoint, out = corpus
+    manifest = read_manifest(data)
+    shard = storage.join(data, manifest.shards[0].path)
+    payload = bytearray(storage.read_bytes(shard))
+    payload[len(payload) // 2] ^= 0x10  # image bytes: size, footer and row count still agree
+    storage.write_bytes_atomic(shard, bytes(payload))
+    with pytest.raises(RefineError, match=rf"not an exact refinement .*{shard}: .*sha256 does not match the "
+                                          "input manifest"):
+        refine(checkpoint, data, out, load_config("tiny", overrides=OVERRIDES[1:]), progress=False)
+    assert MANIFEST_NAME not in storage.list_files(out)

@@ -125,8 +125,9 @@ def test_filesystems_pickled_into_ray_tasks_keep_the_retry_policy(ray_local, s3_
 
 
 def test_simulate_rides_out_transient_faults(ray_local, s3_bucket, proxy):
-    proxy.inject("slowdown", method="PUT", path=r"/synthetic/part-00000\.parquet$", times=2)
-    proxy.inject("drop", method="PUT", path=r"/synthetic/part-00001\.parquet$", times=2)
+    # Shards are written to a staging folder and copied up at commit (writer.commit).
+    proxy.inject("slowdown", method="PUT", path=r"/synthetic/_staging-\w+/part-00000\.parquet$", times=2)
+    proxy.inject("drop", method="PUT", path=r"/synthetic/_staging-\w+/part-00001\.parquet$", times=2)
     proxy.inject("internal", method="POST", path=r"/real/_manifest\.json$", times=2)
     # 5 shards: Ray tasks write them (parallel), the driver writes the manifests
     simulate_dataset(f"{s3_bucket}/faulty", 300, 100, 50, seed=2, rows_per_shard=100, storage_cfg=via(proxy).storage)
@@ -138,11 +139,11 @@ def test_simulate_rides_out_transient_faults(ray_local, s3_bucket, proxy):
 
 def test_simulate_under_a_persistent_fault_fails_clearly_without_a_manifest(ray_local, s3_bucket, proxy, capsys):
     out = f"{s3_bucket}/persistent"
-    proxy.inject("slowdown", method="PUT", path=r"/real/part-00000\.parquet$", times=100)
+    proxy.inject("slowdown", method="PUT", path=r"/real/_staging-\w+/part-00000\.parquet$", times=100)
     assert cli.main(["simulate", "--out", out, "--synthetic", "200", "--real", "100", "--real-test", "0",
                      "--rows-per-shard", "100", *cli_sets(proxy)]) == 1
-    one_clear_error(capsys.readouterr().err, "simulate", f"{out}/real/part-00000.parquet: cannot write: {ANSWERED}",
-                    "SLOW_DOWN")
+    one_clear_error(capsys.readouterr().err, "simulate", f"{out}/real/_staging-", "/part-00000.parquet: cannot write: "
+                    f"{ANSWERED}", "SLOW_DOWN")
     assert proxy.hits() == MAX_ATTEMPTS
     for split in SPLITS:
         assert MANIFEST_NAME not in storage.list_files(f"{out}/{split}")
@@ -167,8 +168,8 @@ def test_ingest_rides_out_transient_faults(photos, s3_bucket, proxy):
     from simgan_dist.data.ingest import QUARANTINE_NAME, ingest
 
     proxy.inject("stall", method="GET", path=r"^/[^/]+$", stall_s=4.0)  # the listing of the output prefix
-    proxy.inject("slowdown", method="PUT", path=r"/faulty/part-00000\.parquet$", times=2)
-    proxy.inject("drop", method="POST", path=r"/faulty/_quarantine/quarantine\.parquet$", times=2)
+    proxy.inject("slowdown", method="PUT", path=r"/faulty/_staging-\w+/part-00000\.parquet$", times=2)
+    proxy.inject("drop", method="POST", path=r"/faulty/_staging-\w+/_quarantine/quarantine\.parquet$", times=2)
     proxy.inject("internal", method="POST", path=r"/faulty/_manifest\.json$", times=2)
     ingest("folder", photos, f"{s3_bucket}/faulty", cfg=via(proxy), rows_per_shard=2, workers=1)
     assert proxy.hits() == 7
@@ -181,10 +182,11 @@ def test_ingest_rides_out_transient_faults(photos, s3_bucket, proxy):
 
 def test_ingest_under_a_persistent_fault_fails_clearly_without_a_manifest(photos, s3_bucket, proxy, capsys):
     out = f"{s3_bucket}/persistent"
-    proxy.inject("drop", method="PUT", path=r"/persistent/part-00001\.parquet$", times=100)
+    proxy.inject("drop", method="PUT", path=r"/persistent/_staging-\w+/part-00001\.parquet$", times=100)
     assert cli.main(["ingest", "folder", str(photos), "--out", out, "--rows-per-shard", "2", "--workers", "1",
                      *cli_sets(proxy)]) == 1
-    one_clear_error(capsys.readouterr().err, "ingest", f"{out}/part-00001.parquet: cannot write: {DROPPED}")
+    one_clear_error(capsys.readouterr().err, "ingest", f"{out}/_staging-",
+                    f"/part-00001.parquet: cannot write: {DROPPED}")
     assert proxy.hits() == MAX_ATTEMPTS
     assert MANIFEST_NAME not in storage.list_files(out)
 

@@ -180,7 +180,9 @@ def ingest(format_name: str, src: str | Path, out: str, *, cfg: Config | None = 
                 writer.write(batch)
             quarantined += bad
             bar.update(len(chunk))
-        write_quarantine(out, quarantined, cfg.storage)
+        # Staged with the shards, so a failed overwrite keeps the old dataset's quarantine.
+        write_quarantine(writer.staging, quarantined, cfg.storage)
+        writer.extra_files.append(QUARANTINE_NAME)
         writer.extra.update(quarantined=len(quarantined), quarantine=QUARANTINE_NAME,
                             quarantine_reasons=dict(sorted(Counter(q.reason for q in quarantined).items())))
         manifest = writer.close()

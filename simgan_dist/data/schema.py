@@ -30,11 +30,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -57,8 +60,20 @@ class DatasetError(UserError, ValueError):
     """Data that does not match the contract or its manifest; the message names the URI and field."""
 
 
+# Where `writer.commit` stages a new generation of shards (the `_` hides it from plain readers).
+STAGING_PREFIX = "_staging-"
+# The shard paths a manifest may name: plain shard names in the prefix, or in a staging
+# folder while an overwrite commits. Never `..`, absolute paths or other folders.
+SHARD_PATH = re.compile(rf"({STAGING_PREFIX}[0-9a-f]+/)?part-[A-Za-z0-9_.-]+\.parquet")
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def is_shard_name(name: str) -> bool:
+    """A file name that plain Parquet readers take for one of the dataset's shards."""
+    return name.startswith("part-") and name.endswith(".parquet")
 
 
 @dataclass
@@ -204,9 +219,21 @@ class Manifest:
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
             manifest = cls(**data)
             _ = manifest.layout  # validates shape, dtype and label names
-        except (TypeError, DatasetError) as exc:
+        except (TypeError, ValueError) as exc:  # ValueError: int("x") in a shape; DatasetError is one too
             raise DatasetError(f"{where}: {exc}") from exc
-        if sum(s.rows for s in manifest.shards) != manifest.rows:
+        seen = set()
+        for shard in manifest.shards:
+            # Checked before any file is touched: a hostile path never reaches the filesystem.
+            if not isinstance(shard.path, str) or not SHARD_PATH.fullmatch(shard.path):
+                raise DatasetError(f"{where}: shard path {shard.path!r} is not a shard name inside the dataset "
+                                   "(like part-00000.parquet)")
+            if shard.path in seen:
+                raise DatasetError(f"{where}: shard {shard.path!r} is listed twice")
+            if not all(type(n) is int and n >= 0 for n in (shard.rows, shard.bytes)) or \
+                    not isinstance(shard.sha256, str):
+                raise DatasetError(f"{where}: shard {shard.path!r}: rows and bytes must be counts, sha256 a string")
+            seen.add(shard.path)
+        if type(manifest.rows) is not int or sum(s.rows for s in manifest.shards) != manifest.rows:
             raise DatasetError(f"{where}: rows={manifest.rows} but the shards hold "
                                f"{sum(s.rows for s in manifest.shards)}")
         return manifest
@@ -251,16 +278,52 @@ def _check_schema(schema: pa.Schema, layout: Layout, where: str) -> None:
         got, want = schema.field(name).type, expected.field(name).type
         if got != want:
             raise DatasetError(f"{where}: column {name!r} has type {got}, the manifest says {want}")
+    # A manifest that leaves out a label column the file holds would drop those labels silently.
+    extra = [name for name in schema.names if name not in layout.columns]
+    if extra:
+        raise DatasetError(f"{where}: column(s) {extra} are not in the manifest")
+
+
+_LOOKED_FOR_UNLISTED: set[str] = set()
+
+
+def warn_unlisted(uri: str, manifest: Manifest, storage_cfg: StorageConfig | None = None) -> None:
+    """Say (once per prefix and process) which shard files beside the manifest it does not list:
+    our readers skip them but pandas and other plain readers would read them as rows."""
+    if uri in _LOOKED_FOR_UNLISTED:
+        return
+    _LOOKED_FOR_UNLISTED.add(uri)
+    listed = {s.path for s in manifest.shards}
+    unlisted = [n for n in storage.list_files(uri, storage_cfg) if is_shard_name(n) and n not in listed]
+    if unlisted:
+        print(f"warning: {uri}: {len(unlisted)} file(s) not listed in its manifest, which plain Parquet readers "
+              f"would read as rows: {', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}",
+              file=sys.stderr)
+
+
+def check_unique_ids(uri: str, ids: list[tuple[str, pa.ChunkedArray]]) -> None:
+    """Ids must be unique across the whole dataset: (shard path, id column) of every shard read."""
+    column = pa.chunked_array([chunk for _, c in ids for chunk in c.chunks], pa.string())
+    if pc.count_distinct(column).as_py() == len(column):
+        return
+    first: dict[str, str] = {}
+    for path, c in ids:
+        for value in c.to_pylist():
+            if value in first:
+                raise DatasetError(f"{uri}: id {value!r} appears twice, in {first[value]} and in {path}")
+            first[value] = path
 
 
 def validate(uri: str, storage_cfg: StorageConfig | None = None, verify_checksums: bool = False) -> Manifest:
-    """Check every shard against the manifest: present, same size, row count and schema.
+    """Check every shard against the manifest: present, same size, row count, schema and unique ids.
 
-    Sizes and Parquet footers cost one small request per shard; `verify_checksums`
-    reads every byte and compares sha256 as well.
+    Sizes, Parquet footers and id columns cost a few small requests per shard;
+    `verify_checksums` reads every byte and compares sha256 as well.
     """
     manifest = read_manifest(uri, storage_cfg)
+    warn_unlisted(uri, manifest, storage_cfg)
     layout = manifest.layout
+    ids = []
     fs, paths = shard_paths(uri, manifest, storage_cfg)
     try:
         infos = fs.get_file_info(paths)
@@ -273,16 +336,18 @@ def validate(uri: str, storage_cfg: StorageConfig | None = None, verify_checksum
         if info.size != shard.bytes:
             raise DatasetError(f"{where}: {info.size} bytes, the manifest says {shard.bytes} (corrupt or replaced)")
         if verify_checksums:
-            _decode_shard(fs, path, shard, layout, where, columns=[])
+            ids.append((shard.path, _decode_shard(fs, path, shard, layout, where, columns=["id"]).column("id")))
             continue
         try:
             with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
+                parquet = pq.ParquetFile(f)
+                if parquet.metadata.num_rows != shard.rows:
+                    raise DatasetError(f"{where}: {parquet.metadata.num_rows} rows, the manifest says {shard.rows}")
+                _check_schema(parquet.schema_arrow, layout, where)
+                ids.append((shard.path, parquet.read(columns=["id"]).column("id")))
         except (OSError, pa.ArrowInvalid) as exc:
             raise DatasetError(f"{where}: not a readable Parquet file ({exc})") from exc
-        if meta.num_rows != shard.rows:
-            raise DatasetError(f"{where}: {meta.num_rows} rows, the manifest says {shard.rows}")
-        _check_schema(meta.schema.to_arrow_schema(), layout, where)
+    check_unique_ids(uri, ids)
     return manifest
 
 
@@ -375,6 +440,7 @@ def load_numpy(uri: str, storage_cfg: StorageConfig | None = None, columns: list
     their stored dtype, labels float32 N×shape, `id`/`source` as object arrays.
     """
     manifest = read_manifest(uri, storage_cfg)
+    warn_unlisted(uri, manifest, storage_cfg)
     layout = manifest.layout
     columns = list(layout.columns if columns is None else columns)
     unknown = [c for c in columns if c not in layout.columns]
@@ -382,13 +448,16 @@ def load_numpy(uri: str, storage_cfg: StorageConfig | None = None, columns: list
         raise DatasetError(f"{uri}: no column(s) {unknown}; the dataset has {layout.columns}")
     fs, paths = shard_paths(uri, manifest, storage_cfg)
     want = manifest.rows if limit is None else min(limit, manifest.rows)
-    tables, got = [], 0
+    read = columns if "id" in columns else ["id", *columns]  # ids are always checked: they are small
+    tables, ids, got = [], [], 0
     for shard, path in zip(manifest.shards, paths, strict=True):
         if got >= want:
             break
-        table = _decode_shard(fs, path, shard, layout, storage.join(uri, shard.path), columns)
-        tables.append(table.slice(0, want - got))
-        got += min(table.num_rows, want - got)
+        table = _decode_shard(fs, path, shard, layout, storage.join(uri, shard.path), read).slice(0, want - got)
+        ids.append((shard.path, table.column("id")))
+        tables.append(table.select(columns))
+        got += table.num_rows
+    check_unique_ids(uri, ids)
     if not tables:
         tables = [layout.arrow_schema().empty_table().select(columns)]
     parts = [decode_table(t, layout) for t in tables]

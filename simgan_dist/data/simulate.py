@@ -20,7 +20,7 @@ from simgan_dist.core.host_memory import reuse_freed_memory
 from simgan_dist.data import storage
 from simgan_dist.data.render import GAZE_CONVENTION, LAYOUTS, RENDERERS, render_eyes
 from simgan_dist.data.schema import Layout, ShardInfo
-from simgan_dist.data.writer import make_manifest, prepare_output, write_manifest, write_shard
+from simgan_dist.data.writer import commit, make_manifest, prepare_output, write_shard
 
 BLOCK = 256  # eyes per generator and per render call: numpy temporaries stay a few MB
 HAND_BLOCK = 16
@@ -79,11 +79,13 @@ def _render_shard(uri: str, kind: str, split: str, seed: int, index: int, start:
 
 def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, seed: int = 0, kind: str = "eye",
                      rows_per_shard: int = 50_000, storage_cfg: StorageConfig | None = None,
-                     parallel: bool | None = None, progress: bool = False) -> dict[str, int]:
+                     parallel: bool | None = None, progress: bool = False,
+                     overwrite: bool = False) -> dict[str, int]:
     """Write `out/synthetic`, `out/real` and `out/real_test`; returns rows per split.
 
-    Each shard is rendered and written by its own task; the driver writes each
-    manifest once all of that split's shards exist. `parallel=None` uses Ray tasks
+    Existing splits are refused unless `overwrite`. Each shard is rendered and written to
+    its split's staging folder by its own task; the driver commits each split once all of
+    its shards exist (see `writer.commit`). `parallel=None` uses Ray tasks
     when there is more than one shard's worth of rows, and renders in-process otherwise.
     """
     if kind not in LAYOUTS:
@@ -102,11 +104,11 @@ def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, se
     # Ray tasks get the credentials through their environment, never as arguments.
     task_cfg = storage.without_secrets(storage_cfg) if parallel else storage_cfg
     tasks = []
+    # Every split is checked before anything is rendered, so a refusal costs nothing.
+    staging = {split: prepare_output(storage.join(out_uri, split), storage_cfg, overwrite) for split in counts}
     for split, n in counts.items():
-        uri = storage.join(out_uri, split)
-        prepare_output(uri, storage_cfg, overwrite=True)
         for index, start in enumerate(range(0, n, rows_per_shard)):
-            tasks.append((uri, kind, split, seed, index, start, min(start + rows_per_shard, n), task_cfg))
+            tasks.append((staging[split], kind, split, seed, index, start, min(start + rows_per_shard, n), task_cfg))
     if parallel:
         from simgan_dist.data.pipeline import parallel_map
 
@@ -119,7 +121,7 @@ def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, se
         manifest = make_manifest(split_layout(kind, split), shards, kind=split, source=f"simulate:{kind}",
                                  extra={"seed": seed, "simulator": kind, "domain": SPLITS[split],
                                         **({"gaze_convention": GAZE_CONVENTION} if kind == "eye" else {})})
-        write_manifest(storage.join(out_uri, split), manifest, storage_cfg)
+        commit(storage.join(out_uri, split), staging[split], manifest, storage_cfg)
     return counts
 
 
@@ -140,7 +142,7 @@ def cli_simulate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     counts = simulate_dataset(args.out, args.synthetic, args.real, args.real_test, seed=args.seed, kind=args.kind,
                               rows_per_shard=args.rows_per_shard, storage_cfg=cfg.storage,
-                              progress=total >= 20_000)
+                              progress=total >= 20_000, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     for split, n in counts.items():
         print(f"{storage.join(args.out, split)}: {n} rows")

@@ -166,6 +166,19 @@ def resolve(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[pafs.Fi
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
 
 
+def location(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[str, str]:
+    """Where `uri` points, the same for every spelling of it: (filesystem type, path), local
+    paths with symlinks resolved."""
+    fs, path = resolve(uri, storage_cfg)
+    return fs.type_name, os.path.realpath(path) if isinstance(fs, pafs.LocalFileSystem) else path
+
+
+def is_within(uri: str, other: str, storage_cfg: StorageConfig | None = None) -> bool:
+    """True when `uri` is `other` or lies anywhere under it."""
+    (kind, path), (other_kind, other_path) = location(uri, storage_cfg), location(other, storage_cfg)
+    return kind == other_kind and (path == other_path or path.startswith(other_path.rstrip("/") + "/"))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the scheme: join("s3://b/x", "part-0.parquet")."""
     out = uri.rstrip("/")
@@ -265,11 +278,51 @@ def delete_files(uri: str, names: list[str], storage_cfg: StorageConfig | None =
             raise explain(exc, join(uri, name), "delete") from exc
 
 
-def list_files(uri: str, storage_cfg: StorageConfig | None = None) -> list[str]:
-    """Names of the files directly under `uri` (empty if the folder or prefix does not exist)."""
+def list_files(uri: str, storage_cfg: StorageConfig | None = None,
+               file_type: pafs.FileType = pafs.FileType.File) -> list[str]:
+    """Names of the files (or, with `file_type=Directory`, folders) directly under `uri`
+    (empty if the folder or prefix does not exist)."""
     fs, base = resolve(uri, storage_cfg)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except OSError as exc:
         raise explain(exc, uri, "list") from exc
-    return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+    return sorted(info.base_name for info in infos if info.type == file_type)
+
+
+def delete_dir(uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Delete a folder (an S3 prefix) and everything under it; a missing one is fine."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise explain(exc, uri, "delete") from exc
+
+
+def copy_file(src_uri: str, dst_uri: str, storage_cfg: StorageConfig | None = None) -> None:
+    """Put a copy of `src_uri` at `dst_uri` (same filesystem), replacing it; the source stays.
+
+    Locally a hard link (no bytes copied, and the target appears whole at once), a real
+    copy where links are not supported; on S3 a server-side copy (atomic like a PUT).
+    """
+    fs, src = resolve(src_uri, storage_cfg)
+    dst = resolve(dst_uri, storage_cfg)[1]
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(os.path.dirname(dst), recursive=True)
+            tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{uuid.uuid4().hex}.tmp")
+            try:
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    fs.copy_file(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            fs.copy_file(src, dst)
+    except OSError as exc:
+        raise explain(exc, dst_uri, f"copy {src_uri} to it") from exc

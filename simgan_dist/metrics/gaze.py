@@ -90,8 +90,20 @@ def fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Evalu
     without improvement, and the best epoch's weights are kept (no held-out part: all epochs).
 
     Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8
-    dataset resident on the device).
+    dataset resident on the device); cuDNN's autotuner (`cudnn.benchmark`) is on while it trains
+    and set back as it was after.
     """
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        return _fit_gaze(train_images, train_gaze_labels, cfg, name=name, seed=seed, threads=threads,
+                         progress=progress)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: EvaluateConfig, *,
+              name: str = "gaze", seed: int = 0, threads: int | None = None,
+              progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)

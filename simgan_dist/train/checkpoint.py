@@ -106,8 +106,16 @@ def load_data(source: str | Path | bytes | IO[bytes], what: str, map_location: A
             f"{what}: refusing to load: it holds pickled Python objects, not only tensors and plain "
             f"containers ({reason}). A checkpoint is data; one that carries code may have been tampered "
             "with, or was written by an older simgan_dist (start that run afresh)") from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # ValueError: a truncated zip
         raise CheckpointError(f"{what}: not a readable checkpoint file ({type(exc).__name__}: {exc})") from exc
+
+
+def check_finite(state: dict[str, Any], what: str) -> None:
+    """Weights that went NaN or infinite are refused: refined with them, every image comes out flat."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} tensor(s) hold NaN or infinity (e.g. {bad[0]!r}); the run "
+                              "diverged before this checkpoint: use an earlier one")
 
 
 def load_checkpoint_config(uri: str, storage: StorageConfig | None = None) -> Config:
@@ -118,12 +126,75 @@ def load_checkpoint_config(uri: str, storage: StorageConfig | None = None) -> Co
         raise CheckpointError(f"{uri}/{CONFIG_FILE} is not a valid simgan_dist config: {exc}") from exc
 
 
+# What a resumed run may change freely: where it runs and how often it reports, checkpoints,
+# evaluates or saves images, its length, and the settings of the other stages. Anything else
+# (data.*, model.*, loss.*, the optimizer and schedule) changes what the checkpoint continues.
+RESUME_FREE_KEYS = (
+    "train.name", "train.storage_path", "train.num_workers", "train.use_gpu", "train.iterations",
+    "train.report_every", "train.checkpoint_every", "train.checkpoint_every_s", "train.image_every",
+    "train.eval_every", "train.eval_samples", "train.keep_best", "train.max_failures", "train.resource_wait_s",
+    "train.compile", "train.channels_last", "train.allow_config_change",
+)
+RESUME_FREE_SECTIONS = ("storage", "refine", "evaluate", "tune")
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    from simgan_dist.data import storage
+
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        if section in RESUME_FREE_SECTIONS:
+            continue
+        for key, value in values.items():
+            if f"{section}.{key}" in RESUME_FREE_KEYS:
+                continue
+            if section == "data" and isinstance(value, str) and value and not storage.is_s3(value):
+                value = storage.resolve(value)[1]  # the same folder, however it is spelled
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def config_changes(saved: Config, cfg: Config) -> list[str]:
+    """'key: old there, new now' for every key outside RESUME_FREE_* that differs."""
+    old, new = _flat(saved), _flat(cfg)
+    return [f"{key}: {old[key]!r} there, {new[key]!r} now" for key in old if old[key] != new[key]]
+
+
+def check_config_changes(saved: Config, cfg: Config, run_uri: str, checkpoint_uri: str) -> None:
+    """Refuse resuming under a changed config, or with `train.allow_config_change` record the change
+    in the run folder (CONFIG_CHANGES_FILE, one JSON line per resume that changed something)."""
+    import datetime
+    import json
+
+    from simgan_dist.data import storage
+
+    changes = config_changes(saved, cfg)
+    if not changes:
+        return
+    if not cfg.train.allow_config_change:
+        raise UserError(f"{checkpoint_uri} was trained with another config ({'; '.join(changes)}): resuming "
+                        "would continue it under settings it was not trained with. Choose another train.name, "
+                        "or --set train.allow_config_change=true to go on (recorded in the run folder)")
+    record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "resumed_from": checkpoint_uri, "changes": changes}
+    path = storage.join(run_uri, CONFIG_CHANGES_FILE)
+    try:
+        before = storage.read_bytes(path, cfg.storage)
+    except storage.MissingFileError:
+        before = b""
+    storage.write_bytes_atomic(path, before + (json.dumps(record) + "\n").encode(), cfg.storage)
+
+
 def load_refiner(uri: str, storage: StorageConfig | None = None,
                  device: str | torch.device = "cpu") -> tuple[Refiner, Config]:
     """Rebuild the trained refiner (eval mode) and the config it was trained with."""
     cfg = load_checkpoint_config(uri, storage)
     refiner = build_refiner(cfg.model)
     state = load_data(_read_bytes(uri, REFINER_FILE, storage), f"{uri}/{REFINER_FILE}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{uri}/{REFINER_FILE}: not a state_dict (a {type(state).__name__})")
+    check_finite(state, f"{uri}/{REFINER_FILE}")
     try:
         refiner.load_state_dict(state)
     except RuntimeError as exc:
@@ -143,6 +214,7 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.current_device()  # the rank's own device: the generator it draws from
     return state
 
 
@@ -153,4 +225,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        set_cuda_rng_states(list(state["cuda"]), state.get("cuda_device"))
+
+
+def set_cuda_rng_states(states: list, saved_device: int | None) -> None:
+    """The saved CUDA generator states on the devices this process sees, however many there are.
+
+    A run may resume on a node with fewer (or more) visible GPUs than the one that saved it
+    (`torch.cuda.set_rng_state_all` then raises IndexError): each device present gets the state
+    saved for its index, if any, and the current device, the one this rank draws from, gets the
+    state of the device the rank drew from when it saved (`saved_device`)."""
+    count = torch.cuda.device_count()
+    for index, saved in enumerate(states[:count]):
+        torch.cuda.set_rng_state(saved, index)
+    if saved_device is not None and 0 <= saved_device < len(states) and count:
+        torch.cuda.set_rng_state(states[saved_device], torch.cuda.current_device())

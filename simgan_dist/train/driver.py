@@ -38,9 +38,19 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     report callback in a sweep). `worker_resources`: each worker's share, as planned by a sweep
     for its concurrent trials; by default `resources.training_resources` plans it on the
     connected cluster (and fails at once when the run cannot fit). The run's history-buffer
-    actors are removed when it ends, however it ends.
+    actors are removed when it ends, however it ends, and so is the autoscaler request
+    `resources.training_resources` made for it (`resources.clear_resource_request`).
     """
+    from simgan_dist.train import resources
 
+    try:
+        return _fit(cfg, datasets, callbacks, worker_resources)
+    finally:
+        resources.clear_resource_request()
+
+
+def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
+         worker_resources: dict[str, float] | None = None):
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -54,6 +64,10 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     from simgan_dist.train.worker import train_loop_per_worker
 
     ray_cluster.connect()
+    ray_cluster.require_shared_storage(
+        {"train.storage_path": cfg.train.storage_path,
+         **({f"data.{key}": getattr(cfg.data, key) for key in ("synthetic", "real", "real_val")}
+            if datasets is None else {})}, "train")
     if worker_resources is None:
         worker_resources = resources.training_resources(cfg)
     context = ray.data.DataContext.get_current()
@@ -127,11 +141,14 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
 
 
 def check_corpora(cfg: Config) -> None:
-    """Before any worker starts: both corpora are finished datasets of the model's image shape,
-    each large enough for one batch on every worker (batches drop the remainder)."""
+    """Before any worker starts: the datasets are of the kinds their keys take (roles.py), and both
+    corpora are finished datasets of the model's image shape, each large enough for one batch on
+    every worker (batches drop the remainder)."""
+    from simgan_dist.data.roles import check_data_roles
     from simgan_dist.data.schema import load_numpy, read_manifest
     from simgan_dist.data.splits import holds_out_real, validation_mask
 
+    check_data_roles(cfg)
     expected = [cfg.model.image_height, cfg.model.image_width, cfg.model.image_channels]
     need = cfg.train.batch_size * cfg.train.num_workers
     for key in ("synthetic", "real"):
@@ -154,11 +171,12 @@ def check_corpora(cfg: Config) -> None:
 def check_resumable(cfg: Config) -> None:
     """A run name reused with settings its checkpoint cannot continue under is refused up front,
     not deep inside DeepSpeed on every worker: another model shape, another history sharding,
-    or ZeRO-partitioned optimizer state restored at another worker count."""
+    or ZeRO-partitioned optimizer state restored at another worker count. Other changes of data,
+    loss or optimizer settings need `train.allow_config_change` (`checkpoint.check_config_changes`)."""
     from pyarrow import fs as pafs
 
     from simgan_dist.data import storage
-    from simgan_dist.train.checkpoint import CONFIG_FILE, load_checkpoint_config
+    from simgan_dist.train.checkpoint import CONFIG_FILE, check_config_changes, load_checkpoint_config
 
     run_uri = storage.join(cfg.train.storage_path, cfg.train.name)
     filesystem, base = storage.resolve(run_uri, cfg.storage)
@@ -186,6 +204,7 @@ def check_resumable(cfg: Config) -> None:
     if problems:
         raise UserError(f"train.name {cfg.train.name!r} already has a run at {run_uri} that this config cannot "
                         f"continue ({'; '.join(problems)}): choose another train.name or storage_path")
+    check_config_changes(saved, cfg, run_uri, latest)
 
 
 def _open_dataset(uri: str, cfg: Config, holdout: bool = False):

@@ -20,6 +20,7 @@ from simgan_dist.core.algorithm import TorchUpdater
 from simgan_dist.core.history import CodedHistory
 from simgan_dist.core.host_memory import reuse_freed_memory
 from simgan_dist.core.imaging import wide_codes
+from simgan_dist.data.roles import check_data_roles
 from simgan_dist.data.schema import DatasetError
 from simgan_dist.data.splits import drop_validation_rows, holds_out_real
 from simgan_dist.metrics.objective import (
@@ -32,6 +33,9 @@ from simgan_dist.train.checkpoint import (
     DISCRIMINATOR_FILE,
     REFINER_FILE,
     STATE_FILE,
+    check_config_changes,
+    check_finite,
+    load_checkpoint_config,
     load_data,
     rng_state,
     set_rng_state,
@@ -137,6 +141,7 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
     """Run Algorithm 1 in this process; resumes if `folder/checkpoint` exists."""
     reuse_freed_memory()
     folder = Path(folder)
+    check_data_roles(cfg)
     if synthetic is None:
         synthetic = _load_images(cfg.data.synthetic, "synthetic", cfg)
     if real is None:
@@ -157,8 +162,10 @@ def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = 
 
     checkpoint = folder / "checkpoint"
     if (checkpoint / STATE_FILE).exists():
+        check_config_changes(load_checkpoint_config(str(checkpoint)), cfg, str(folder), str(checkpoint))
         state = load_data(checkpoint / STATE_FILE, str(checkpoint / STATE_FILE))
         saved = load_data(checkpoint / REFINER_FILE, str(checkpoint / REFINER_FILE), precision.device)
+        check_finite(saved, str(checkpoint / REFINER_FILE))
         refiner.load_state_dict(state["refiner_training"] if ema else saved)
         if ema:
             ema.module.load_state_dict(saved)

@@ -92,6 +92,28 @@ def plan_workers(cfg: Config, resources: dict[str, float], runs: int = 1,
     return {"CPU": per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
 
 
+# Whether this process asked the autoscaler for resources (`training_resources`) and has not
+# withdrawn the request yet (`clear_resource_request`).
+_requested = False
+
+
+def clear_resource_request() -> None:
+    """Withdraw this process's autoscaler request, if it made one: `request_resources` requests
+    persist until the next call, so without this the autoscaler keeps the run's (GPU) nodes up
+    after the run ends. `train.fit` and `tune.sweep` call it however they end. Only the process
+    that asked withdraws: a Tune trial (`fit` with the sweep's plan) never clears the sweep's
+    request while other trials still need it."""
+    global _requested
+    if not _requested:
+        return
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if ray.is_initialized():
+        request_resources(bundles=[])
+    _requested = False
+
+
 def training_resources(cfg: Config, runs: int = 1, reserved_cpus: float = 0.0) -> dict[str, float]:
     """`plan_workers` on the connected cluster; waits up to train.resource_wait_s for an
     autoscaling cluster to add what the run (or `runs` runs) needs, instead of failing at once."""
@@ -105,6 +127,8 @@ def training_resources(cfg: Config, runs: int = 1, reserved_cpus: float = 0.0) -
         bundle = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
         shards = [{"CPU": _shard_cpus()}] * cfg.train.buffer_shards
         request_resources(bundles=([bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}] + shards) * runs)
+        global _requested
+        _requested = True
         say(f"ray: waiting up to {wait_s:g} s (train.resource_wait_s) for the cluster to add "
             + (f"{runs} x (" if runs > 1 else "") + f"{cfg.train.num_workers} x {bundle} + {DATA_CPUS:g} CPU"
             + f" + {history_cpus(cfg):g} CPU for history" + (")" if runs > 1 else ""))

@@ -129,14 +129,24 @@ def _say(line: str, channel=None) -> None:
     sys.stdout.flush()
 
 
+def deepspeed_accelerator_env(use_gpu: bool, environ) -> None:
+    """DeepSpeed picks its accelerator from DS_ACCELERATOR at first use: the CPU one for CPU workers.
+    A GPU worker drops an inherited DS_ACCELERATOR=cpu (a local instance's workers inherit the
+    driver's environment, where the CPU tests set it), which would put DeepSpeed on the CPU beside a
+    CUDA model."""
+    if not use_gpu:
+        environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif environ.get("DS_ACCELERATOR") == "cpu":
+        del environ["DS_ACCELERATOR"]
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from simgan_dist.data.pipeline import adopt_env
 
     adopt_env(loop_config.get("env"))
     reuse_freed_memory()
     cfg = config_from_dict(loop_config["config"])
-    if not cfg.train.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed_accelerator_env(cfg.train.use_gpu, os.environ)
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -151,6 +161,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     say = functools.partial(_say, channel=loop_config.get("progress"))
     precision = Precision.choose(cfg.train, ray.train.torch.get_device())
     device = precision.device
+    # Rank 0's evaluator (reading data.synthetic and the held-out real images, maybe training the
+    # realism network) before any collective: built later, the other ranks would wait for it inside
+    # one (the first gradient all-reduce), up to the process group's timeout. It leaves the RNG as it was
+    # (GazeFeatures forks it), so the trajectory does not depend on where it is built.
+    evaluator = None
+    if rank == 0 and cfg.train.eval_every:
+        from simgan_dist.metrics.objective import Evaluator
+
+        evaluator = Evaluator.from_config(cfg)
     engines = build_engines(cfg, device, precision.bf16, precision.memory_format)
     # Every rank keeps the same EMA (same weights after each all-reduced step); rank 0 saves it.
     ema = make_ema(cfg.train, engines[0].module)
@@ -173,11 +192,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"with {history_restored} history images")
 
     sink = MonitorSink(cfg) if rank == 0 else None
-    evaluator = None
-    if rank == 0 and cfg.train.eval_every:
-        from simgan_dist.metrics.objective import Evaluator
-
-        evaluator = Evaluator.from_config(cfg)
     cadence, averager, throughput = Cadence.of(cfg.train), MetricAverager(), Throughput(cfg.train)
     wait_mark, saved_at, restarts_said = 0.0, time.monotonic(), 0
     while not algo.done:

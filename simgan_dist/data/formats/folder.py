@@ -18,6 +18,8 @@ class Folder(Format):
     The optional labels CSV has an `id` (or `filename`) column matching the image's path
     relative to SRC, with or without its extension; other columns are labels, grouped by
     name: gaze_x, gaze_y, gaze_z → `gaze` [3]; a column without siblings is a label of size 1.
+    Labels in pixels of the source image are scaled with it: `*_xy` and `*_uv` fields are
+    (x, y) pairs, `*_uvd` fields (u, v, depth) triples whose depth stays as it is.
     """
 
     name = "folder"
@@ -38,6 +40,10 @@ class Folder(Format):
         if self.labels_csv is None:
             return Layout(self.shape), [(rel, {}) for rel in images], []
         fields, table = read_labels_csv(self.labels_csv)
+        for field, (size,) in fields.items():
+            if pixel_step(field) and size % pixel_step(field):
+                raise IngestError(f"{self.labels_csv}: label {field!r} has {size} column(s); a pixel label "
+                                  f"needs a multiple of {pixel_step(field)}")
         items, bad, used = [], [], set()
         for rel in images:
             key = rel if rel in table else rel.rsplit(".", 1)[0]
@@ -57,7 +63,27 @@ class Folder(Format):
         rel, labels = item
         img = open_image(self.src / rel, "L" if self.shape[2] == 1 else "RGB")
         image = np.asarray(img.resize((self.shape[1], self.shape[0]), Image.BILINEAR))
-        yield Row(rel, image.reshape(self.shape), labels, rel)
+        yield Row(rel, image.reshape(self.shape), scale_pixel_labels(labels, img.size, self.shape), rel)
+
+
+def pixel_step(field: str) -> int:
+    """Values per point of a label in pixels ((x, y) or (u, v, depth)); 0 for other labels."""
+    return 2 if field.endswith(("_xy", "_uv")) else 3 if field.endswith("_uvd") else 0
+
+
+def scale_pixel_labels(labels: dict[str, np.ndarray], size: tuple[int, int],
+                       shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Pixel labels of a (width, height) `size` image → the same points in the resized image
+    (pixel centres at integers, as `to_crop`)."""
+    scale = np.array([shape[1] / size[0], shape[0] / size[1]], np.float32)
+    out = {}
+    for field, value in labels.items():
+        if pixel_step(field):
+            points = np.array(value, np.float32).reshape(-1, pixel_step(field))
+            points[:, :2] = (points[:, :2] + 0.5) * scale - 0.5
+            value = points.reshape(np.shape(value))
+        out[field] = value
+    return out
 
 
 def read_labels_csv(path: Path) -> tuple[dict[str, tuple[int]], dict[str, dict[str, np.ndarray]]]:

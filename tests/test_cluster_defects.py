@@ -1,0 +1,233 @@
+"""Defects a first run on a real (multi-node, autoscaling) cluster would hit, each with its CPU test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simgan_dist.config import load_config
+from simgan_dist.errors import UserError
+
+
+def _autoscaler_request() -> list[dict]:
+    """The resource request the autoscaler reads, as `ray.autoscaler.sdk.request_resources` wrote it:
+    the GCS's internal KV (autoscaler v1, what a local instance runs) or the GCS's cluster
+    constraint (v2)."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2():
+        from ray._private.worker import global_worker
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(global_worker.gcs_client.address)
+        return [dict(b.bundle) for d in status.resource_demands.cluster_constraint_demand
+                for b in d.bundles_by_count for _ in range(b.count)]
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+@pytest.mark.slow
+def test_a_run_withdraws_its_autoscaler_request_when_it_ends(ray_local):
+    """`request_resources` persists until the next call: a run that asked for GPU nodes and ended
+    (here: failed, the nodes never came) must leave no request behind, or the autoscaler keeps
+    GPU nodes up. Checked at the source the autoscaler reads (the GCS), which is all our code
+    controls; an `AutoscalingCluster` would add the autoscaler's own reaction to that request."""
+    from simgan_dist.train import driver, resources
+
+    # No GPUs on the test instance: the run asks the autoscaler for them, waits, then fails.
+    cfg = load_config("tiny", overrides=["train.use_gpu=true", "train.resource_wait_s=0.1"])
+    with pytest.raises(UserError):
+        resources.training_resources(cfg)
+    asked = _autoscaler_request()
+    assert sum(bundle.get("GPU", 0) for bundle in asked) == cfg.train.num_workers
+    with pytest.raises(UserError):
+        driver.fit(cfg)
+    assert _autoscaler_request() == []
+    assert not resources._requested
+    resources.clear_resource_request()  # nothing asked: a no-op (a Tune trial never clears the sweep's request)
+
+
+@pytest.mark.parametrize("visible, current", [(0, None), (1, 0), (2, 1), (8, 5)])
+def test_cuda_rng_states_saved_on_4_gpus_restore_where_fewer_or_more_are_visible(tmp_path, monkeypatch,
+                                                                                   visible, current):
+    """A checkpoint saved by a rank on cuda:2 of a 4-GPU node resumes on a node with `visible` GPUs
+    (0: none, torch.cuda unavailable) without IndexError; the rank's current device continues the
+    generator it drew from."""
+    import torch
+
+    from simgan_dist.train.checkpoint import load_data, rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    state["cuda_device"] = 2
+    torch.save(state, tmp_path / "rng_rank0.pt")
+    saved = load_data(str(tmp_path / "rng_rank0.pt"), "rng")
+    generators: dict[int, int] = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: generators.__setitem__(device, int(s[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("indexes past the visible devices"))
+    set_rng_state(saved)
+    if not visible:
+        assert generators == {}
+        return
+    expected = {i: i for i in range(min(visible, 4))}
+    expected[current] = 2
+    assert generators == expected
+    del saved["cuda_device"]  # a checkpoint from before the current device was saved
+    generators.clear()
+    set_rng_state(saved)
+    assert generators == {i: i for i in range(min(visible, 4))}
+
+
+_MULTI_NODE_REFUSALS = r'''
+import json, os, sys
+import ray
+from ray.cluster_utils import Cluster
+
+from simgan_dist import refine as refine_module
+from simgan_dist.config import load_config
+from simgan_dist.errors import UserError
+
+root = sys.argv[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+for _ in range(2):
+    cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+out = {}
+
+def refused(name, call):
+    try:
+        call()
+    except UserError as e:
+        out[name] = str(e)
+    else:
+        out[name] = None
+
+data = [f"data.synthetic={root}/synthetic", f"data.real={root}/real"]
+from simgan_dist.train.driver import fit
+refused("train", lambda: fit(load_config("tiny", overrides=[f"train.storage_path={root}/runs", *data])))
+from simgan_dist.tune import sweep
+refused("tune", lambda: sweep(load_config("tiny", overrides=[
+    "train.eval_every=2", "tune.grace_steps=10", f"tune.output={root}/sweeps",
+    "data.synthetic=s3://bucket/synthetic", "data.real=s3://bucket/real"])))
+# refine reads the checkpoint and the input's manifest first (nothing written); stand in for that.
+class Job:
+    spec = {}
+refine_module.plan_job = lambda *args: (Job(), False)
+refused("refine", lambda: refine_module.refine(f"{root}/ckpt", "s3://bucket/synthetic", f"{root}/refined",
+                                               load_config("tiny")))
+out["written"] = sorted(os.listdir(root))
+print("RESULT " + json.dumps(out))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_local_paths_on_a_multi_node_cluster_are_refused_before_any_work(tmp_path):
+    """A real multi-node cluster on one machine (0-CPU head, two 1-CPU nodes, a raylet each): train,
+    tune and refine given local paths refuse at once, naming the keys and suggesting s3://, and
+    write nothing. (The nodes share this machine's disk, so only our own up-front check can tell.)
+    In a subprocess: the session's `ray_local` instance may already be up in this one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _MULTI_NODE_REFUSALS, str(tmp_path)], capture_output=True,
+                          text=True, timeout=180, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["written"] == []
+    for command, keys in {"train": ["train.storage_path", "data.synthetic", "data.real"],
+                          "tune": ["tune.output"], "refine": ["refine --out"]}.items():
+        message = out[command]
+        assert message is not None, f"{command} was not refused"
+        assert message.startswith(f"{command}: ") and "3 nodes" in message and "s3://" in message, message
+        assert all(f"{key}=" in message for key in keys), message
+    assert "data.synthetic" not in out["tune"] and "refine --input" not in out["refine"]  # s3:// there
+
+
+def test_a_sweep_restarts_trials_whose_process_was_lost(tmp_path, monkeypatch):
+    """The sweep's RunConfig restarts a lost trial (its node preempted) as often as a run restarts its
+    workers; without a failure_config, Tune's default (0) ends the trial at the first lost node."""
+    from simgan_dist import tune as sweep_module
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # make_tuner sets it without --verbose
+    cfg = load_config("tiny", overrides=["train.eval_every=2", "train.max_failures=3", "tune.grace_steps=10",
+                                         f"tune.output={tmp_path}",
+                                         "data.synthetic=s3://bucket/synthetic", "data.real=s3://bucket/real"])
+    tuner = sweep_module.make_tuner(cfg, 1, {"CPU": 0.5})
+    run_config = tuner._local_tuner.get_run_config()
+    assert run_config.failure_config.max_failures == 3
+    assert sweep_module.trial_failure_config(cfg).max_failures == 3
+
+
+@pytest.mark.parametrize("assigned, cuda, expected", [([], True, "cpu"), ([], False, "cpu"), ([0], True, "cuda"),
+                                                      ([3], False, "cpu")])
+def test_a_refine_actor_takes_its_device_and_precision_from_the_gpus_ray_assigned(monkeypatch, assigned, cuda,
+                                                                                  expected):
+    """A CPU actor on a GPU node (torch sees the node's GPUs) refines on the CPU in fp32, as the
+    manifest says; an actor with a GPU assigned uses it."""
+    import torch
+
+    from simgan_dist.core.models import build_refiner
+    from simgan_dist.refine_shards import BatchRefiner, actor_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    device = actor_device(assigned)
+    assert device.type == expected
+    if expected == "cpu":
+        refiner = BatchRefiner(build_refiner(load_config("tiny").model), 4, device=device)
+        assert refiner.dtype == torch.float32 and not refiner.channels_last
+
+
+def test_fitting_a_gaze_net_leaves_cudnn_benchmark_as_it_was(monkeypatch):
+    """`cudnn.benchmark` is on only while a gaze network trains, not for the rest of the process
+    (a training worker that built the realism network first)."""
+    import numpy as np
+    import torch
+
+    from simgan_dist.config import EvaluateConfig
+    from simgan_dist.metrics.gaze import fit_gaze
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (16, 35, 55, 1), dtype=np.uint8)
+    gaze = rng.normal(size=(16, 3)).astype(np.float32)
+    recipe = EvaluateConfig(gaze_model="small", gaze_epochs=1, gaze_batch_size=8, gaze_val_fraction=0.0,
+                            gaze_patience=0)
+    for before in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", before)
+        fit_gaze(images, gaze, recipe, seed=0, progress=False)
+        assert torch.backends.cudnn.benchmark is before
+
+
+@pytest.mark.parametrize("use_gpu, inherited, expected", [(True, "cpu", None), (True, "cuda", "cuda"),
+                                                          (False, None, "cpu"), (False, "cpu", "cpu")])
+def test_gpu_workers_drop_an_inherited_cpu_deepspeed_accelerator(use_gpu, inherited, expected):
+    from simgan_dist.train.worker import deepspeed_accelerator_env
+
+    environ = {} if inherited is None else {"DS_ACCELERATOR": inherited}
+    deepspeed_accelerator_env(use_gpu, environ)
+    assert environ.get("DS_ACCELERATOR") == expected
+
+
+def test_rank_0_builds_its_evaluator_before_the_first_collective():
+    """Built after the engines (DeepSpeed's broadcast) and the restore barrier, the evaluator kept the
+    other ranks waiting inside the first gradient all-reduce. A source check: the loop itself
+    needs a Ray Train worker group."""
+    import inspect
+
+    from simgan_dist.train import worker
+
+    source = inspect.getsource(worker.train_loop_per_worker)
+    built = source.index("Evaluator.from_config(cfg)")
+    assert built < source.index("build_engines(") < source.index("dist.barrier()")
