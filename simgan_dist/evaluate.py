@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, load_config
-from simgan_dist.errors import UserError
+from simgan_dist.evaluate_inputs import EvaluationError, load_inputs
 from simgan_dist.metrics.drift import PUPIL_RADIUS, detect_pupil, pupil_shift
 from simgan_dist.metrics.gaze import angular_error_deg, fit_gaze, run_model
 from simgan_dist.metrics.realism import FEATURE_NET_ROWS, GazeFeatures, realism_score
@@ -35,10 +34,6 @@ from simgan_dist.metrics.realism import FEATURE_NET_ROWS, GazeFeatures, realism_
 WITHIN_DEG = 7.0  # the paper's threshold for "correct" gaze
 PUPIL_FOUND_PX = 1.5  # detector within this of the label → the pupil is visible and found
 METRICS_VERSION = 1
-
-
-class EvaluationError(UserError, ValueError):
-    """Inputs the evaluation cannot use; the message names the dataset and what is wrong."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,105 +190,6 @@ def paired_improvement(baseline: list[dict[str, Any]], treated: list[dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass
-class Inputs:
-    """Everything the experiments need, refined rows aligned to synthetic rows by id."""
-
-    ids: np.ndarray
-    synthetic: np.ndarray
-    refined: np.ndarray
-    gaze: np.ndarray
-    pupil_xy: np.ndarray | None
-    real_test: np.ndarray
-    real_test_gaze: np.ndarray
-    real_test_pupil_xy: np.ndarray | None
-    real: np.ndarray | None
-    real_gaze: np.ndarray | None
-    notes: list[str]
-
-
-def _load(uri: str, what: str, cfg: Config, want: list[str]) -> dict[str, np.ndarray]:
-    from simgan_dist.data.roles import check_kind
-    from simgan_dist.data.schema import DatasetError, load_numpy, read_manifest
-    from simgan_dist.data.storage import StorageError
-
-    try:
-        manifest = read_manifest(uri, cfg.storage)
-    except (DatasetError, StorageError) as exc:
-        raise EvaluationError(f"{what} dataset {uri!r} cannot be read: {exc}") from exc
-    layout = manifest.layout
-    try:
-        check_kind(f"evaluate --{what.replace('_', '-')}", uri, manifest.kind)
-    except DatasetError as exc:
-        raise EvaluationError(str(exc)) from None
-    labels = [c for c in want if c in layout.label_fields]
-    try:
-        rows = load_numpy(uri, cfg.storage, columns=["id", "image", *labels])
-    except (DatasetError, StorageError) as exc:
-        raise EvaluationError(f"{what} dataset {uri!r} cannot be read: {exc}") from exc
-    for name in labels:  # writers refuse these; a file made by other tools may still hold them
-        bad = ~np.isfinite(rows[name].reshape(len(rows[name]), -1)).all(1)
-        if bad.any():
-            raise EvaluationError(f"{what} dataset {uri!r}: column {name!r} holds NaN or infinity in "
-                                  f"{int(bad.sum())} row(s) (e.g. id {rows['id'][bad][0]!r})")
-    return rows
-
-
-def _align_by_id(synthetic_ids: np.ndarray, refined_ids: np.ndarray, refined_uri: str) -> np.ndarray:
-    """Index into the refined rows that puts them in synthetic order; errors name missing/extra ids."""
-    syn_order, ref_order = np.argsort(synthetic_ids), np.argsort(refined_ids)
-    if len(synthetic_ids) != len(refined_ids) or not np.array_equal(synthetic_ids[syn_order],
-                                                                     refined_ids[ref_order]):
-        missing = np.setdiff1d(synthetic_ids, refined_ids)
-        extra = np.setdiff1d(refined_ids, synthetic_ids)
-        raise EvaluationError(
-            f"refined dataset {refined_uri!r} does not hold the synthetic dataset's ids: "
-            f"{len(missing)} synthetic id(s) missing (e.g. {list(missing[:3])}), {len(extra)} unknown "
-            f"(e.g. {list(extra[:3])}); refine the whole synthetic corpus with the same ids")
-    align = np.empty_like(ref_order)
-    align[syn_order] = ref_order
-    return align
-
-
-def load_inputs(synthetic: str, refined: str, real_test: str, real: str | None, cfg: Config) -> Inputs:
-    notes = []
-    syn = _load(synthetic, "synthetic", cfg, ["gaze", "pupil_xy"])
-    ref = _load(refined, "refined", cfg, ["gaze"])
-    test = _load(real_test, "real_test", cfg, ["gaze", "pupil_xy"])
-    if "gaze" not in syn:
-        raise EvaluationError(f"synthetic dataset {synthetic!r} has no gaze labels: the downstream experiment "
-                              "trains a gaze estimator on them")
-    if "gaze" not in test:
-        raise EvaluationError(f"real_test dataset {real_test!r} has no gaze labels: the gaze estimators are "
-                              "tested on labeled real images (simulate writes them to OUT/real_test)")
-    if syn["image"].shape[1:] != ref["image"].shape[1:] or syn["image"].shape[1:] != test["image"].shape[1:]:
-        raise EvaluationError(f"image shapes differ: synthetic {syn['image'].shape[1:]}, refined "
-                              f"{ref['image'].shape[1:]}, real_test {test['image'].shape[1:]}")
-    align = _align_by_id(syn["id"], ref["id"], refined)
-    refined_images = ref["image"][align]
-    if "gaze" in ref:
-        moved = np.abs(ref["gaze"][align] - syn["gaze"]).max(1) > 1e-6
-        if moved.any():
-            raise EvaluationError(f"refined dataset {refined!r} carries different gaze labels than synthetic for "
-                                  f"{int(moved.sum())} id(s) (e.g. {syn['id'][moved][0]!r}): refinement must keep "
-                                  "labels unchanged")
-    else:
-        notes.append("refined dataset has no gaze labels: used the synthetic labels of the same ids")
-    real_images = real_gaze = None
-    if real:
-        got = _load(real, "real", cfg, ["gaze"])
-        if "gaze" in got:
-            real_images, real_gaze = got["image"], got["gaze"]
-        else:
-            notes.append("real dataset is unlabeled: no ceiling row (realism uses the held-out real_test images)")
-    return Inputs(syn["id"], syn["image"], refined_images, syn["gaze"], syn.get("pupil_xy"), test["image"],
-                  test["gaze"], test.get("pupil_xy"), real_images, real_gaze, notes)
-
-
-# ---------------------------------------------------------------------------------------------
 # The evaluation
 
 
@@ -340,8 +236,9 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
     curves = read_run_metrics(run)
     start = time.perf_counter()
     data = load_inputs(synthetic, refined, real_test, real, cfg)
-    _log(f"loaded {len(data.ids):,} synthetic/refined pairs, {len(data.real_test):,} real_test images"
-         + (f", {len(data.real):,} labeled real images" if data.real is not None else ""))
+    _log(f"loaded {len(data.ids):,} of {data.corpus_pairs:,} synthetic/refined pairs, {len(data.real_test):,} "
+         "real_test images" + (f", {len(data.real):,} of {data.corpus_real:,} labeled real images"
+                               if data.real is not None else ""))
     for note in data.notes:
         _log(note)
 
@@ -398,6 +295,9 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
         "version": METRICS_VERSION,
         "inputs": {"synthetic": synthetic, "refined": refined, "real_test": real_test, "real": real,
                    "run": str(run) if run else None, "pairs": int(len(data.ids)),
+                   "corpus_pairs": data.corpus_pairs, "max_train_rows": cfg.evaluate.max_train_rows,
+                   "real_rows": None if data.real is None else int(len(data.real)),
+                   "corpus_real_rows": data.corpus_real,
                    "real_test_rows": int(len(data.real_test)), "notes": data.notes},
         "config": {"evaluate": cfg.to_dict()["evaluate"], "seed": seed},
         "gaze": gaze,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -79,12 +80,52 @@ def connect() -> Cluster:
     else:
         _check_answers(address, source)
         ray.init(**console)
+    if quiet:
+        _one_line_cluster_events()
     cluster = _cluster(ray, address)
     where = (f"joined the Ray cluster at {address} (from {source})" if address
              else "started a local Ray instance (no RAY_ADDRESS, no cluster registered on this machine)")
     say(f"ray: {where}: {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs; full logs in {cluster.logs}"
         + ("" if verbose() else " (--verbose shows them here)"))
     return cluster
+
+
+# What the first line of an event Ray publishes to drivers says before its explanation and log tail.
+_EVENT_CUT = re.compile(r"\s+(Possible reasons include|This can happen when|Last \d+ lines of)")
+
+
+def cluster_event_line(message: str) -> str | None:
+    """The console line for an event Ray publishes to drivers (a node lost, a worker killed): its first
+    line without the explanation and the ~20 lines of raylet log (`[state-dump]`) that follow; None for
+    the worker start-up warnings a busy node repeats and the raylet's own "terminated" notice (the
+    node-lost line follows it). The whole message stays in Ray's log folder."""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    # "Raylet is terminated" names no node and comes once per driver and worker; the GCS's "marked
+    # dead" line that follows a lost node names it.
+    if not first or "worker processes have been started on node" in first or first.startswith("Raylet is terminated"):
+        return None
+    return f"ray: {_EVENT_CUT.split(first)[0].rstrip()}"
+
+
+def _one_line_cluster_events() -> None:
+    """Without --verbose, each event Ray publishes to this driver prints as one line (`cluster_event_line`).
+    Ray prints them from its error listener thread through `ray._private.worker.print_to_stdstream`,
+    looked up at each call, so wrapping that module attribute is enough (Ray 2.60)."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "_simgan_one_line", False):
+        return
+
+    def print_one_line(data, ignore_prefix: bool):
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        for message in data.get("lines", []):
+            if (line := cluster_event_line(message)) is not None:
+                say(line)
+
+    print_one_line._simgan_one_line = True
+    worker.print_to_stdstream = print_one_line
 
 
 def _cluster(ray, address: str | None) -> Cluster:

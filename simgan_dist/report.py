@@ -312,6 +312,12 @@ def render_html(metrics: dict[str, Any], errors: dict[str, np.ndarray], shifts: 
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in inputs["notes"])
     sources = _table(["Input", "URI"], [[k, html.escape(str(inputs[k]))]
                                           for k in ("synthetic", "refined", "real_test", "real", "run") if inputs[k]])
+    cap = inputs["max_train_rows"]
+    real = (f" and {inputs['real_rows']:,} of {inputs['corpus_real_rows']:,} labeled real rows"
+            if inputs["real_rows"] is not None else "")
+    sources += (f"<p class='note'>Estimators trained on {inputs['pairs']:,} of {inputs['corpus_pairs']:,} "
+                f"synthetic/refined pairs{real} (evaluate.max_train_rows = {f'{cap:,}' if cap else '0, every row'}; "
+                "a subsample takes the same ids on both sides, those of smallest id hash).</p>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>SimGAN evaluation</title><style>{STYLE}</style></head><body>
 <h1>SimGAN evaluation</h1>

@@ -92,7 +92,9 @@ def ray_local(s3_server):
     global _ray_local_up
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # address="local": a cluster another process registered on this machine (`ray start`, a
+        # multi-node test) is never joined by accident
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     _ray_local_up = True
     yield ray
     _ray_local_up = False

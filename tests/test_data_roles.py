@@ -16,7 +16,7 @@ from simgan_dist.data.roles import ROLES, check_role
 from simgan_dist.data.schema import MANIFEST_NAME, DatasetError, load_numpy, read_manifest
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.data.writer import DatasetWriter
-from simgan_dist.evaluate import EvaluationError, load_inputs
+from simgan_dist.evaluate_inputs import EvaluationError, load_inputs
 from simgan_dist.refine import plan_job
 from simgan_dist.refine_shards import RefineError
 from simgan_dist.train.checkpoint import write_checkpoint

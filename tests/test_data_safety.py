@@ -234,7 +234,8 @@ def test_refine_out_inside_or_above_the_input_is_refused(tmp_path, monkeypatch):
 
 
 def test_evaluate_out_inside_a_dataset_or_on_a_file_is_refused(tmp_path, capsys):
-    from simgan_dist.evaluate import EvaluationError, evaluate
+    from simgan_dist.evaluate import evaluate
+    from simgan_dist.evaluate_inputs import EvaluationError
 
     data = {name: str(tmp_path / name) for name in ("synthetic", "refined", "real_test")}
     for name, uri in data.items():

@@ -266,3 +266,78 @@ def test_instrument_sees_the_deterministic_oracle_clearly_better_than_synthetic(
                               "oracle": (oracle["image"], synthetic["gaze"])}, test["image"], test["gaze"], cfg,
                              use_ray=False, progress=False)
     assert paired_improvement(runs["synthetic"], runs["oracle"])["mean"] > 0.25
+
+
+# --- evaluate.max_train_rows: a paired subsample by id hash ------------------------------------
+
+
+def _inputs(root, *overrides):
+    from simgan_dist.evaluate_inputs import load_inputs
+
+    cfg = load_config("tiny", overrides=list(overrides))
+    return load_inputs(str(root / "synthetic"), str(root / "refined"), str(root / "real_test"),
+                       str(root / "real_labeled"), cfg)
+
+
+def test_max_train_rows_reads_only_the_same_hashed_ids_from_both_sides(datasets, monkeypatch):
+    from simgan_dist.data import schema
+    from simgan_dist.data.splits import hash_subsample
+
+    decoded = []  # rows decoded per table that holds images
+    decode = schema.decode_table
+    monkeypatch.setattr(schema, "decode_table",
+                        lambda table, layout: decoded.append(table.num_rows if "image" in table.column_names
+                                                             else 0) or decode(table, layout))
+    data = _inputs(datasets, "evaluate.max_train_rows=40")
+    # 40 synthetic, 40 refined and 40 of 64 real rows, all 64 real_test rows: nothing else is decoded
+    assert sum(decoded) == 40 + 40 + 64 + 40 and len(data.real) == 40
+    assert (len(data.ids), data.corpus_pairs, data.corpus_real) == (40, 128, 64)
+    syn = load_numpy(str(datasets / "synthetic"))
+    ref = load_numpy(str(datasets / "refined"))
+    # the ids of smallest hash, in the synthetic corpus's order
+    np.testing.assert_array_equal(data.ids, syn["id"][hash_subsample(syn["id"], 40)])
+    by_id = dict(zip(ref["id"], ref["image"], strict=True))
+    np.testing.assert_array_equal(data.refined, np.stack([by_id[i] for i in data.ids]))  # paired
+    np.testing.assert_array_equal(data.synthetic, syn["image"][np.isin(syn["id"], data.ids)])
+    again = _inputs(datasets, "evaluate.max_train_rows=40")
+    np.testing.assert_array_equal(again.ids, data.ids)
+    np.testing.assert_array_equal(again.refined, data.refined)
+    assert any("40 of 128 synthetic/refined pairs" in n for n in data.notes)
+
+
+def test_a_corpus_within_max_train_rows_loads_as_before(datasets):
+    everything = _inputs(datasets, "evaluate.max_train_rows=0")
+    default = _inputs(datasets)  # 20,000 > 128 rows
+    assert default.corpus_pairs == len(default.ids) == 128 and not any("max_train_rows" in n for n in default.notes)
+    for name in ("ids", "synthetic", "refined", "gaze", "real"):
+        np.testing.assert_array_equal(getattr(default, name), getattr(everything, name))
+
+
+def test_hash_subsample_is_sized_order_free_and_apart_from_the_validation_split():
+    from simgan_dist.data.splits import hash_subsample, validation_mask
+
+    ids = np.array([f"syn-{i:06d}" for i in range(5000)], dtype=object)
+    pick = hash_subsample(ids, 500)
+    assert len(pick) == 500 == len(set(pick)) and np.all(np.diff(pick) > 0)
+    assert set(ids[::-1][hash_subsample(ids[::-1], 500)]) == set(ids[pick])  # order-free
+    assert set(ids[hash_subsample(ids[:4000], 400)]) <= set(ids[hash_subsample(ids[:4000], 500)])  # nested
+    np.testing.assert_array_equal(hash_subsample(ids, 6000), np.arange(5000))
+    # not the ids `data.real` holds out for validation (those of smallest plain hash)
+    assert validation_mask(ids[pick], 0.1).mean() < 0.2
+
+
+def test_evaluate_report_says_how_many_rows_were_used(datasets, tmp_path):
+    from simgan_dist.evaluate import evaluate
+
+    cfg = load_config("tiny", overrides=["evaluate.max_train_rows=40", "evaluate.gaze_epochs=1",
+                                         "evaluate.gaze_batch_size=32", "evaluate.realism_samples=32",
+                                         "evaluate.seeds=[0]"])
+    metrics = evaluate(str(datasets / "synthetic"), str(datasets / "refined"), str(datasets / "real_test"),
+                       tmp_path / "report", real=str(datasets / "real_labeled"), cfg=cfg, use_ray=False,
+                       progress=False)
+    inputs = metrics["inputs"]
+    assert (inputs["pairs"], inputs["corpus_pairs"], inputs["max_train_rows"]) == (40, 128, 40)
+    assert (inputs["real_rows"], inputs["corpus_real_rows"]) == (40, 64)
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["inputs"]["corpus_pairs"] == 128
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Estimators trained on 40 of 128 synthetic/refined pairs and 40 of 64 labeled real rows" in html

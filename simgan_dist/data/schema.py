@@ -432,8 +432,11 @@ def decode_table(table: pa.Table, layout: Layout) -> dict[str, np.ndarray]:
 
 
 def load_numpy(uri: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None,
-               limit: int | None = None) -> dict[str, np.ndarray]:
+               limit: int | None = None, only_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Read a whole dataset (or its first `limit` rows) into memory, checking every shard.
+
+    With `only_ids`, just the rows of those ids (in dataset order): each shard is filtered as it
+    is read, so memory holds one shard plus the kept rows, and only those are decoded.
 
     For single-process users (local training, evaluation, tests); clusters stream
     with `simgan_dist.data.pipeline.read_dataset`. Images come back N×H×W×C in
@@ -449,14 +452,17 @@ def load_numpy(uri: str, storage_cfg: StorageConfig | None = None, columns: list
     fs, paths = shard_paths(uri, manifest, storage_cfg)
     want = manifest.rows if limit is None else min(limit, manifest.rows)
     read = columns if "id" in columns else ["id", *columns]  # ids are always checked: they are small
+    keep = None if only_ids is None else pa.array(only_ids, pa.string())
     tables, ids, got = [], [], 0
     for shard, path in zip(manifest.shards, paths, strict=True):
         if got >= want:
             break
         table = _decode_shard(fs, path, shard, layout, storage.join(uri, shard.path), read).slice(0, want - got)
         ids.append((shard.path, table.column("id")))
-        tables.append(table.select(columns))
         got += table.num_rows
+        if keep is not None:
+            table = table.filter(pc.is_in(table.column("id"), value_set=keep))
+        tables.append(table.select(columns))
     check_unique_ids(uri, ids)
     if not tables:
         tables = [layout.arrow_schema().empty_table().select(columns)]

@@ -10,6 +10,12 @@ from simgan_dist.config import Config
 from simgan_dist.errors import UserError
 
 
+def id_hashes(ids: np.ndarray, person: bytes = b"") -> np.ndarray:
+    """The first 8 bytes of blake2b(id) as uint64; `person` gives an independent hash per use."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, person=person).digest(), "big")
+                        for i in ids), dtype=np.uint64, count=len(ids))
+
+
 def validation_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
     """True for the rows whose id falls in the held-out validation part (deterministic, order-free).
 
@@ -17,9 +23,18 @@ def validation_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
     are below `fraction`: the same ids are held out on every machine, in every shard order,
     and adding rows never moves an existing one across the split.
     """
-    limit = int(fraction * 2**64)
-    return np.fromiter((int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "big") < limit
-                        for i in ids), dtype=bool, count=len(ids))
+    return id_hashes(ids) < int(fraction * 2**64)
+
+
+def hash_subsample(ids: np.ndarray, count: int) -> np.ndarray:
+    """Positions (ascending) of the `count` ids of smallest hash: deterministic and order-free.
+
+    Hashed apart from `validation_mask` so that a subsample of `data.real` is not its held-out part.
+    """
+    if count >= len(ids):
+        return np.arange(len(ids))
+    order = np.argsort(id_hashes(ids, person=b"evaluate-sample"), kind="stable")
+    return np.sort(order[:count])
 
 
 def drop_validation_rows(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:

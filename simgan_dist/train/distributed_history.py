@@ -12,10 +12,10 @@ Images travel and are stored as integer codes (`imaging.history_codes`): uint8 f
 depth. They are encoded on the training device and decoded there after a sample.
 
 Actors are named after the run (`simgan-history/<run>/<shard>`): one buffer per run, and
-a restarted worker group finds the same buffer. Each asks for a little CPU and the memory
-its images take, so the scheduler places them where that exists (a head node started
-with `--num-cpus=0` gets none), spread over nodes. A shard whose actor dies (its node, a
-`ray.kill`) is restarted empty by Ray and refills within a few D steps: training goes on,
+a restarted worker group finds the same buffer. They live on the driver's node, holding no
+CPU there and the memory their images take (`shard_options`), so losing worker nodes (spot)
+leaves the buffer whole. A shard whose actor dies anyway (a `ray.kill`, a driver node
+without room for them) is restarted empty by Ray and refills within a few D steps: training goes on,
 and because every start of a shard has its own incarnation id the clients notice, and rank
 0 says so (a warning line and the `history_restarts` metric). The checkpoint still holds
 the last contents. A shard that cannot come back (restarts used up, no room for it on the
@@ -95,16 +95,31 @@ def _shard_name(run: str, index: int) -> str:
     return f"simgan-history/{run}/{index}"
 
 
-def shard_options(capacity: int, image_shape: tuple[int, ...], wide: bool) -> dict:
-    """Resources and placement of one shard actor holding `capacity` images."""
+def shard_options(capacity: int, image_shape: tuple[int, ...], wide: bool, num_shards: int = 1) -> dict:
+    """Resources and placement of one shard actor holding `capacity` images.
+
+    On the node of the process that creates them (the driver's: the head node under `ray job
+    submit`, which is not preempted), holding no CPU there (a KubeRay head has none): worker nodes
+    come and go (spot), and a shard on one lost its images with it. Worse, shards spread over the
+    worker nodes took a slice of every node's CPU, so once the whole pool was replaced no node had
+    the whole CPU that Ray's lineage reconstruction of the lost (materialized) corpus blocks needs:
+    the restarted workers waited for their first batch forever. `soft`: a driver node without the
+    memory for all `num_shards` places them elsewhere (Ray's soft affinity alone also spilled them
+    to a worker node when the driver's node was merely busy). The plan (`resources.plan_workers`)
+    still sets SHARD_CPUS each aside, as slack for Ray Data's tasks.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     image_bytes = math.prod(image_shape) * (2 if wide else 1)
+    memory = 2 * capacity * image_bytes + (64 << 20)  # the images, a checkpoint's copy, samples in flight
+    node = ray.get_runtime_context().get_node_id()
+    room = next((n["Resources"].get("memory", 0) for n in ray.nodes() if n["NodeID"] == node and n["Alive"]), 0)
     return {
-        "num_cpus": SHARD_CPUS,
-        # the images, a checkpoint's copy of them, and slack for samples in flight
-        "memory": 2 * capacity * image_bytes + (64 << 20),
+        "num_cpus": 0,
+        "memory": memory,
         "max_restarts": MAX_RESTARTS,
         "max_task_retries": MAX_RESTARTS,
-        "scheduling_strategy": "SPREAD",
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=room < num_shards * memory),
     }
 
 
@@ -113,7 +128,7 @@ def create_shards(run: str, capacity: int, image_shape: tuple[int, ...], num_sha
     """Create (or find, for a resumed run) the run's buffer shards; `capacity` (the logical
     buffer, all workers together) is split evenly."""
     per_shard = -(-capacity // num_shards)
-    options = shard_options(per_shard, tuple(image_shape), wide)
+    options = shard_options(per_shard, tuple(image_shape), wide, num_shards)
     return [
         HistoryShard.options(name=_shard_name(run, i), namespace=NAMESPACE, get_if_exists=True,
                              lifetime="detached", **options).remote(per_shard, tuple(image_shape), seed + i, wide)

@@ -55,6 +55,7 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from simgan_dist import console, ray_cluster
     from simgan_dist.data import storage
@@ -103,7 +104,9 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
 
     data_config = DataConfig(datasets_to_split="all")  # carries preserve_order over from the context
     # Workers' output stays in Ray's logs unless --verbose: rank 0 sends its progress lines here.
-    progress = Queue(actor_options={"num_cpus": 0})
+    # On this (the driver's) node: on a worker node, a preemption would take rank 0's channel with it.
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
     console.say(f"train: run {cfg.train.name!r} in {storage.join(cfg.train.storage_path, cfg.train.name)}, "
                     f"{resources.describe(worker_resources, cfg)}")
     trainer = TorchTrainer(
@@ -115,7 +118,8 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
                                      resources_per_worker=worker_resources),
         run_config=RunConfig(
             name=cfg.train.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         controller_failure_limit=worker_group_start_retries(cfg)),
             checkpoint_config=checkpoint_config, callbacks=callbacks,
         ),
         datasets=datasets,
@@ -131,13 +135,40 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
     except TrainingFailedError as exc:
         # What failed, in one line, instead of the traceback of every worker (those stay in Ray's logs).
         raise TrainingError(
-            f"run {cfg.train.name!r} failed: {console.failure_line(exc)}. The same command continues it from "
-            f"its latest checkpoint in {storage.join(cfg.train.storage_path, cfg.train.name)}") from exc
+            f"run {cfg.train.name!r} failed: {_what_failed(exc, worker_resources, cfg)}. The same command continues "
+            f"it from its latest checkpoint in {storage.join(cfg.train.storage_path, cfg.train.name)}") from exc
     finally:
         done.set()
         printer.join(timeout=10)
         progress.shutdown()
         dh.destroy_shards(run, cfg.train.buffer_shards)
+
+
+def _what_failed(error: BaseException, worker_resources: dict[str, float], cfg: Config) -> str:
+    """The failure line's middle: for workers that could not be placed again (their nodes lost, none
+    joined in time), what is missing; else the error's own last line."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from simgan_dist import console
+
+    if isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+        tries = worker_group_start_retries(cfg) + 1
+        return (f"its {cfg.train.num_workers} worker(s) ({', '.join(f'{v:g} {k}' for k, v in worker_resources.items())}"
+                f" each) could not be placed again in {tries} tries: the nodes they ran on were lost and the cluster "
+                "has not got those resources back (set train.resource_wait_s to wait longer for replacement nodes)")
+    return console.failure_line(error)
+
+
+def worker_group_start_retries(cfg: Config) -> int:
+    """How often Ray Train may retry starting the worker group when the cluster lacks its resources (the
+    whole pool lost, no replacement nodes). Each try waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s)
+    and Ray Train's default retries forever: a run then hung without a word. Enough tries to cover
+    train.resource_wait_s, at least one (a replacement node joins within a minute or two)."""
+    import math
+    import os
+
+    per_try = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, math.ceil(cfg.train.resource_wait_s / per_try))
 
 
 def check_corpora(cfg: Config) -> None:

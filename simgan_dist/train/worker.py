@@ -123,8 +123,11 @@ def _say(line: str, channel=None) -> None:
     """Rank 0's console line: to the driver through `channel` when it gave one, else to stdout
     (Ray Train's patched print() would show it twice)."""
     if channel is not None:
-        channel.put_nowait(line)
-        return
+        try:
+            channel.put_nowait(line)
+            return
+        except Exception:  # the channel's actor is gone (its node lost): a console line must not fail the run
+            pass
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
