@@ -52,7 +52,7 @@ def make_optimizer(params: Iterable[torch.Tensor], train_cfg: TrainConfig, role:
 
     Fused kernels on every device (CUDA and CPU): one kernel per step, and Adam's step counter
     stays a device tensor, so a step never calls `.item()` (the unfused CPU path does, and a
-    DeepSpeed step must not sync: tests/test_deepspeed_config.py). `device` is where the
+    DeepSpeed step must not sync: tests/train/test_deepspeed_config.py). `device` is where the
     parameters live (other device types get the default, unfused kernels).
     """
     if role not in ("refiner", "disc"):

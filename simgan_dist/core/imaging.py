@@ -1,7 +1,7 @@
 """Moving images between storage form (uint8/uint16 N×H×W×C) and model form (float N×C×H×W in [-1, 1]).
 
 Everything that leaves a device for the host goes through `to_host`: a tensor on a GPU
-has no `.numpy()`, and one helper is easy to audit (tests/test_imaging.py checks that no
+has no `.numpy()`, and one helper is easy to audit (tests/core/test_imaging.py checks that no
 other module calls `.cpu()` / `.numpy()` on tensors).
 
 Eye images (uint8): x = 2·v/255 − 1, the inverse is exact after rounding.

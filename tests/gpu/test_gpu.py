@@ -23,7 +23,7 @@ from simgan_dist.train.checkpoint import load_refiner, write_checkpoint
 from simgan_dist.train.driver import checkpoint_uri, fit
 from simgan_dist.train.engines import build_engines
 from simgan_dist.train.worker import ShardStream
-from tests.test_deepspeed_config import _cfg, _simgan, process_group  # noqa: F401 (fixture)
+from tests.train.test_deepspeed_config import _cfg, _simgan, process_group  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_the_refiner_steps_never_wait_on_the_host(process_group):  # noqa: F811
 
 def test_shard_stream_serves_device_batches_without_host_syncs():
     """The data side of the inner loop: chunk refills, the on-device shuffle (randperm), slicing."""
-    from tests.test_train import _Shard
+    from tests.train.test_train import _Shard
 
     class _DeviceShard(_Shard):  # what iter_torch_batches hands over on a GPU worker: device chunks
         def iter_torch_batches(self, batch_size: int, prefetch_batches: int):

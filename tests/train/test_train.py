@@ -194,7 +194,7 @@ def test_killed_driver_then_the_same_command_resumes_from_the_checkpoint(ray_loc
     cfg = _config(*overrides)
     snapshot = tmp_path / "driver" / "checkpoint_manager_snapshot.json"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "simgan_dist.cli", "train", "--preset", "tiny",
                                    *(a for o in (*SCHEDULE, *overrides) for a in ("--set", o))],

@@ -9,7 +9,7 @@ import torch
 
 from simgan_dist.core.imaging import DEPTH_HALF_RANGE_MM, normalize, to_host, to_model_input, to_storage
 
-PACKAGE = Path(__file__).resolve().parents[1] / "simgan_dist"
+PACKAGE = Path(__file__).resolve().parents[2] / "simgan_dist"
 
 
 def _host_copies(path: Path) -> list[str]:

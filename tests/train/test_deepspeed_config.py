@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import torch
+from toy_domains import toy_images
 
 from simgan_dist.config import load_config
 from simgan_dist.core.algorithm import Schedule, SimGAN
@@ -16,7 +17,6 @@ from simgan_dist.core.imaging import to_model_input
 from simgan_dist.core.losses import RefinerLoss
 from simgan_dist.train.engines import DeepSpeedUpdater, build_engines, deepspeed_config
 from simgan_dist.train.local import ArraySampler
-from tests.toy_domains import toy_images
 
 
 @pytest.fixture(scope="module")
