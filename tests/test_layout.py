@@ -41,10 +41,17 @@ def _packages_of(module: str) -> list[str]:
 
 
 def imports_of(path: Path, module: str) -> set[str]:
-    """Every module an import statement anywhere in `path` names (relative imports resolved)."""
+    """Every module an import statement anywhere in `path` names (relative imports resolved), but
+    those under `if TYPE_CHECKING:` (annotations only, never run)."""
     is_package = path.name == "__init__.py"
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(inner) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for inner in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -82,6 +89,35 @@ def forbidden_imports(start: str) -> dict[str, list[str]]:
     return found
 
 
+def import_cycles() -> list[list[str]]:
+    """The simgan_dist modules that import each other in a ring (strongly connected components > 1)."""
+    modules = {_module_name(p) for p in (ROOT / PACKAGE).rglob("*.py")}
+    graph = {m: {r for name in imports_of(_source(m), m) for r in (*_packages_of(name), name)
+                 if r in modules and r != m and not m.startswith(r + ".")} for m in modules}
+    order, low, stack, cycles = {}, {}, [], []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in order:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], order[other])
+        if low[module] == order[module]:
+            ring = []
+            while not ring or ring[-1] != module:
+                ring.append(stack.pop())
+            if len(ring) > 1:
+                cycles.append(sorted(ring))
+
+    for module in sorted(modules):
+        if module not in order:
+            visit(module)
+    return cycles
+
+
 def core_modules() -> list[str]:
     return sorted(_module_name(p) for p in CORE.rglob("*.py"))
 
@@ -116,3 +152,7 @@ def test_core_imports_neither_ray_nor_deepspeed_at_run_time():
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = json.loads(run.stdout.strip().splitlines()[-1])
     assert not loaded, f"importing simgan_dist.core loaded {len(loaded)} modules of {FORBIDDEN}: {loaded[:10]}"
+
+
+def test_the_package_has_no_import_cycles():
+    assert not import_cycles(), f"modules importing each other: {import_cycles()}"

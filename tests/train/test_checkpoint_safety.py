@@ -18,6 +18,8 @@ from simgan_dist.config import load_config
 from simgan_dist.train.checkpoint import CheckpointError, load_data, load_refiner, rng_state, set_rng_state
 from simgan_dist.train.local import train_local
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # toy_domains lives there
+
 
 class Payload:
     """What an attacker with write access to the bucket would plant: unpickling runs a command."""
@@ -73,7 +75,7 @@ def test_deepspeed_checkpoint_files_load_as_data_and_a_payload_is_refused(tmp_pa
     (ZeRO-2: model states and the optimizer partition with its loss scaler)."""
     script = textwrap.dedent(f"""
         import os, sys, torch, deepspeed, torch.distributed as dist
-        sys.path.insert(0, {os.getcwd()!r})
+        sys.path[:0] = [{os.getcwd()!r}, {TESTS!r}]  # the package, and tests/ for toy_domains
         from test_checkpoint_safety import plant
         from simgan_dist.train.checkpoint import CheckpointError
         from simgan_dist.train.engines import load_as_data
