@@ -34,7 +34,8 @@ from simgan_dist.config import load_config
 from simgan_dist.data.render import APPEARANCE_PARTS, DETERMINISTIC_PARTS
 from simgan_dist.data.schema import load_numpy, read_manifest
 from simgan_dist.data.simulate import render_rows
-from simgan_dist.evaluate import _align_by_id, paired_improvement, run_gaze_variants, summarize_gaze
+from simgan_dist.evaluate import paired_improvement, run_gaze_variants, summarize_gaze
+from simgan_dist.evaluate_inputs import _align_by_id
 
 ORACLES = {
     "full oracle": APPEARANCE_PARTS,
