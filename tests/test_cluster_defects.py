@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -30,6 +31,14 @@ def _autoscaler_request() -> list[dict]:
     return json.loads(raw) if raw else []
 
 
+def _autoscaler_request_once(settled, timeout_s: float = 20.0) -> list[dict]:
+    """The request once `settled(request)` holds: the GCS's view lags `request_resources` a little."""
+    deadline = time.monotonic() + timeout_s
+    while not settled(request := _autoscaler_request()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return request
+
+
 @pytest.mark.slow
 def test_a_run_withdraws_its_autoscaler_request_when_it_ends(ray_local):
     """`request_resources` persists until the next call: a run that asked for GPU nodes and ended
@@ -42,11 +51,12 @@ def test_a_run_withdraws_its_autoscaler_request_when_it_ends(ray_local):
     cfg = load_config("tiny", overrides=["train.use_gpu=true", "train.resource_wait_s=0.1"])
     with pytest.raises(UserError):
         resources.training_resources(cfg)
-    asked = _autoscaler_request()
-    assert sum(bundle.get("GPU", 0) for bundle in asked) == cfg.train.num_workers
+    gpus = lambda request: sum(bundle.get("GPU", 0) for bundle in request)  # noqa: E731
+    asked = _autoscaler_request_once(lambda request: gpus(request) > 0)
+    assert gpus(asked) == cfg.train.num_workers
     with pytest.raises(UserError):
         driver.fit(cfg)
-    assert _autoscaler_request() == []
+    assert _autoscaler_request_once(lambda request: request == []) == []  # seen non-empty first: a real withdrawal
     assert not resources._requested
     resources.clear_resource_request()  # nothing asked: a no-op (a Tune trial never clears the sweep's request)
 
