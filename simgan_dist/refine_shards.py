@@ -94,11 +94,13 @@ class BatchRefiner:
             with self.lock:  # one forward at a time; the download and cast below overlap the next one
                 x, centres = normalize(chunk, self.device, self.dtype, self.channels_last)
                 y = self.model(x)
-            # to_storage would clamp NaN to a flat image: a diverged refiner must not pass for a result
-            if not torch.isfinite(y[:n]).all():
+            # to_storage would clamp NaN to a flat image: a diverged refiner must not pass for a result.
+            # The flag is read after to_storage's download, so a GPU batch costs no extra stall.
+            finite = torch.isfinite(y[:n]).all()
+            out[start:start + n] = to_storage(y[:n], images.dtype, None if centres is None else centres[:n])
+            if not finite:
                 raise RefineError("the refiner's output holds NaN or infinity (diverged or corrupt weights): "
                                   "nothing of this shard was written")
-            out[start:start + n] = to_storage(y[:n], images.dtype, None if centres is None else centres[:n])
         return out
 
 
