@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config file or override that does not match the schema."""
+
+
+class DatasetError(UserError, ValueError):
+    """Data that does not match the contract or its manifest; the message names the URI and field."""

@@ -34,12 +34,11 @@ from simgan_dist.config import ModelConfig, RefineConfig, StorageConfig
 from simgan_dist.core.imaging import normalize, to_storage
 from simgan_dist.core.models import Refiner, build_refiner
 from simgan_dist.data import storage
+from simgan_dist.data.decode import images_from_binary, labels_from_list
 from simgan_dist.data.schema import (
     DatasetError,
     Layout,
     ShardInfo,
-    images_from_binary,
-    labels_from_list,
     shard_name,
 )
 from simgan_dist.data.writer import encode_shard

@@ -24,7 +24,8 @@ import ray
 import ray.data
 
 from simgan_dist.config import StorageConfig
-from simgan_dist.data.schema import DatasetError, Layout, decode_table, shard_paths, validate
+from simgan_dist.data.decode import decode_table
+from simgan_dist.data.schema import DatasetError, Layout, shard_paths, validate
 from simgan_dist.errors import UserError
 
 

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from simgan_dist.data import storage
+from simgan_dist.data.decode import images_from_binary
 from simgan_dist.data.schema import (
     MANIFEST_NAME,
     DatasetError,
     Layout,
-    images_from_binary,
     load_numpy,
     read_manifest,
     validate,
