@@ -12,8 +12,9 @@ from simgan_dist.errors import UserError
 
 
 def _autoscaler_request() -> list[dict]:
-    """The resource request the autoscaler reads, as `ray.autoscaler.sdk.request_resources` wrote it:
-    the GCS's internal KV (autoscaler v1, what a local instance runs) or the GCS's cluster
+    """The resource request the autoscaler reads, as `ray.autoscaler.sdk.request_resources` wrote it
+    (Ray's AutoscalingCoordinator calls it with every requester's bundles): the GCS's internal KV
+    (autoscaler v1, what a local instance runs) or the GCS's cluster
     constraint (v2)."""
     from ray.autoscaler.v2.utils import is_autoscaler_v2
 
@@ -41,10 +42,13 @@ def _autoscaler_request_once(settled, timeout_s: float = 20.0) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_run_withdraws_its_autoscaler_request_when_it_ends(ray_local):
-    """`request_resources` persists until the next call: a run that asked for GPU nodes and ended
-    (here: failed, the nodes never came) must leave no request behind, or the autoscaler keeps
-    GPU nodes up. Checked at the source the autoscaler reads (the GCS), which is all our code
-    controls; an `AutoscalingCluster` would add the autoscaler's own reaction to that request."""
+    """A run that asked for GPU nodes and ended (here: failed, the nodes never came) must leave no
+    request behind, or the autoscaler keeps GPU nodes up; while it waits, its request must survive
+    other runs' requests: Ray Data and Ray Train re-send their merged requests through Ray's
+    AutoscalingCoordinator, which overwrote a direct `request_resources` (a full test run caught
+    that). Checked at the source the autoscaler reads (the GCS), which is all our code controls."""
+    import ray
+
     from simgan_dist.train import driver, resources
 
     # No GPUs on the test instance: the run asks the autoscaler for them, waits, then fails.
@@ -52,12 +56,22 @@ def test_a_run_withdraws_its_autoscaler_request_when_it_ends(ray_local):
     with pytest.raises(UserError):
         resources.training_resources(cfg)
     gpus = lambda request: sum(bundle.get("GPU", 0) for bundle in request)  # noqa: E731
-    asked = _autoscaler_request_once(lambda request: gpus(request) > 0)
-    assert gpus(asked) == cfg.train.num_workers
+    assert gpus(_autoscaler_request_once(lambda request: gpus(request) > 0)) == cfg.train.num_workers
+
+    # Another run's request arrives, as a Ray Data pipeline sends it: ours is kept beside it.
+    coordinator = resources._autoscaling_coordinator()
+    ray.get(coordinator.request_resources.remote(requester_id="a-ray-data-run", resources=[{"CPU": 3.0}],
+                                                 expire_after_s=60))
+    try:
+        request = _autoscaler_request_once(lambda request: {"CPU": 3.0} in request)
+        assert {"CPU": 3.0} in request and gpus(request) == cfg.train.num_workers
+    finally:
+        ray.get(coordinator.cancel_request.remote("a-ray-data-run"))
+
     with pytest.raises(UserError):
         driver.fit(cfg)
-    assert _autoscaler_request_once(lambda request: request == []) == []  # seen non-empty first: a real withdrawal
-    assert not resources._requested
+    assert gpus(_autoscaler_request_once(lambda request: gpus(request) == 0)) == 0  # seen > 0 first: withdrawn
+    assert resources._requested is None
     resources.clear_resource_request()  # nothing asked: a no-op (a Tune trial never clears the sweep's request)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from typing import Any
 
 from simgan_dist.config import Config
@@ -23,6 +24,10 @@ MIN_WORKER_CPUS = 0.5
 # What a worker keeps at least once the history shard actors' CPUs (distributed_history.SHARD_CPUS
 # each: a few ms of copying per push or sample) and a Tune trial's sliver come out of its share.
 MIN_WORKER_SHARE = 0.25
+# How long an autoscaler request outlives the wait for it: long enough for the run's workers to
+# land on the new nodes (busy nodes stay up without a request), short enough that a killed driver's
+# request lapses.
+REQUEST_GRACE_S = 600.0
 
 
 def history_cpus(cfg: Config) -> float:
@@ -92,26 +97,49 @@ def plan_workers(cfg: Config, resources: dict[str, float], runs: int = 1,
     return {"CPU": per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
 
 
-# Whether this process asked the autoscaler for resources (`training_resources`) and has not
-# withdrawn the request yet (`clear_resource_request`).
-_requested = False
+# The requester id under which this process asked the autoscaler for resources
+# (`training_resources`), until it withdraws the request (`clear_resource_request`).
+_requested: str | None = None
+
+
+def _autoscaling_coordinator():
+    """Ray's cluster-wide AutoscalingCoordinator actor (detached, one per cluster).
+
+    In Ray 2.60 every Ray Data and Ray Train run registers its requests with this actor, which
+    merges them and re-sends the merged list to the autoscaler every 20 s: a direct
+    `ray.autoscaler.sdk.request_resources` is overwritten within 20 s on any cluster that has ever
+    run either. Its interface is Ray's own, not public API (Ray is pinned), hence this one lookup."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    return get_or_create_autoscaling_coordinator()
+
+
+def _request(bundles: list[dict[str, float]], expire_after_s: float) -> None:
+    """Ask the autoscaler for `bundles` beside every other run's requests; the request lapses by
+    itself after `expire_after_s` (a driver killed mid-wait leaves nothing behind for long)."""
+    import ray
+
+    global _requested
+    _requested = _requested or f"simgan_dist-{uuid.uuid4().hex[:12]}"
+    ray.get(_autoscaling_coordinator().request_resources.remote(
+        requester_id=_requested, resources=bundles, expire_after_s=expire_after_s), timeout=60)
 
 
 def clear_resource_request() -> None:
-    """Withdraw this process's autoscaler request, if it made one: `request_resources` requests
-    persist until the next call, so without this the autoscaler keeps the run's (GPU) nodes up
-    after the run ends. `train.fit` and `tune.sweep` call it however they end. Only the process
-    that asked withdraws: a Tune trial (`fit` with the sweep's plan) never clears the sweep's
-    request while other trials still need it."""
+    """Withdraw this process's autoscaler request, if it made one, so the autoscaler does not keep
+    the run's (GPU) nodes up after the run ends. `train.fit` and `tune.sweep` call it however they
+    end. Only the process that asked withdraws: a Tune trial (`fit` with the sweep's plan) never
+    clears the sweep's request while other trials still need it."""
     global _requested
-    if not _requested:
+    if _requested is None:
         return
     import ray
-    from ray.autoscaler.sdk import request_resources
 
     if ray.is_initialized():
-        request_resources(bundles=[])
-    _requested = False
+        ray.get(_autoscaling_coordinator().cancel_request.remote(_requested), timeout=60)
+    _requested = None
 
 
 def training_resources(cfg: Config, runs: int = 1, reserved_cpus: float = 0.0) -> dict[str, float]:
@@ -122,13 +150,10 @@ def training_resources(cfg: Config, runs: int = 1, reserved_cpus: float = 0.0) -
     resources = ray.cluster_resources()
     wait_s = cfg.train.resource_wait_s
     if not _fits(cfg, resources, runs, reserved_cpus) and wait_s > 0:
-        from ray.autoscaler.sdk import request_resources
-
         bundle = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
         shards = [{"CPU": _shard_cpus()}] * cfg.train.buffer_shards
-        request_resources(bundles=([bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}] + shards) * runs)
-        global _requested
-        _requested = True
+        _request(([bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}] + shards) * runs,
+                 expire_after_s=wait_s + REQUEST_GRACE_S)
         say(f"ray: waiting up to {wait_s:g} s (train.resource_wait_s) for the cluster to add "
             + (f"{runs} x (" if runs > 1 else "") + f"{cfg.train.num_workers} x {bundle} + {DATA_CPUS:g} CPU"
             + f" + {history_cpus(cfg):g} CPU for history" + (")" if runs > 1 else ""))
