@@ -27,6 +27,9 @@ from simgan_dist.console import configure_console
 # RAY_AUTH_MODE is currently 'disabled'" at ray.init.
 configure_console(verbose=False)
 RAY_SETTINGS = ("RAY_AUTH_MODE", "RAY_DEDUP_LOGS", "RAY_DATA_LOGGING_CONFIG")
+# Ray Train's controller polls its workers every 2 s, so each run ends up to 2 s after its last
+# step; the suite runs ~25 of them. Every Ray the tests start inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 HEAVY_FIXTURES = frozenset({"ray_local", "s3_server", "s3_bucket"})
 SLOW = "slow"

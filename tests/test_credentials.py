@@ -3,7 +3,6 @@ S3 endpoint with recognisable fake credentials given in the config, and no outpu
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -47,14 +46,21 @@ def test_session_token_reaches_ray_workers_through_their_environment(ray_local, 
     assert "AWS_SESSION_TOKEN" not in explicit
 
 
-def every_output(s3_server, bucket: str, *folders) -> dict[str, bytes]:
+def leaked(files: dict[str, bytes]) -> list[tuple[str, str]]:
+    """(file, secret) for each FAKE secret found in a file."""
+    return [(name, secret) for name, data in files.items() for secret in FAKE.values() if secret.encode() in data]
+
+
+def every_output(s3_server, bucket: str | None, *folders) -> dict[str, bytes]:
+    """Every object in `bucket` (None: no bucket) and every file under `folders`, by name."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_server)
     files = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            files[f"s3://{bucket}/{obj['Key']}"] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    if bucket is not None:
+        client = boto3.client("s3", endpoint_url=s3_server)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                files[f"s3://{bucket}/{obj['Key']}"] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
     for folder in folders:
         for root, _, names in os.walk(folder):
             for name in names:
@@ -101,47 +107,6 @@ def test_pipeline_with_fake_credentials_writes_them_nowhere(ray_local, s3_server
     written = [name for name in files if name.endswith("config.yaml")]
     assert written and any("/runs/leak/checkpoint_" in name for name in written)
     assert any(name.endswith("_refine_job.json") for name in files) and (report / "report.html").exists()
-    leaks = [(name, secret) for name, data in files.items() for secret in FAKE.values()
-             if secret.encode() in data]
-    assert not leaks, leaks
-    printed = capsys.readouterr()
-    assert not any(v in printed.out + printed.err for v in FAKE.values())
-
-
-@pytest.mark.slow
-def test_tune_sweep_with_fake_credentials_writes_them_nowhere(ray_local, s3_server, s3_bucket, tmp_path, capsys):
-    """A one-trial sweep reading its data from S3: best_config.yaml, results.csv/md, Tune's own
-    trial files (params.json/pkl, result.json, experiment state) and the trial's training run
-    hold no secret; the trial gets the credentials through the object store."""
-    import ray
-
-    from simgan_dist.data.simulate import simulate_dataset
-    from simgan_dist.tune import sweep
-
-    secrets = [f"storage.{k}={v}" for k, v in FAKE.items()]
-    data = f"{s3_bucket}/eyes"
-    cfg = load_config("tiny", overrides=[
-        *secrets, f"data.synthetic={data}/synthetic", f"data.real={data}/real", "data.real_val_fraction=0.25",
-        "train.batch_size=16", "train.eval_every=2", "train.eval_samples=32", "train.keep_best=1",
-        "train.pretrain_refiner_steps=2", "train.pretrain_disc_steps=1", "train.iterations=2",
-        "train.checkpoint_every=10", "train.report_every=10", "train.image_every=10",
-        "tune.name=leak", f"tune.output={tmp_path / 'sweeps'}", "tune.search=grid", "tune.num_samples=1",
-        "tune.k_g=[1]", "tune.lr=[1.0e-4]", "tune.lambda_reg=[1.0e-4]", "tune.grace_steps=2",
-        "tune.max_concurrent_trials=1"])
-    simulate_dataset(data, 64, 96, 0, seed=6, rows_per_shard=96, storage_cfg=cfg.storage, parallel=False)
-    rows, best = sweep(cfg)
-    assert best is not None and rows[0]["stop"] == "completed", rows
-
-    folder = tmp_path / "sweeps" / "leak"
-    assert {"best_config.yaml", "results.csv", "results.md"} <= {p.name for p in folder.iterdir()}
-    names = {p.name for p in folder.rglob("*")}
-    assert {"params.json", "params.pkl", "result.json", "config.yaml"} <= names, sorted(names)
-    params = json.loads(next(folder.glob("run_trial_*/params.json")).read_text())
-    assert set(params) == {"k_g", "lr", "lambda_reg"}  # the base config travels by reference, not in Tune's files
-    session_logs = ray._private.worker._global_node.get_session_dir_path()
-    files = every_output(s3_server, s3_bucket.removeprefix("s3://"), folder, session_logs)
-    leaks = [(name, secret) for name, data in files.items() for secret in FAKE.values()
-             if secret.encode() in data]
-    assert not leaks, leaks
+    assert not leaked(files)
     printed = capsys.readouterr()
     assert not any(v in printed.out + printed.err for v in FAKE.values())

@@ -151,10 +151,24 @@ def test_token_authentication_is_on(head):
     assert "SUCCEEDED" not in out
 
 
+def _saved_history(runs: str) -> dict[int, int]:
+    """step -> history images, of each checkpoint of the smoke run saved so far."""
+    import torch
+
+    from simgan_dist.train.checkpoint import STATE_FILE
+
+    saved = {}
+    for state_file in glob.glob(f"{runs}/smoke/checkpoint_*/{STATE_FILE}"):
+        state = torch.load(state_file, weights_only=False)
+        saved[sum(state["algorithm"].values())] = sum(len(shard["images"]) for shard in state["history"])
+    return saved
+
+
 @pytest.fixture(scope="module")
 def trained(head):
     """Train submitted with --verbose and stopped after its first checkpoint, then the README's
-    command again: (the stopped job's logs, the resumed job's logs)."""
+    command again: (the stopped job's logs, the resumed job's logs, step -> history images of each
+    checkpoint the stopped job saved)."""
     stopped_id = "smoke-stopped"
     _sh(TRAIN.replace("submit", f"submit --no-wait --submission-id {stopped_id}") + " --verbose", head)
     deadline = time.monotonic() + 400
@@ -171,16 +185,22 @@ def trained(head):
     _sh(f"ray job stop {stopped_id}", head, timeout=120)
     assert "stopped" in _sh(f"ray job status {stopped_id}", head, timeout=60).lower()
     stopped_logs = _sh(f"ray job logs {stopped_id}", head, timeout=60)
+    saved = _saved_history(head["RUNS"])
 
     submitted = _sh(TRAIN, head)
     assert "succeeded" in submitted
-    return stopped_logs, _sh(f"ray job logs {_job_id(submitted)}", head, timeout=60)
+    return stopped_logs, _sh(f"ray job logs {_job_id(submitted)}", head, timeout=60), saved
 
 
 @pytest.mark.slow
 def test_train_job_stopped_mid_run_resumes_when_submitted_again(trained, head):
-    stopped, resumed = trained
-    assert re.search(r"\[smoke\] resumed at step [1-9]\d*/38 with \d+ history images", resumed), resumed
+    """`ray job stop` ends the driver (SIGTERM, SIGKILL 3 s later): the same command again continues
+    from the latest checkpoint with that checkpoint's buffer."""
+    stopped, resumed, saved = trained
+    found = re.search(r"\[smoke\] resumed at step ([1-9]\d*)/38 with (\d+) history images", resumed)
+    assert found, resumed
+    step, images = map(int, found.groups())
+    assert saved.get(step) == images > 0, (saved, step, images)
     assert "joined the Ray cluster" in resumed and "from RAY_ADDRESS" in resumed
     assert "2 worker(s) x 0.25 CPU (+1 CPU for Ray Data, 0.5 CPU for 2 history shard(s))" in resumed
     assert re.search(r"\[38/38 adversarial\] R loss \S+ \| R adv \S+ \| R reg \S+ \| D loss \S+ \| "

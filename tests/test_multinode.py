@@ -25,21 +25,28 @@ ROOT = Path(__file__).resolve().parent.parent
 NAME = "mn"
 
 
-@pytest.fixture
-def cluster(s3_server):
-    """A 0-CPU head plus two 1-CPU worker nodes; `cluster.workers` lists the worker nodes."""
+@pytest.fixture(scope="module")
+def module_cluster(s3_server):
+    """A 0-CPU head, shared by the module's tests (each start costs ~10 s)."""
     from ray.cluster_utils import Cluster
 
     saved = os.environ.pop("RAY_ADDRESS", None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster.workers = []
     try:
-        cluster.workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
         yield cluster
     finally:
         cluster.shutdown()
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved
+
+
+@pytest.fixture
+def cluster(module_cluster):
+    """The head plus two live 1-CPU worker nodes; `cluster.workers` lists the worker nodes."""
+    module_cluster.workers += [module_cluster.add_node(num_cpus=1) for _ in range(2 - len(module_cluster.workers))]
+    module_cluster.wait_for_nodes()
+    return module_cluster
 
 
 @pytest.fixture
@@ -174,14 +181,15 @@ def test_the_whole_worker_pool_lost_with_no_replacement_fails_in_one_line(cluste
     that says what was lost and that the same command continues it; no traceback without --verbose."""
     bucket = corpora[0]
     # Ray Train's wait per try to start the worker group (60 s by default), shorter for the test
-    proc = command(cluster, *train_args(corpora, "train.max_failures=1"), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
+    proc = command(cluster, *train_args(corpora, "train.max_failures=1"), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="12")
     wait_for(lambda: registered_checkpoints(bucket), proc, what="registered checkpoint")
     started = time.monotonic()
     for node in cluster.workers:
         cluster.remove_node(node, allow_graceful=False)
+    cluster.workers = []
     rc, out = finish(proc, timeout=300)
     assert rc == 1, out
-    assert time.monotonic() - started < 150, out  # 2 tries of 20 s to start the group, plus the restarts
+    assert time.monotonic() - started < 120, out  # 2 tries of 12 s to start the group, plus the restarts
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1, out
     assert "could not be placed again" in errors[0] and "The same command continues it" in errors[0], out

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from test_credentials import FAKE, every_output, leaked
 
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
@@ -17,10 +18,14 @@ def _trial_reports(folder) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_path, monkeypatch):
+def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_path, monkeypatch, capsys):
+    """Also: with fake credentials in the config, no file the sweep writes (best_config.yaml,
+    results, Tune's trial files, the trials' training runs) nor the Ray session's logs nor the
+    console holds them; the trials get their config's secrets through the object store."""
     monkeypatch.chdir(tmp_path)  # relative paths, as `make demo` gives: trials run in their own folders
     simulate_dataset("data", synthetic=160, real=160, real_test=0, seed=2, rows_per_shard=80)
     cfg = load_config("tiny", overrides=[
+        *[f"storage.{key}={secret}" for key, secret in FAKE.items()],
         "data.synthetic=data/synthetic", "data.real=data/real",
         f"data.real_test={tmp_path / 'does-not-exist'}",  # the objective must never read it
         "data.real_val_fraction=0.2", "train.eval_every=2", "train.eval_samples=32", "train.keep_best=2",
@@ -51,6 +56,12 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
     # ASHA killed the bad trial with its Train controller: its worker group's placement group must not
     # hold CPUs until the session ends (Ray Train's own cleaner needs the dashboard, absent here)
     assert _placement_groups_holding_resources() <= held_before
+
+    assert set(json.loads(next(folder.glob("run_trial_*/params.json")).read_text())) == {"k_g", "lr", "lambda_reg"}
+    session_logs = ray._private.worker._global_node.get_session_dir_path()
+    assert not leaked(every_output(None, None, tmp_path, session_logs))
+    printed = capsys.readouterr()
+    assert not any(secret in printed.out + printed.err for secret in FAKE.values())
 
     # the winner's config trains as written (here with the local trainer, shortened)
     winner = load_config("eye", folder / "best_config.yaml", ["train.iterations=2", "train.eval_every=0"])

@@ -113,3 +113,15 @@ def test_state_round_trip_and_clear(shards):
     assert dh.load_shards(actors, states) == 4
     with pytest.raises(ValueError, match="2 history shards"):
         dh.load_shards(actors[:1], states)
+
+    # A driver SIGKILLed after that checkpoint leaves its detached shards holding newer images; the
+    # same command again finds them (create_shards) and the checkpoint's buffer replaces what they hold.
+    saved = [state["images"].clone() for state in states]
+    shared.push(torch.randn(4, *SHAPE))
+    shared.flush()
+    survivors = shards(2, 8)
+    assert [a._actor_id for a in survivors] == [a._actor_id for a in actors]
+    assert sum(ray.get([a.size.remote() for a in survivors])) == 8
+    assert dh.load_shards(survivors, states) == 4
+    restored = [state["images"] for state in dh.save_shards(survivors)]
+    assert all(torch.equal(a, b) for a, b in zip(restored, saved, strict=True))

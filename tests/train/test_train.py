@@ -2,10 +2,6 @@
 over gloo, the loopback S3 endpoint, and simulated data in the Parquet contract."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -153,69 +149,6 @@ def _fit_acting_once(cfg, act, within_s: float = 300):
     result = fit(cfg)
     watcher.join(timeout=5)
     return result, acted
-
-
-@pytest.mark.slow
-def test_killed_worker_resumes_from_checkpoint_with_buffer(ray_local, eye_data, tmp_path):
-    cfg = _config("train.num_workers=2", "train.iterations=40", "train.checkpoint_every=10",
-                  f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",
-                  f"train.storage_path={tmp_path}", "train.name=killed", "train.max_failures=1")
-    snapshot = tmp_path / "killed" / "checkpoint_manager_snapshot.json"
-
-    def kill_a_worker():
-        # only a checkpoint Ray Train has registered is one a restart resumes from
-        if snapshot.exists() and "checkpoint_" in snapshot.read_text() and (workers := _train_workers()):
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            return workers[-1].pid
-        return None
-
-    result, killed = _fit_acting_once(cfg, kill_a_worker)
-    assert killed, "no training worker was found to kill"
-    assert result.error is None
-    metrics = result.metrics
-    assert metrics["step"] == 48
-    restored = metrics["restored_from_step"]
-    assert restored > 0 and restored % 10 == 0, "the second attempt did not start from a checkpoint"
-    disc_steps = 4 + (restored - 8)  # pretraining D steps + one D step per iteration
-    assert metrics["history_restored"] == min(256, disc_steps * 2 * 16)
-
-
-@pytest.mark.slow
-def test_killed_driver_then_the_same_command_resumes_from_the_checkpoint(ray_local, eye_data, tmp_path):
-    """The driver of a run (what `ray job submit` starts) SIGKILLed mid-run: nothing of it cleans up, its
-    detached history shards outlive it holding images newer than the checkpoint. The same command again
-    continues from the checkpoint, with the checkpoint's buffer, not the leftovers."""
-    import ray
-
-    from simgan_dist.train import distributed_history as dh
-
-    overrides = ["train.iterations=20", "train.checkpoint_every=10", f"data.synthetic={eye_data}/synthetic",
-                 f"data.real={eye_data}/real", f"train.storage_path={tmp_path}", "train.name=driver"]
-    cfg = _config(*overrides)
-    snapshot = tmp_path / "driver" / "checkpoint_manager_snapshot.json"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "simgan_dist.cli", "train", "--preset", "tiny",
-                                   *(a for o in (*SCHEDULE, *overrides) for a in ("--set", o))],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 400
-            # only a checkpoint Ray Train has registered is one a new run resumes from
-            while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
-                assert driver.poll() is None, (tmp_path / "driver.log").read_text()
-                assert time.time() < deadline, "no checkpoint within 400 s"
-                time.sleep(0.2)
-        finally:
-            driver.kill()
-            driver.wait()
-    left = sum(ray.get([s.size.remote() for s in dh.get_shards(history_run_id(cfg), cfg.train.buffer_shards)]))
-    result = fit(cfg)
-    assert result.error is None and result.metrics["step"] == 28
-    restored = result.metrics["restored_from_step"]
-    assert restored > 0 and restored % 10 == 0, "the second run did not start from a checkpoint"
-    disc_steps = 4 + (restored - 8)  # pretraining D steps + one D step per iteration
-    assert result.metrics["history_restored"] == min(256, disc_steps * 16) <= left
 
 
 def _jsonl(path: Path) -> list[dict]:
