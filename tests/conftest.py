@@ -179,3 +179,12 @@ def _ray_settings_restored():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture
+def unityeyes_dir(tmp_path):
+    """A UnityEyes folder of 4 good samples and 6 bad ones (tests/unityeyes_folder.py)."""
+    from unityeyes_folder import unityeyes_folder
+
+    unityeyes_folder(tmp_path / "UnityEyes")
+    return tmp_path / "UnityEyes"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from test_credentials import FAKE, every_output, leaked
+from leak_check import FAKE, every_output, leaked
 
 from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
-from test_data_ingest import unityeyes_dir  # noqa: F401  (fixture: 4 good UnityEyes samples, 6 bad)
 
 from simgan_dist.data import simulate, storage
 from simgan_dist.data.ingest import QUARANTINE_NAME, ingest, read_quarantine

@@ -6,7 +6,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from simgan_dist.config import load_config
@@ -87,31 +86,65 @@ def test_shard_stream_starts_the_next_epoch_ahead_and_hands_on_read_errors():
         broken()
 
 
+def _checkpoint_files_are_data(run_uri: str) -> list[str]:
+    """Every .pt object under `run_uri` but DeepSpeed's, each loaded by plain torch.load(weights_only=True)."""
+    import io
+
+    import pyarrow.fs as pafs
+    import torch
+
+    from simgan_dist.data import storage
+
+    filesystem, path = storage.resolve(run_uri)
+    found = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    names = [info.path.removeprefix(f"{path}/") for info in found if info.path.endswith(".pt")]
+    names = [name for name in names if "deepspeed" not in name.split("/")]
+    for name in names:
+        torch.load(io.BytesIO(storage.read_bytes(f"{run_uri}/{name}")), weights_only=True)
+    return names
+
+
 @pytest.mark.slow
-def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
+def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_bucket, tmp_path, capsys):
+    """Two ZeRO-2 workers read their corpora from S3 and keep their run there, with EMA of R and
+    best-K checkpoints by the label-free objective, fake credentials in the config: the metrics,
+    the checkpoints (every file but DeepSpeed's is data), the monitor; the same job submitted
+    again with a longer schedule continues the run (EMA from refiner.pt); refine's choice of the
+    best checkpoint refuses a payload planted there; no object, log or console line holds the
+    credentials (the config's secrets reach the workers through the object store)."""
+    import ray
+    from leak_check import FAKE, every_output, leaked
+    from test_checkpoint_safety import plant
+
+    from simgan_dist.data import storage
+    from simgan_dist.refine import choose_checkpoint
+    from simgan_dist.train.checkpoint import CheckpointError
+
     data = f"{s3_bucket}/eyes"
     simulate_dataset(data, synthetic=384, real=192, real_test=0, seed=1, rows_per_shard=100)
     overrides = ["train.num_workers=2", "train.checkpoint_every=7", "train.zero_stage=2", "train.buffer_size=128",
-                 f"data.synthetic={data}/synthetic", f"data.real={data}/real",
-                 f"train.storage_path={s3_bucket}/runs", "train.name=e2e"]
+                 f"data.synthetic={data}/synthetic", f"data.real={data}/real", "data.real_val_fraction=0.2",
+                 "train.ema_decay=0.9", "train.eval_every=7", "train.eval_samples=32", "train.keep_best=2",
+                 f"train.storage_path={s3_bucket}/runs", "train.name=e2e",
+                 *[f"storage.{key}={secret}" for key, secret in FAKE.items()]]
     cfg = _config(*overrides, "train.iterations=6")
     result = fit(cfg)
     assert result.error is None
     metrics = result.metrics
     assert metrics["step"] == 14 and metrics["phase"] == "adversarial"
     for key in ("refiner/adv_loss", "refiner/reg_loss", "disc/loss", "disc/acc_real", "disc/acc_refined",
-                "images_per_s", "data_wait_s", "buffer_fill"):
+                "images_per_s", "data_wait_s", "buffer_fill", "objective"):
         assert key in metrics, key
     assert metrics["buffer_fill"] == 1.0  # 2 workers x 16 images x 10 D steps > 2 x 128 slots
     uri = checkpoint_uri(cfg, result.checkpoint)
     assert uri.startswith(f"{s3_bucket}/runs/e2e/checkpoint_")
     refiner, saved = load_refiner(uri, cfg.storage)
     assert saved.train.name == "e2e"
-    from simgan_dist.data import storage
-
     monitor = storage.list_files(f"{s3_bucket}/runs/e2e/monitor")
     assert "metrics.jsonl" in monitor
     assert storage.list_files(f"{s3_bucket}/runs/e2e/monitor/images")
+    loaded = _checkpoint_files_are_data(f"{s3_bucket}/runs/e2e")
+    assert any(n.endswith("/state.pt") for n in loaded) and any(n.endswith("/rng_rank1.pt") for n in loaded), loaded
 
     # the same job submitted again with a longer schedule continues the run
     again = fit(_config(*overrides, "train.iterations=8"))
@@ -121,15 +154,21 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_bucket):
     # metrics.jsonl on S3 kept the first attempt's lines and the resubmitted run appended to them
     lines = storage.read_bytes(f"{s3_bucket}/runs/e2e/monitor/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [5, 7, 10, 14, 15, 16]
+    _checkpoint_files_are_data(f"{s3_bucket}/runs/e2e")
 
+    best = choose_checkpoint(f"{s3_bucket}/runs/e2e", cfg)
+    load_refiner(best, cfg.storage)
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "refiner.pt", marker)
+    storage.write_bytes_atomic(f"{best}/refiner.pt", (tmp_path / "refiner.pt").read_bytes(), cfg.storage)
+    with pytest.raises(CheckpointError, match=r"refiner.pt: refusing to load"):
+        load_refiner(choose_checkpoint(f"{s3_bucket}/runs/e2e", cfg), cfg.storage)
+    assert not marker.exists()
 
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
-            found.append(proc)
-    return found
+    session_logs = ray._private.worker._global_node.get_session_dir_path()
+    assert not leaked(every_output(s3_server, s3_bucket.removeprefix("s3://"), session_logs))
+    printed = capsys.readouterr()
+    assert not any(secret in printed.out + printed.err for secret in FAKE.values())
 
 
 def _fit_acting_once(cfg, act, within_s: float = 300):
