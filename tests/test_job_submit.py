@@ -83,6 +83,18 @@ def _head_processes(temp_dir: str) -> list[psutil.Process]:
     return list(found.values())
 
 
+def _train_workers(temp_dir: str) -> list[psutil.Process]:
+    """Our head's Ray Train worker processes (Ray renames them `ray::RayTrainWorker…`)."""
+    found = []
+    for proc in _head_processes(temp_dir):
+        try:
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def _stop_head(temp_dir: str) -> None:
     """What `ray stop` does, limited to this head: on a shared machine `ray stop` ends every Ray."""
     procs = _head_processes(temp_dir)
@@ -171,19 +183,29 @@ def trained(head):
     checkpoint the stopped job saved)."""
     stopped_id = "smoke-stopped"
     _sh(TRAIN.replace("submit", f"submit --no-wait --submission-id {stopped_id}") + " --verbose", head)
+    # Only a checkpoint Ray Train has registered is one a new run resumes from. The smoke run's
+    # remaining steps take a second or two: its workers are frozen once one is registered, so that
+    # the stop lands mid-run however fast the machine (they die with the job).
+    snapshot = Path(head["RUNS"], "smoke", "checkpoint_manager_snapshot.json")
     deadline = time.monotonic() + 400
-    logs = ""
-    while time.monotonic() < deadline:
-        logs = _sh(f"ray job logs {stopped_id}", head, timeout=60)
-        checkpoints = glob.glob(f"{head['RUNS']}/smoke/checkpoint_*")
-        if checkpoints and "Reporting training result" in logs:
-            break
-        assert "FAILED" not in _sh(f"ray job status {stopped_id}", head, timeout=60), logs
-        time.sleep(3)
-    else:
-        pytest.fail(f"no checkpoint within 400 s:\n{logs[-3000:]}")
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no registered checkpoint within 400 s:\n{_sh(f'ray job logs {stopped_id}', head)[-3000:]}")
+        time.sleep(0.05)
+    workers = _train_workers(head["TMPDIR"])
+    for worker in workers:
+        worker.suspend()
+    assert workers and not _sh(f"ray job status {stopped_id}", head, timeout=60).lower().count("succeeded")
+    while "Reporting training result" not in (logs := _sh(f"ray job logs {stopped_id}", head, timeout=60)):
+        assert time.monotonic() < deadline, logs[-3000:]
+        time.sleep(1)
     _sh(f"ray job stop {stopped_id}", head, timeout=120)
     assert "stopped" in _sh(f"ray job status {stopped_id}", head, timeout=60).lower()
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
     stopped_logs = _sh(f"ray job logs {stopped_id}", head, timeout=60)
     saved = _saved_history(head["RUNS"])
 

@@ -159,7 +159,7 @@ def training_resources(cfg: Config, runs: int = 1, reserved_cpus: float = 0.0) -
             + f" + {history_cpus(cfg):g} CPU for history" + (")" if runs > 1 else ""))
         deadline = time.monotonic() + wait_s
         while not _fits(cfg, resources, runs, reserved_cpus) and time.monotonic() < deadline:
-            time.sleep(5)
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
             resources = ray.cluster_resources()
     return plan_workers(cfg, resources, runs, reserved_cpus)
 
