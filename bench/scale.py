@@ -14,8 +14,8 @@ largest Ray worker process, and the object store's use. Stages:
                   (a corpus is held in the object store only when it fits a quarter of it)
   refine          the whole synthetic corpus, with the trained checkpoint
   evaluate        `evaluate.max_train_rows` rows, paired by id hash (item 2 of issue 27)
-  refine-killed   the refine again into a new folder, SIGKILLed at half the first refine's wall
-                  time, then the same command again: its output must equal the uninterrupted
+  refine-killed   the refine again into a new folder, SIGKILLed once half its output shards are
+                  written, then the same command again: its output must equal the uninterrupted
                   refine's shard for shard, and the rerun says how many rows it refined
 
 Per stage: wall, rows/s, peak RSS of the driver and of the largest worker (RSS counts the
@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -74,8 +75,12 @@ class Head:
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(proc.info["cmdline"] or [])
             if self.temp_dir in cmdline and "raylet" in cmdline.split(" ")[0]:
-                found += [c for c in proc.children(recursive=True) if c.cmdline()[:1] and
-                          c.cmdline()[0].startswith("ray::")]
+                for child in proc.children(recursive=True):
+                    try:
+                        if child.cmdline()[:1] and child.cmdline()[0].startswith("ray::"):
+                            found.append(child)
+                    except psutil.Error:  # gone, or a zombie, since the listing
+                        pass
         return found
 
     def object_store(self) -> tuple[int, int]:
@@ -118,12 +123,12 @@ class Watch:
             driver = psutil.Process(self.proc.pid)
             tree = [driver, *driver.children(recursive=True)]
             self.driver_rss = max(self.driver_rss, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
         for worker in self.head.worker_processes():
             try:
                 self.worker_rss = max(self.worker_rss, worker.memory_info().rss)
-            except psutil.NoSuchProcess:
+            except psutil.Error:
                 pass
         used, spilled = self.head.object_store()
         self.store_used = max(self.store_used, used)
@@ -140,22 +145,26 @@ class Watch:
 
 
 def run_stage(head: Head, name: str, argv: list[str], rows: int | None, output: str | None, env: dict[str, str],
-              kill_after_s: float | None = None) -> dict:
-    """One `simgan-dist` command under watch; with `kill_after_s`, SIGKILLed then (a preemption).
+              kill_when: Callable[[], bool] | None = None) -> dict:
+    """One `simgan-dist` command under watch; SIGKILLed (a preemption) once `kill_when()` holds.
     `rows`: what the stage goes through (None: not a per-row stage)."""
     load = os.getloadavg()[0]
     started = time.monotonic()
-    proc = subprocess.Popen(["simgan-dist", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=ROOT, start_new_session=True)
-    watch = Watch(head, proc)
-    try:
-        out, _ = proc.communicate(timeout=kill_after_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    wall = time.monotonic() - started
-    watch.stop()
-    if kill_after_s is None and proc.returncode != 0:
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(["simgan-dist", *argv], env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                cwd=ROOT, start_new_session=True)
+        watch = Watch(head, proc)
+        while proc.poll() is None:
+            if kill_when is not None and kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+            time.sleep(0.2)
+        wall = time.monotonic() - started
+        watch.stop()
+        log.seek(0)
+        out = log.read()
+    if kill_when is None and proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{out[-4000:]}")
     row = {"stage": name, "rows": rows, "wall_s": round(wall, 1),
            "rows_per_s": round(rows / wall) if rows else None,
@@ -246,8 +255,11 @@ def main() -> None:
             env))
         used = re.search(r"[\d,]+ of [\d,]+ synthetic/refined pairs", (root / "report" / "report.html").read_text())
         rows[-1]["note"] = f"trained on {used.group(0)}" if used else ""
+        shards = len(list(Path(data, "refined").glob("part-*.parquet")))
+        half_written = lambda: len(list(Path(data, "refined-again").glob("part-*.parquet"))) >= shards / 2  # noqa: E731
         killed = run_stage(head, "refine killed at half", [*refine, "--out", f"{data}/refined-again"],
-                           args.synthetic, None, env, kill_after_s=first["wall_s"] / 2)
+                           args.synthetic, None, env, kill_when=half_written)
+        killed["note"] = f"SIGKILLed once half of its {shards} output shards were written"
         rows.append(killed)
         rerun = run_stage(head, "refine rerun", [*refine, "--out", f"{data}/refined-again"], args.synthetic,
                           f"{data}/refined-again", env)

@@ -205,3 +205,17 @@ def test_layout_rejects_bad_definitions():
         Layout((35, 55))
     with pytest.raises(DatasetError, match="clashes with a built-in column"):
         Layout((1, 1, 1), "uint8", {"id": (1,)})
+
+
+def test_a_5000_shard_dataset_validates_in_seconds(tmp_path):
+    """What a 1.2M-row corpus of small shards looks like to `validate` (every shard's size, footer and
+    ids, then uniqueness across all): linear in the shards, seconds on 2 cores. The bound is loose on
+    purpose (a machine under load); a per-shard re-listing or a quadratic id check takes minutes."""
+    import time
+
+    uri = str(tmp_path / "many")
+    write_dataset(uri, [make_batch(0, 10_000)], rows_per_shard=2)
+    started = time.perf_counter()
+    manifest = validate(uri)
+    assert len(manifest.shards) == 5000 and manifest.rows == 10_000
+    assert time.perf_counter() - started < 30
