@@ -170,7 +170,7 @@ def run_stage(head: Head, name: str, argv: list[str], rows: int | None, output: 
            "rows_per_s": round(rows / wall) if rows else None,
            "driver_peak_rss_mb": round(watch.driver_rss / 2**20), "worker_peak_rss_mb": round(watch.worker_rss / 2**20),
            "object_store_peak_mb": round(watch.store_used / 2**20), "spilled_mb": round(watch.spilled / 2**20),
-           "output_mb": round(folder_bytes(output) / 2**20) if output and os.path.isdir(output) else 0,
+           "output_mb": round(folder_bytes(output) / 2**20) if output and os.path.isdir(output) else None,
            "load_start": round(load, 2), "load_end": round(os.getloadavg()[0], 2), "exit": proc.returncode}
     print(json.dumps(row), flush=True)
     row["log"] = out
@@ -280,9 +280,9 @@ def main() -> None:
           "| spilled MB | output MB | load start → end | note |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
-        rate = f"{r['rows_per_s']:,}" if r["rows_per_s"] else "—"
-        print(f"| {r['stage']} | {r['rows'] or 0:,} | {r['wall_s']} | {rate} | {r['driver_peak_rss_mb']} | "
-              f"{r['worker_peak_rss_mb']} | {r['object_store_peak_mb']} | {r['spilled_mb']} | {r['output_mb']} | "
+        rows_, rate, output = (f"{r[k]:,}" if r[k] is not None else "—" for k in ("rows", "rows_per_s", "output_mb"))
+        print(f"| {r['stage']} | {rows_} | {r['wall_s']} | {rate} | {r['driver_peak_rss_mb']} | "
+              f"{r['worker_peak_rss_mb']} | {r['object_store_peak_mb']} | {r['spilled_mb']} | {output} | "
               f"{r['load_start']} → {r['load_end']} | {r.get('note', '')} |")
 
 
