@@ -97,7 +97,7 @@ class BatchRefiner:
             # The flag is read after to_storage's download, so a GPU batch costs no extra stall.
             finite = torch.isfinite(y[:n]).all()
             out[start:start + n] = to_storage(y[:n], images.dtype, None if centres is None else centres[:n])
-            if not finite:
+            if not finite.item():
                 raise RefineError("the refiner's output holds NaN or infinity (diverged or corrupt weights): "
                                   "nothing of this shard was written")
         return out
