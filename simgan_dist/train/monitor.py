@@ -98,7 +98,8 @@ def comparison_grid(synthetic: np.ndarray, refined: np.ndarray, real: np.ndarray
 class FolderMirror:
     """Copies a local run folder to object storage from a background thread, changed files only.
 
-    `sync()` returns at once: the training step never waits on storage. Files only grow
+    `sync()` returns at once: the training step never waits on storage (`before_push`, e.g. the
+    TensorBoard writer's flush, runs on this thread too). Files only grow
     (metrics.jsonl, TensorBoard events) or are new (image grids), so a file whose size is
     unchanged is not sent again. S3 cannot append, so `restore()` first brings back the
     `metrics.jsonl` an earlier attempt left there: a restarted run appends to it instead
@@ -107,8 +108,9 @@ class FolderMirror:
 
     APPEND_ONLY = "metrics.jsonl"
 
-    def __init__(self, folder: str | Path, remote_uri: str, storage_cfg=None):
+    def __init__(self, folder: str | Path, remote_uri: str, storage_cfg=None, before_push=None):
         self.folder = Path(folder)
+        self.before_push = before_push
         self.remote = remote_uri
         self.storage_cfg = storage_cfg
         self.sent: dict[str, int] = {}
@@ -150,6 +152,8 @@ class FolderMirror:
         """Upload every file that is new or grew since its last upload; returns their names."""
         from simgan_dist.data import storage
 
+        if self.before_push:
+            self.before_push()
         sent = []
         for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and ".tmp" not in p.name):
             name = path.relative_to(self.folder).as_posix()
@@ -189,17 +193,17 @@ class MonitorSink:
         remote = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
         self.mirror = None
         if storage.is_s3(remote):
-            self.mirror = FolderMirror(tempfile.mkdtemp(prefix="simgan-monitor-"), remote, cfg.storage)
+            folder = tempfile.mkdtemp(prefix="simgan-monitor-")
+            self.mirror = FolderMirror(folder, remote, cfg.storage, before_push=lambda: self.log.tb.flush())
             self.mirror.restore()
-            self.mirror.start()
-            folder = self.mirror.folder
         else:
             folder = storage.resolve(remote)[1]
         self.log = RunLog(folder)
+        if self.mirror:
+            self.mirror.start()
 
     def sync(self) -> None:
         if self.mirror:
-            self.log.tb.flush()
             self.mirror.sync()
 
     def close(self) -> None:

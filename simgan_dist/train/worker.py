@@ -8,7 +8,6 @@ per-rank RNG states and the buffer; a restarted worker group continues from the 
 
 from __future__ import annotations
 
-import functools
 import os
 import queue
 import sys
@@ -119,17 +118,52 @@ class ShardStream:
         self.closed.set()
 
 
-def _say(line: str, channel=None) -> None:
-    """Rank 0's console line: to the driver through `channel` when it gave one, else to stdout
-    (Ray Train's patched print() would show it twice)."""
-    if channel is not None:
-        try:
-            channel.put_nowait(line)
-            return
-        except Exception:  # the channel's actor is gone (its node lost): a console line must not fail the run
-            pass
+def _print(line: str) -> None:
+    """To this worker's stdout (Ray Train's patched print() would show it twice)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+class ConsoleChannel:
+    """Rank 0's console lines to the driver, through its `ray.util.queue.Queue`, without waiting on it.
+
+    Each line is one call to the queue's actor whose reply is looked at later (`ray.wait` with no
+    timeout), never awaited: a report costs the training thread no round trip (`Queue.put_nowait`
+    is a blocking `ray.get`). A line whose call failed (the actor lost with its node) is printed
+    to this worker's stdout instead, and so is every later one: none is dropped. `close()` waits
+    for the last replies, so the run's final lines reach the driver before the worker exits.
+    """
+
+    def __init__(self, queue=None):
+        self.actor = queue.actor if queue is not None else None
+        self.pending: list[tuple[Any, str]] = []
+
+    def say(self, line: str) -> None:
+        if self.actor is None:
+            _print(line)
+            return
+        self.pending.append((self.actor.put_nowait.remote(line), line))
+        self._settle(timeout=0)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._settle(timeout)
+
+    def _settle(self, timeout: float) -> None:
+        import ray
+
+        refs = [ref for ref, _ in self.pending]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)[0]) if refs else set()
+        waiting = []
+        for ref, line in self.pending:
+            if ref not in ready:
+                waiting.append((ref, line))
+                continue
+            try:
+                ray.get(ref)
+            except Exception:  # the channel's actor is gone: this worker's stdout (Ray's logs) from now on
+                self.actor = None
+                _print(line)
+        self.pending = waiting
 
 
 def deepspeed_accelerator_env(use_gpu: bool, environ) -> None:
@@ -161,7 +195,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    say = functools.partial(_say, channel=loop_config.get("progress"))
+    console = ConsoleChannel(loop_config.get("progress") if rank == 0 else None)
+    say = console.say
     precision = Precision.choose(cfg.train, ray.train.torch.get_device())
     device = precision.device
     # Rank 0's evaluator (reading data.synthetic and the held-out real images, maybe training the
@@ -257,6 +292,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     history.close()
     if sink:
         sink.close()
+    console.close()
 
 
 def _restore(checkpoint, rank: int, engines: tuple, ema, shards: list, device: torch.device

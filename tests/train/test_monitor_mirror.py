@@ -50,3 +50,21 @@ def test_mirror_sends_changed_files_only_and_a_restart_appends(s3_bucket, tmp_pa
     again.close()
     assert _steps(remote) == [1, 2, 3, 4]
     assert len(storage.list_files(f"{remote}/images")) == 1
+
+
+def test_tensorboard_flushes_on_the_mirror_thread_not_the_training_thread(s3_bucket):
+    import threading
+
+    from simgan_dist.config import load_config
+    from simgan_dist.train.monitor import MonitorSink
+
+    sink = MonitorSink(load_config("tiny", overrides=[f"train.storage_path={s3_bucket}/runs", "train.name=sink"]))
+    flushed_on, flush = [], sink.log.tb.flush
+    sink.log.tb.flush = lambda: (flushed_on.append(threading.current_thread().name), flush())
+    sink.log.write(1, {"loss_of_r": 1.0})
+    sink.sync()  # what the training thread calls at a report
+    sink.close()
+    assert flushed_on and set(flushed_on) == {"monitor-sync"}
+    tensorboard = f"{s3_bucket}/runs/sink/monitor/tensorboard"
+    events = storage.list_files(tensorboard)
+    assert events and b"loss_of_r" in storage.read_bytes(f"{tensorboard}/{events[0]}")

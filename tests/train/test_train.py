@@ -248,3 +248,44 @@ def test_single_worker_follows_the_local_trainer(ray_local, eye_data, tmp_path):
         for key in ("refiner/reg_loss", "refiner/adv_loss", "disc/loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_console_lines_never_wait_on_the_driver_and_none_is_lost(ray_local, capsys):
+    """Rank 0's progress lines go to the driver's queue actor without a round trip each (a slow
+    actor does not slow the training thread); once that actor is gone (its node lost), the lines
+    go to the worker's stdout instead, the failed one included."""
+    import ray
+
+    from simgan_dist.train.worker import ConsoleChannel
+
+    @ray.remote(num_cpus=0)
+    class SlowQueue:
+        def __init__(self):
+            self.lines = []
+
+        def put_nowait(self, line):
+            time.sleep(0.3)
+            self.lines.append(line)
+
+        def received(self):
+            return self.lines
+
+    class Queue:  # what the channel uses of ray.util.queue.Queue
+        actor = SlowQueue.remote()
+
+    ray.get(Queue.actor.received.remote())  # started
+    channel = ConsoleChannel(Queue)
+    started = time.perf_counter()
+    for i in range(5):
+        channel.say(f"line {i}")
+    assert time.perf_counter() - started < 0.3  # 5 x 0.3 s if each line waited for its reply
+    channel.close()
+    assert ray.get(Queue.actor.received.remote()) == [f"line {i}" for i in range(5)]
+    assert capsys.readouterr().out == ""
+
+    ray.kill(Queue.actor)
+    channel.say("after the node was lost")
+    channel.say("and later")
+    channel.close()
+    assert capsys.readouterr().out == "after the node was lost\nand later\n"
