@@ -234,6 +234,21 @@ def test_fitting_a_gaze_net_leaves_cudnn_benchmark_as_it_was(monkeypatch):
         assert torch.backends.cudnn.benchmark is before
 
 
+@pytest.mark.parametrize("free_gib, expected", [(80, "cuda"), (10, "cuda"), (4, "cpu"), (0.5, "cpu")])
+def test_gaze_training_keeps_its_images_on_the_gpu_only_when_they_fit(free_gib, expected):
+    """evaluate's gaze tasks (and the realism network) put the whole training set on their GPU: on
+    a GPU with less free memory than twice the images (plus headroom) they stay on the host and
+    each batch is copied over, instead of an out-of-memory error. 3 GiB of images here."""
+    import torch
+
+    from simgan_dist.metrics.gaze import data_device
+
+    gpu = torch.device("cuda", 0)
+    assert data_device(3 * 2**30, gpu, free_bytes=int(free_gib * 2**30)).type == expected
+    assert data_device(3 * 2**30, gpu, copies=1, free_bytes=4 * 2**30) == gpu  # one copy to predict
+    assert data_device(3 * 2**30, torch.device("cpu"), free_bytes=0).type == "cpu"
+
+
 @pytest.mark.parametrize("use_gpu, inherited, expected", [(True, "cpu", None), (True, "cuda", "cuda"),
                                                           (False, None, "cpu"), (False, "cpu", "cpu")])
 def test_gpu_workers_drop_an_inherited_cpu_deepspeed_accelerator(use_gpu, inherited, expected):

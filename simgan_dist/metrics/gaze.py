@@ -21,6 +21,11 @@ from simgan_dist.core.imaging import to_host, to_model_input
 from simgan_dist.core.models import GAZE_MODELS
 
 PREDICT_CHUNK = 1024
+# fit_gaze holds the training images about twice on its device (the whole set, then the training
+# split gathered from it, the validation split inside it), plus the model, its optimizer and a
+# batch's activations: kept under this share of the free memory, or the images stay on the host.
+RESIDENT_COPIES = 2
+DEVICE_MEMORY_SHARE = 0.8
 
 
 def angular_error_deg(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -55,6 +60,18 @@ def _autocast(on_gpu: bool):
     return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
 
 
+def data_device(image_bytes: int, where: torch.device, copies: int = RESIDENT_COPIES,
+                free_bytes: int | None = None) -> torch.device:
+    """Where images are kept while a model on `where` uses them: there (a GPU) when `copies` of
+    them fit in DEVICE_MEMORY_SHARE of its free memory, else on the host, each batch copied over.
+    A GPU task shares its device with whatever else runs there: the free memory is read, not assumed."""
+    if where.type != "cuda":
+        return where
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(where)[0]
+    return where if copies * image_bytes <= DEVICE_MEMORY_SHARE * free_bytes else torch.device("cpu")
+
+
 def _on(images: np.ndarray | torch.Tensor, where: torch.device) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images.to(where)
@@ -69,7 +86,7 @@ def run_model(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *, embe
     """Gaze vectors (N×3), or with `embed` the penultimate activations, of N×H×W×C integer images."""
     where = next(model.parameters()).device
     on_gpu = where.type == "cuda"
-    images = _on(images, where)
+    images = _on(images, data_device(images.nbytes, where, copies=1))
     forward = model.embed if embed else model
     model.eval()
     with _autocast(on_gpu)():
@@ -89,9 +106,9 @@ def fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Evalu
     angular error on it is measured, training stops after `cfg.gaze_patience` epochs
     without improvement, and the best epoch's weights are kept (no held-out part: all epochs).
 
-    Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8
-    dataset resident on the device); cuDNN's autotuner (`cudnn.benchmark`) is on while it trains
-    and set back as it was after.
+    Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8 dataset
+    resident on the device when it fits beside what is already there: `data_device`); cuDNN's
+    autotuner (`cudnn.benchmark`) is on while it trains and set back as it was after.
     """
     benchmark = torch.backends.cudnn.benchmark
     try:
@@ -113,10 +130,11 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     autocast = _autocast(on_gpu)
     train_idx, val_idx = validation_split(len(train_images), cfg.gaze_val_fraction, seed)
-    all_images = _on(train_images, where)
+    held = data_device(train_images.nbytes, where)
+    all_images = _on(train_images, held)
     all_labels = torch.from_numpy(np.asarray(train_gaze_labels, dtype=np.float32)).to(where)
-    train_rows, val_rows = (torch.from_numpy(i).to(where) for i in (train_idx, val_idx))
-    images, labels = all_images[train_rows], all_labels[train_rows]
+    train_rows, val_rows = (torch.from_numpy(i).to(held) for i in (train_idx, val_idx))
+    images, labels = all_images[train_rows], all_labels[train_rows.to(where)]
     val_images, val_gaze = all_images[val_rows], np.asarray(train_gaze_labels, dtype=np.float32)[val_idx]
     to_input = functools.partial(to_model_input, device=where, channels_last=on_gpu)
 
@@ -133,14 +151,14 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
     start = time.perf_counter()
     for epoch in range(cfg.gaze_epochs):
         model.train()
-        order = torch.randperm(len(images), generator=order_rng).to(where)
+        order = torch.randperm(len(images), generator=order_rng).to(held)
         total = torch.zeros((), device=where)
         t_epoch = time.perf_counter()
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
             with autocast():
                 pred = model(to_input(images[idx]))
-            loss = (pred.float() - labels[idx]).square().sum(1).mean()
+            loss = (pred.float() - labels[idx.to(where)]).square().sum(1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
