@@ -174,11 +174,15 @@ def _trial_cleanup(base: dict[str, Any]):
     return TrialCleanup()
 
 
-def _sweep_progress():
+def _sweep_progress(max_failures: int):
     from ray.tune import Callback
 
     class SweepProgress(Callback):
-        """Our own console lines for a sweep: a trial's start, each scored report, its end (Tune's table: --verbose)."""
+        """Our own console lines for a sweep: a trial's start, each scored report, a restart and where
+        it resumed, its end (Tune's table and its traceback of a failed trial: --verbose)."""
+
+        def __init__(self):
+            self.resumed_at: dict[str, int] = {}
 
         @staticmethod
         def _name(trial) -> str:
@@ -189,9 +193,20 @@ def _sweep_progress():
             say(f"tune: {self._name(trial)} started")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            restored = result.get("restored_from_step") or 0
+            if restored and self.resumed_at.get(trial.trial_id) != restored:
+                self.resumed_at[trial.trial_id] = restored
+                say(f"tune: trial {trial.trial_id} resumed at step {restored} with "
+                    f"{result.get('history_restored', 0)} history images")
             if "objective" in result:
                 say(f"tune: trial {trial.trial_id} step {result.get('step')}: objective {result['objective']:.4g} "
                     f"(realism {result.get('realism', math.nan):.4g}, drift {result.get('drift', math.nan):.3g} px)")
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            error = trial.get_pickled_error()
+            why = failure_line(error)[:160] if error else "its process was lost"
+            say(f"tune: {self._name(trial)} failed ({why}); restarting it from its latest checkpoint "
+                f"(restart {trial.num_failures} of {max_failures})")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             say(f"tune: {self._name(trial)} ended at step {trial.last_result.get('step')}")
@@ -299,9 +314,10 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         tune.with_parameters(run_trial, base=base, worker_resources=worker_resources,
                              env=storage.worker_env(cfg.storage)),
         {"CPU": TRIAL_CPUS})
-    path = storage.join(storage_path if filesystem is None else f"s3://{storage_path}", cfg.tune.name)
+    # Tune takes the sweep's path within `filesystem` (no s3:// scheme: pyarrow refuses a URI there)
+    path, shown = storage.join(storage_path, cfg.tune.name), sweep_folder(cfg)
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-        say(f"tune: resuming sweep {cfg.tune.name!r} from {path}")
+        say(f"tune: resuming sweep {cfg.tune.name!r} from {shown}")
         return tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -314,17 +330,19 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     # A trial at max_t ends on its own: stopping it there would kill it amid its last checkpoint.
     scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
                               reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
-    if not verbose():  # Tune's own status table and banners: --verbose (the legacy reporter is silent at 0)
+    if not verbose():  # Tune's own status table and banners, and its traceback of each failed trial
+        # (our line says why and what happens next): --verbose. The legacy reporter is silent at 0.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
     say(f"tune: sweep {cfg.tune.name!r}: {trial_count(cfg)} trials, up to {concurrency} at once, "
-        f"results in {path}")
+        f"results in {shown}")
     return tune.Tuner(
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                  callbacks=[_trial_cleanup(base), _sweep_progress()],
+                                  callbacks=[_trial_cleanup(base), _sweep_progress(cfg.train.max_failures)],
                                   failure_config=trial_failure_config(cfg),
                                   verbose=1 if verbose() else 0),
     )

@@ -31,7 +31,9 @@ def module_cluster(s3_server):
     from ray.cluster_utils import Cluster
 
     saved = os.environ.pop("RAY_ADDRESS", None)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # A lost node is declared dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s)
+    detector = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": detector})
     cluster.workers = []
     try:
         yield cluster
@@ -58,10 +60,13 @@ def corpora(s3_bucket):
     return s3_bucket, f"{s3_bucket}/data/synthetic", f"{s3_bucket}/data/real"
 
 
-def command(cluster, *args: str, verbose: bool = False, **env_vars: str) -> subprocess.Popen:
-    """`simgan-dist ARGS` joining the cluster as a user would (RAY_ADDRESS), output captured."""
+def command(cluster, *args: str, verbose: bool = False, script: str | None = None, **env_vars: str
+            ) -> subprocess.Popen:
+    """`simgan-dist ARGS` (or `python SCRIPT ARGS`, a `jobs/` entrypoint) joining the cluster as a
+    user would (RAY_ADDRESS), output captured."""
     env = {**os.environ, "RAY_ADDRESS": cluster.address, **env_vars}
-    argv = [sys.executable, "-m", "simgan_dist.cli", *args, *(["--verbose"] if verbose else [])]
+    entry = [str(ROOT / script)] if script else ["-m", "simgan_dist.cli"]
+    argv = [sys.executable, *entry, *args, *(["--verbose"] if verbose else [])]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
@@ -84,27 +89,28 @@ def _keys(bucket: str, prefix: str) -> list[str]:
         Bucket=bucket.removeprefix("s3://"), Prefix=prefix) for o in page.get("Contents", [])]
 
 
-def registered_checkpoints(bucket: str) -> list[str]:
-    """The run's checkpoints Ray Train has registered (its checkpoint manager's snapshot names them):
-    uploaded files alone are not yet a checkpoint a restarted worker group resumes from."""
+def registered_checkpoints(bucket: str, run: str = f"runs/{NAME}") -> list[str]:
+    """The checkpoints Ray Train has registered for the run under `run` (its checkpoint manager's
+    snapshot names them): uploaded files alone are not yet a checkpoint a restarted worker group
+    resumes from."""
     import boto3
 
-    if f"runs/{NAME}/checkpoint_manager_snapshot.json" not in _keys(bucket, f"runs/{NAME}/checkpoint_manager"):
+    snapshot = f"{run}/checkpoint_manager_snapshot.json"
+    if snapshot not in _keys(bucket, f"{run}/checkpoint_manager"):
         return []
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    body = client.get_object(Bucket=bucket.removeprefix("s3://"),
-                             Key=f"runs/{NAME}/checkpoint_manager_snapshot.json")["Body"].read().decode()
+    body = client.get_object(Bucket=bucket.removeprefix("s3://"), Key=snapshot)["Body"].read().decode()
     return sorted(set(re.findall(r"checkpoint_[0-9_.:-]+", body)))
 
 
-def saved_state(bucket: str, checkpoint: str) -> tuple[int, int]:
+def saved_state(bucket: str, checkpoint: str, run: str = f"runs/{NAME}") -> tuple[int, int]:
     """(step, history images) of a checkpoint's state file."""
     import torch
 
     from simgan_dist.data import storage
     from simgan_dist.train.checkpoint import STATE_FILE
 
-    filesystem, path = storage.resolve(f"{bucket}/runs/{NAME}/{checkpoint}/{STATE_FILE}")
+    filesystem, path = storage.resolve(f"{bucket}/{run}/{checkpoint}/{STATE_FILE}")
     with filesystem.open_input_file(path) as f:
         state = torch.load(io.BytesIO(f.read()), weights_only=False)
     return sum(state["algorithm"].values()), sum(len(shard["images"]) for shard in state["history"])
@@ -118,6 +124,49 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
         out, _ = proc.communicate()
         pytest.fail(f"the command did not finish in {timeout:g} s:\n{out[-6000:]}")
     return proc.returncode, out
+
+
+def node_processes(cluster, marker: str) -> dict[int, list]:
+    """The processes whose command line holds `marker` (Ray names an actor's process
+    `ray::Class...`), by the worker node whose raylet started them (its index in cluster.workers)."""
+    import psutil
+    from ray._private import ray_constants
+
+    raylets = {node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: i
+               for i, node in enumerate(cluster.workers)}
+    found: dict[int, list] = {}
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        if marker in " ".join(proc.info["cmdline"] or []) and proc.info["ppid"] in raylets:
+            found.setdefault(raylets[proc.info["ppid"]], []).append(proc)
+    return found
+
+
+def lose_nodes(cluster, frozen: dict[int, list], lost: list[int], replacements: int) -> None:
+    """Preempt the worker nodes `lost` (their processes in `frozen` die with them, as the node's
+    would), wake the other frozen processes, and let `replacements` fresh nodes join."""
+    import psutil
+
+    for i in lost:
+        cluster.remove_node(cluster.workers[i], allow_graceful=False)
+        for proc in frozen.get(i, []):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    for i, procs in frozen.items():
+        if i not in lost:
+            for proc in procs:
+                proc.resume()
+    cluster.workers = [node for i, node in enumerate(cluster.workers) if i not in lost]
+    cluster.workers += [cluster.add_node(num_cpus=1) for _ in range(replacements)]
+
+
+def freeze(processes: dict[int, list]) -> dict[int, list]:
+    """Suspend them (a kill then lands mid-job however fast the machine is)."""
+    for procs in processes.values():
+        for proc in procs:
+            proc.suspend()
+    return processes
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240, what: str = ""):
@@ -134,12 +183,15 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 240, what: str 
 
 @pytest.mark.slow
 def test_the_whole_worker_pool_lost_and_replaced_resumes_by_itself(cluster, corpora):
-    """Both worker nodes preempted after the first checkpoint, two fresh ones join: the same run
-    resumes from its latest checkpoint (train.max_failures), finishes every iteration, and its
-    history buffer comes back as that checkpoint saved it."""
+    """A 2-worker run spread over the two worker nodes (one each); both nodes preempted after the
+    first checkpoint, two fresh ones join: the same run resumes from its latest checkpoint
+    (train.max_failures), finishes every iteration, and its history buffer comes back as that
+    checkpoint saved it."""
     bucket = corpora[0]
     proc = command(cluster, *train_args(corpora))
     registered = wait_for(lambda: registered_checkpoints(bucket), proc, what="registered checkpoint")
+    workers = node_processes(cluster, "ray::RayTrainWorker")
+    assert sorted(len(procs) for procs in workers.values()) == [1, 1], workers  # one worker per node
     for node in cluster.workers:
         cluster.remove_node(node, allow_graceful=False)
     # what the checkpoints registered by then hold (keep_best removes them later)
@@ -179,18 +231,111 @@ def test_a_lost_node_is_one_console_line():
 def test_the_whole_worker_pool_lost_with_no_replacement_fails_in_one_line(cluster, corpora):
     """Both worker nodes preempted and none join: the run fails after a bounded wait, with one line
     that says what was lost and that the same command continues it; no traceback without --verbose."""
-    bucket = corpora[0]
     # Ray Train's wait per try to start the worker group (60 s by default), shorter for the test
-    proc = command(cluster, *train_args(corpora, "train.max_failures=1"), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="12")
-    wait_for(lambda: registered_checkpoints(bucket), proc, what="registered checkpoint")
+    proc = command(cluster, *train_args(corpora, "train.max_failures=1"), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="6")
+    wait_for(lambda: sum(map(len, node_processes(cluster, "ray::RayTrainWorker").values())) == 2, proc,
+             what="training workers")
     started = time.monotonic()
     for node in cluster.workers:
         cluster.remove_node(node, allow_graceful=False)
     cluster.workers = []
     rc, out = finish(proc, timeout=300)
     assert rc == 1, out
-    assert time.monotonic() - started < 120, out  # 2 tries of 12 s to start the group, plus the restarts
+    assert time.monotonic() - started < 90, out  # 2 tries of 6 s to start the group, plus the restarts
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1, out
     assert "could not be placed again" in errors[0] and "The same command continues it" in errors[0], out
     assert "Traceback" not in out and "[state-dump]" not in out, out
+
+
+def _checkpoint_on_s3(bucket: str, tmp_path: Path) -> str:
+    """An untrained tiny refiner's checkpoint (refine only needs its weights), uploaded to the bucket."""
+    from simgan_dist.config import load_config
+    from simgan_dist.core.models import build_discriminator, build_refiner
+    from simgan_dist.data import storage
+    from simgan_dist.train.checkpoint import write_checkpoint
+
+    cfg = load_config("tiny")
+    folder = write_checkpoint(tmp_path / "checkpoint", cfg, build_refiner(cfg.model), build_discriminator(cfg.model))
+    for path in sorted(folder.iterdir(), key=lambda p: p.name == "config.yaml"):  # config.yaml last: complete
+        storage.write_bytes_atomic(f"{bucket}/checkpoint/{path.name}", path.read_bytes())
+    return f"{bucket}/checkpoint"
+
+
+@pytest.mark.slow
+def test_refine_with_a_node_lost_mid_job_is_exact(cluster, corpora, tmp_path):
+    """Two refine actors, one per worker node; one node preempted while both have shard tasks in
+    flight, a fresh one joins: Ray Data restarts the actor there and retries its tasks, and the
+    output is exact (every id once, in input order, labels bit-identical)."""
+    from simgan_dist.data import storage
+    from simgan_dist.data.schema import load_numpy, read_manifest
+
+    bucket, synthetic, _ = corpora
+    out = f"{bucket}/refined"
+    proc = command(cluster, "refine", "--preset", "tiny", "--checkpoint", _checkpoint_on_s3(bucket, tmp_path),
+                   "--input", synthetic, "--out", out, "--set", "refine.rows_per_shard=16",
+                   "--set", "refine.min_actors=2", "--set", "refine.max_actors=2")
+    wait_for(lambda: [n for n in storage.list_files(out) if n.startswith("part-")], proc, what="refined shard")
+    actors = freeze(node_processes(cluster, "RefinerActor"))
+    assert sorted(actors) == [0, 1], actors  # an actor on each node
+    lose_nodes(cluster, actors, lost=[0], replacements=1)
+    rc, printed = finish(proc)
+    assert rc == 0, printed[-6000:]
+    assert re.search(r"^refine: 256 of 256 rows refined .*ids and labels verified exact$", printed, re.M), printed
+    source, refined = load_numpy(synthetic), load_numpy(out)  # every shard's sha256 checked
+    assert read_manifest(out).rows == len(refined["id"]) == 256
+    assert list(refined["id"]) == list(source["id"]) and len(set(refined["id"])) == 256
+    for name in ("gaze", "pupil_xy", "head_pose"):
+        assert refined[name].tobytes() == source[name].tobytes(), name
+    assert "Traceback" not in printed and "[state-dump]" not in printed, printed
+    # one line for the lost node, if Ray declared it dead before the job ended
+    lost = [line for line in printed.splitlines() if line.startswith("ray: ") and "marked dead" in line]
+    assert len(lost) <= 1, printed
+
+
+# What `ray job submit ... jobs/tune.py` runs (README, "Try the cluster path on one machine"), here
+# joining the multi-node cluster: two trials of 12 steps, one at a time.
+TUNE_SMOKE = ("jobs/tune.py", "--config", "jobs/configs/tune-smoke.yaml")
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_nodes_are_lost_resumes_the_trial_from_its_checkpoint(cluster, corpora):
+    """The first trial's nodes preempted (its own process, worker, history shards and progress
+    channel with them) after its first checkpoint, two fresh ones join: Tune restarts the trial
+    (tune.trial_failure_config), which continues its run from that checkpoint with its history
+    buffer; both trials finish and the sweep names its winner."""
+    bucket, synthetic, real = corpora
+    sweep = "sweeps/tune-smoke"
+    # longer trials (24 steps, a checkpoint every 6) than the smoke config's, so the loss lands mid-trial
+    proc = command(cluster, *TUNE_SMOKE[1:], "--set", f"data.synthetic={synthetic}", "--set", f"data.real={real}",
+                   "--set", f"tune.output={bucket}/sweeps", "--set", "train.iterations=18",
+                   "--set", "train.eval_every=6", "--set", "tune.grace_steps=24", script=TUNE_SMOKE[0])
+
+    def first_trial_checkpoint():
+        runs = {key.split("/")[3] for key in _keys(bucket, f"{sweep}/runs/") if key.count("/") >= 4}
+        for run in runs:
+            if found := registered_checkpoints(bucket, f"{sweep}/runs/{run}"):
+                return run, found, freeze(node_processes(cluster, "ray::RayTrainWorker"))
+        return None
+
+    run, registered, frozen = wait_for(first_trial_checkpoint, proc, what="trial checkpoint")
+    saved = dict(saved_state(bucket, c, f"{sweep}/runs/{run}") for c in registered)
+    lose_nodes(cluster, frozen, lost=[0, 1], replacements=2)
+    rc, printed = finish(proc, timeout=400)
+    assert rc == 0, printed[-6000:]
+    trial = run.removeprefix("tune-smoke-")
+    assert re.search(rf"^tune: trial {trial} \(.*\) failed \(.*\); restarting it from its latest checkpoint "
+                     r"\(restart 1 of 2\)$", printed, re.M), printed
+    resumed = re.search(rf"^tune: trial {trial} resumed at step (\d+) with (\d+) history images$", printed, re.M)
+    assert resumed, printed
+    step, images = map(int, resumed.groups())
+    assert saved.get(step) == images > 0, (saved, resumed.group(0))
+    ended = re.findall(r"^tune: trial \w+ \(k_g=\d+, lr=[\d.e-]+, λ=[\d.e-]+\) ended at step 24$", printed, re.M)
+    assert len(ended) == 2, printed
+    # each trial's worker leaves a CPU for Ray Data, and 2 x 0.25 for its history shards, beside the trial's 0.01
+    assert "tune: each trial 1 worker(s) x 0.49 CPU (+1 CPU for Ray Data, 0.5 CPU for 2 history shard(s))" in printed
+    assert "View detailed results here" not in printed, printed
+    assert f"{sweep}/results.csv" in _keys(bucket, sweep) and f"{sweep}/best_checkpoint.txt" in _keys(bucket, sweep)
+    assert "Traceback" not in printed and "[state-dump]" not in printed and "Trial status:" not in printed, printed
+    lost = [line for line in printed.splitlines() if line.startswith("ray: ") and "marked dead" in line]
+    assert len(lost) == 2, printed

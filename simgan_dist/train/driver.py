@@ -49,6 +49,19 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
         resources.clear_resource_request()
 
 
+def _absolute_local_paths(cfg: Config) -> Config:
+    """A copy whose local paths (the run folder, the corpora rank 0's evaluator reads) are absolute:
+    Ray Train runs each worker in a folder of its own, where a relative path means another place."""
+    from simgan_dist.data import storage
+
+    cfg = config_from_dict(cfg.to_dict(redact=False))
+    for section, key in (("train", "storage_path"), ("data", "synthetic"), ("data", "real"), ("data", "real_val")):
+        value = getattr(getattr(cfg, section), key)
+        if value and not storage.is_s3(value):
+            setattr(getattr(cfg, section), key, storage.resolve(value)[1])
+    return cfg
+
+
 def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
          worker_resources: dict[str, float] | None = None):
     import ray.data
@@ -86,13 +99,12 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
                     for key in ("synthetic", "real")}
     else:
         datasets = {key: ds.select_columns(["image"]) for key, ds in datasets.items()}
+    cfg = _absolute_local_paths(cfg)
     storage_filesystem = None
     if storage.is_s3(cfg.train.storage_path):
         storage_filesystem, storage_path = storage.resolve(cfg.train.storage_path, cfg.storage)
     else:
-        # Workers run in other folders: a relative path must mean the same place to all of them.
-        cfg = config_from_dict(cfg.to_dict(redact=False))
-        cfg.train.storage_path = storage_path = storage.resolve(cfg.train.storage_path)[1]
+        storage_path = cfg.train.storage_path
     check_resumable(cfg)
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)
@@ -114,8 +126,11 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
         # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
         train_loop_config={"config": cfg.to_dict(), "history_run": run, "progress": progress,
                            "env": share_env(storage.worker_env(cfg.storage))},
+        # CPU workers' share comes from the whole cluster's CPUs (resources.plan_workers): spread, or
+        # Ray's default (PACK) puts them all on the first node's cores. GPU workers pack (NVLink, one host).
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=worker_resources),
+                                     resources_per_worker=worker_resources,
+                                     placement_strategy="PACK" if cfg.train.use_gpu else "SPREAD"),
         run_config=RunConfig(
             name=cfg.train.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures,
