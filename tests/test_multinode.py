@@ -12,6 +12,7 @@ here: the session's `ray_local` instance may be up in this process).
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -207,6 +208,65 @@ def test_the_whole_worker_pool_lost_and_replaced_resumes_by_itself(cluster, corp
     assert "Traceback" not in out and "[state-dump]" not in out, out
     lost = [line for line in out.splitlines() if line.startswith("ray: ") and "marked dead" in line]
     assert len(lost) == 2, out  # one line per lost node
+
+
+_MULTI_NODE_REFUSALS = r'''
+import json, os, sys
+import ray
+from simgan_dist import refine as refine_module
+from simgan_dist.config import load_config
+from simgan_dist.errors import UserError
+
+root, address = sys.argv[1:]
+ray.init(address=address, log_to_driver=False)
+out = {}
+
+def refused(name, call):
+    try:
+        call()
+    except UserError as e:
+        out[name] = str(e)
+    else:
+        out[name] = None
+
+data = [f"data.synthetic={root}/synthetic", f"data.real={root}/real"]
+from simgan_dist.train.driver import fit
+refused("train", lambda: fit(load_config("tiny", overrides=[f"train.storage_path={root}/runs", *data])))
+from simgan_dist.tune import sweep
+refused("tune", lambda: sweep(load_config("tiny", overrides=[
+    "train.eval_every=2", "tune.grace_steps=10", f"tune.output={root}/sweeps",
+    "data.synthetic=s3://bucket/synthetic", "data.real=s3://bucket/real"])))
+# refine reads the checkpoint and the input's manifest first (nothing written); stand in for that.
+class Job:
+    spec = {}
+refine_module.plan_job = lambda *args: (Job(), False)
+refused("refine", lambda: refine_module.refine(f"{root}/ckpt", "s3://bucket/synthetic", f"{root}/refined",
+                                               load_config("tiny")))
+out["written"] = sorted(os.listdir(root))
+print("RESULT " + json.dumps(out))
+ray.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_local_paths_on_a_multi_node_cluster_are_refused_before_any_work(cluster, tmp_path):
+    """Train, tune and refine given local paths on the cluster (head and two nodes) refuse at once,
+    naming the keys and suggesting s3://, and write nothing. (The nodes share this machine's disk,
+    so only our own up-front check can tell.) In a subprocess, like every command here."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _MULTI_NODE_REFUSALS, str(tmp_path), cluster.address],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["written"] == []
+    for command, keys in {"train": ["train.storage_path", "data.synthetic", "data.real"],
+                          "tune": ["tune.output"], "refine": ["refine --out"]}.items():
+        message = out[command]
+        assert message is not None, f"{command} was not refused"
+        assert message.startswith(f"{command}: ") and "3 nodes" in message and "s3://" in message, message
+        assert all(f"{key}=" in message for key in keys), message
+    assert "data.synthetic" not in out["tune"] and "refine --input" not in out["refine"]  # s3:// there
 
 
 def test_a_lost_node_is_one_console_line():
