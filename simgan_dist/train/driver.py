@@ -126,11 +126,11 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
         # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
         train_loop_config={"config": cfg.to_dict(), "history_run": run, "progress": progress,
                            "env": share_env(storage.worker_env(cfg.storage))},
-        # CPU workers' share comes from the whole cluster's CPUs (resources.plan_workers): spread, or
-        # Ray's default (PACK) puts them all on the first node's cores. GPU workers pack (NVLink, one host).
+        # Ray's default placement (PACK), also for CPU workers: spread over nodes, they can leave no
+        # node a whole free CPU, which Ray's rebuild of corpus blocks lost with a node needs (the
+        # restarted workers then waited for their first batch forever on 1-CPU nodes).
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=worker_resources,
-                                     placement_strategy="PACK" if cfg.train.use_gpu else "SPREAD"),
+                                     resources_per_worker=worker_resources),
         run_config=RunConfig(
             name=cfg.train.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures,
