@@ -167,11 +167,12 @@ def _saved_history(runs: str) -> dict[int, int]:
     import torch
 
     from simgan_dist.train.checkpoint import STATE_FILE
+    from simgan_dist.train.distributed_history import history_images
 
     saved = {}
     for state_file in glob.glob(f"{runs}/smoke/checkpoint_*/{STATE_FILE}"):
         state = torch.load(state_file, weights_only=False)
-        saved[sum(state["algorithm"].values())] = sum(len(shard["images"]) for shard in state["history"])
+        saved[sum(state["algorithm"].values())] = history_images(state["history"])
     return saved
 
 

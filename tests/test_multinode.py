@@ -110,11 +110,12 @@ def saved_state(bucket: str, checkpoint: str, run: str = f"runs/{NAME}") -> tupl
 
     from simgan_dist.data import storage
     from simgan_dist.train.checkpoint import STATE_FILE
+    from simgan_dist.train.distributed_history import history_images
 
     filesystem, path = storage.resolve(f"{bucket}/{run}/{checkpoint}/{STATE_FILE}")
     with filesystem.open_input_file(path) as f:
         state = torch.load(io.BytesIO(f.read()), weights_only=False)
-    return sum(state["algorithm"].values()), sum(len(shard["images"]) for shard in state["history"])
+    return sum(state["algorithm"].values()), history_images(state["history"])
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:

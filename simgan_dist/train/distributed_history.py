@@ -18,13 +18,19 @@ leaves the buffer whole. A shard whose actor dies anyway (a `ray.kill`, a driver
 without room for them) is restarted empty by Ray and refills within a few D steps: training goes on,
 and because every start of a shard has its own incarnation id the clients notice, and rank
 0 says so (a warning line and the `history_restarts` metric). The checkpoint still holds
-the last contents. A shard that cannot come back (restarts used up, no room for it on the
-cluster) fails the worker's call after `REPLY_TIMEOUT_S` instead of hanging it, and the
-worker group restarts from the latest checkpoint (`train.max_failures`).
+the last contents: each shard writes its images into the checkpoint's folder itself
+(`history_NNN.pt`, data only), in parallel, and the checkpoint's state records each file's
+image count, size and sha256. (The hand preset's buffer is ~20 GB: through rank 0, it went
+over one network link and rank 0's local disk before its upload.) A shard that cannot come
+back (restarts used up, no room for it on the cluster) fails the worker's call after
+`REPLY_TIMEOUT_S` instead of hanging it, and the worker group restarts from the latest
+checkpoint (`train.max_failures`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import queue
 import threading
@@ -36,6 +42,8 @@ import torch
 
 from simgan_dist.core.history import HistoryBuffer
 from simgan_dist.core.imaging import from_history_codes, history_codes, to_host
+from simgan_dist.data import storage
+from simgan_dist.data.pipeline import adopt_env
 
 NAMESPACE = "simgan_dist"
 SHARD_CPUS = 0.25  # a push or sample is a few ms of copying; enough to be scheduled, not to crowd
@@ -43,6 +51,7 @@ MAX_RESTARTS = 3
 # A push or sample answers in milliseconds and a restarted shard within seconds; one that cannot be
 # placed again would never answer.
 REPLY_TIMEOUT_S = 600.0
+HISTORY_FILE = "history_{:03d}.pt"  # shard k's images in a checkpoint folder
 
 
 class HistoryUnavailable(RuntimeError):
@@ -89,6 +98,27 @@ class HistoryShard:
     def load_state_dict(self, state: dict) -> int:
         self.buffer.load_state_dict(state)
         return len(self.buffer)
+
+    def save_to(self, uri: str, storage_cfg, env: list | None) -> dict:
+        """Write the buffer to `uri` (atomically); returns the checkpoint state's record of the file."""
+        adopt_env(env)
+        out = io.BytesIO()
+        torch.save(self.buffer.state_dict(), out)
+        data = out.getvalue()
+        storage.write_bytes_atomic(uri, data, storage_cfg)
+        return {"file": uri.rsplit("/", 1)[-1], "count": len(self.buffer), "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}
+
+    def load_from(self, uri: str, record: dict, storage_cfg, env: list | None) -> int:
+        """Load what `save_to` wrote, checked against its record (size, sha256) and as data only."""
+        from simgan_dist.train.checkpoint import CheckpointError, load_data
+
+        adopt_env(env)
+        data = storage.read_bytes(uri, storage_cfg)
+        if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise CheckpointError(f"{uri}: {len(data)} bytes whose sha256 does not match the checkpoint's state "
+                                  f"({record['bytes']} bytes): a corrupt or replaced history file")
+        return self.load_state_dict(load_data(data, uri))
 
 
 def _shard_name(run: str, index: int) -> str:
@@ -148,18 +178,34 @@ def destroy_shards(run: str, num_shards: int) -> None:
             pass
 
 
-def save_shards(shards: list[ray.actor.ActorHandle]) -> list[dict]:
-    return ray.get([s.state_dict.remote() for s in shards])
+def save_shards(shards: list[ray.actor.ActorHandle], folder: str, storage_cfg=None, env: list | None = None
+                ) -> list[dict]:
+    """Each shard writes its images into the checkpoint folder `folder` itself, all at once; returns
+    the records the checkpoint's state keeps (`load_shards` reads them back)."""
+    return ray.get([s.save_to.remote(storage.join(folder, HISTORY_FILE.format(i)), storage_cfg, env)
+                    for i, s in enumerate(shards)])
 
 
 def clear_shards(shards: list[ray.actor.ActorHandle]) -> None:
     ray.get([s.clear.remote() for s in shards])
 
 
-def load_shards(shards: list[ray.actor.ActorHandle], states: list[dict]) -> int:
-    if len(states) != len(shards):
-        raise ValueError(f"checkpoint holds {len(states)} history shards, this run has {len(shards)}")
-    return sum(ray.get([s.load_state_dict.remote(state) for s, state in zip(shards, states, strict=False)]))
+def load_shards(shards: list[ray.actor.ActorHandle], records: list[dict], folder: str, storage_cfg=None,
+                env: list | None = None) -> int:
+    """Refill the shards from a checkpoint's `records` (`save_shards`'), each shard reading its own
+    file in `folder`; a record holding the images themselves (checkpoints written before the
+    files) is loaded as it is. Returns how many images came back."""
+    if len(records) != len(shards):
+        raise ValueError(f"checkpoint holds {len(records)} history shards, this run has {len(shards)}")
+    return sum(ray.get([
+        s.load_from.remote(storage.join(folder, r["file"]), r, storage_cfg, env) if "file" in r
+        else s.load_state_dict.remote(r)
+        for s, r in zip(shards, records, strict=True)]))
+
+
+def history_images(records: list[dict]) -> int:
+    """How many images a checkpoint state's history records hold (either form `load_shards` takes)."""
+    return sum(r["count"] if "file" in r else len(r["images"]) for r in records)
 
 
 class SharedHistory:

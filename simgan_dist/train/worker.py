@@ -22,6 +22,7 @@ import torch
 from simgan_dist.config import Config, config_from_dict
 from simgan_dist.core.host_memory import reuse_freed_memory
 from simgan_dist.core.imaging import to_host, wide_codes
+from simgan_dist.data import storage
 from simgan_dist.train.recipe import (
     PREVIEW,
     Cadence,
@@ -216,7 +217,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     real = ShardStream(ray.train.get_dataset_shard("real"), cfg.train.batch_size, precision.to_input,
                        cfg.train.shuffle)
     shards = dh.get_shards(loop_config["history_run"], cfg.train.buffer_shards)
-    counters, history_restored = _restore(ray.train.get_checkpoint(), rank, engines, ema, shards, device)
+    counters, history_restored = _restore(ray.train.get_checkpoint(), cfg, rank, engines, ema, shards, device,
+                                          loop_config.get("env"))
     dist.barrier()  # nobody samples the buffer before rank 0 restored or cleared it
     history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2, device=device,
                                wide=wide_codes(cfg.model))
@@ -277,12 +279,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if save:
             history.flush()
             dist.barrier()  # every rank's pushes have landed before rank 0 reads the buffer
-            folder = _write_checkpoint(cfg, rank, engines, algo, shards, metrics if evaluated else None)
+            name = checkpoint_name(step)
+            stored = storage.join(cfg.train.storage_path, cfg.train.name, name)
+            folder = _write_checkpoint(cfg, rank, engines, algo, shards, metrics if evaluated else None, stored,
+                                       loop_config.get("env"))
             # Ray Train hears only of checkpoints (every evaluation and the last step are ones): each
             # report waits until its controller has taken the previous one, which it polls every 2 s
             # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per progress line capped training at one
             # line per poll. Progress lines and metrics.jsonl above keep every report.
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name,
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             saved_at = time.monotonic()
         throughput.restart()  # the next rate leaves out this report's and checkpoint's time
@@ -295,8 +300,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     console.close()
 
 
-def _restore(checkpoint, rank: int, engines: tuple, ema, shards: list, device: torch.device
-             ) -> tuple[dict[str, int] | None, int]:
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint at `step` in the run folder, known before Ray Train uploads it:
+    the history shards write their files into it meanwhile (`distributed_history.save_shards`)."""
+    return f"checkpoint_{step:09d}"
+
+
+def _restore(checkpoint, cfg: Config, rank: int, engines: tuple, ema, shards: list, device: torch.device,
+             env: list | None) -> tuple[dict[str, int] | None, int]:
     """Load Ray Train's latest checkpoint into this rank's engines, EMA and RNG, and (rank 0) the
     history buffer; a fresh run's rank 0 clears the buffer instead. Returns the schedule counters
     (None for a fresh run) and how many history images came back."""
@@ -318,14 +329,16 @@ def _restore(checkpoint, rank: int, engines: tuple, ema, shards: list, device: t
         rank_rng = os.path.join(folder, f"rng_rank{rank}.pt")
         if os.path.exists(rank_rng):
             set_rng_state(load_data(rank_rng, f"checkpoint rng_rank{rank}.pt"))
-        if rank == 0:
-            history_restored = dh.load_shards(shards, state["history"])
+    if rank == 0:  # the shards read their files from storage themselves
+        stored = storage.join(cfg.train.storage_path, cfg.train.name, os.path.basename(checkpoint.path))
+        history_restored = dh.load_shards(shards, state["history"], stored, cfg.storage, env)
     return state["algorithm"], history_restored
 
 
 def _write_checkpoint(cfg: Config, rank: int, engines: tuple, algo, shards: list,
-                      scores: dict[str, Any] | None) -> str:
-    """This rank's part of a checkpoint, in a local folder Ray uploads in the background and then deletes."""
+                      scores: dict[str, Any] | None, stored: str, env: list | None) -> str:
+    """This rank's part of a checkpoint, in a local folder Ray uploads in the background to `stored`
+    and then deletes; rank 0 has the history shards write their files straight to `stored`."""
     from simgan_dist.metrics.objective import write_scores
     from simgan_dist.train import distributed_history as dh
     from simgan_dist.train.checkpoint import rng_state, write_checkpoint
@@ -336,7 +349,7 @@ def _write_checkpoint(cfg: Config, rank: int, engines: tuple, algo, shards: list
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
     if rank == 0:
         write_checkpoint(folder, cfg, refining(algo), engines[1].module, {
-            "algorithm": algo.state_dict(), "history": dh.save_shards(shards),
+            "algorithm": algo.state_dict(), "history": dh.save_shards(shards, stored, cfg.storage, env),
         })
         if scores is not None:
             write_scores(folder, algo.global_step, scores)

@@ -15,6 +15,10 @@ pytestmark = pytest.mark.slow  # Ray actors (ray_local)
 SHAPE = (1, 2, 3)
 
 
+def _contents(actors) -> list[dict]:
+    return ray.get([a.state_dict.remote() for a in actors])
+
+
 @pytest.fixture
 def shards(ray_local, request):
     run = f"test-{request.node.name}"
@@ -41,7 +45,7 @@ def test_images_travel_and_rest_as_integer_codes(shards, wide, dtype, step):
     images = torch.rand(4, *SHAPE) * 2 - 1
     shared.push(images)
     shared.flush()
-    stored = torch.cat([s["images"] for s in dh.save_shards(actors)])
+    stored = torch.cat([s["images"] for s in _contents(actors)])
     assert stored.dtype == dtype  # uint8: 1 byte a pixel on the wire and in the actor (fp16 was 2)
     back = shared.sample(4)
     assert back.dtype == torch.float32 and len(back) == 4
@@ -91,37 +95,52 @@ def test_fills_and_replaces_exactly_half_a_batch_across_shards(shards):
     for i in range(4):
         shared.push(torch.full((2, *SHAPE), i / 4))
     shared.flush()
-    assert sum(dh.save_shards(actors)[i]["images"].shape[0] for i in range(2)) == 8
-    before = torch.cat([s["images"] for s in dh.save_shards(actors)])
+    assert sum(_contents(actors)[i]["images"].shape[0] for i in range(2)) == 8
+    before = torch.cat([s["images"] for s in _contents(actors)])
     shared.push(torch.full((2, *SHAPE), -1.0))
     shared.flush()
-    after = torch.cat([s["images"] for s in dh.save_shards(actors)])
+    after = torch.cat([s["images"] for s in _contents(actors)])
     assert (before != after).flatten(1).any(1).sum().item() == 2
     assert (after == 0).flatten(1).all(1).sum().item() == 2  # code 0 is -1.0
     sample = shared.sample(4)
     assert sample.shape == (4, *SHAPE) and len(shared) == 8
 
 
-def test_state_round_trip_and_clear(shards):
+def test_state_round_trip_and_clear(shards, tmp_path):
+    """Each shard writes its own file into the checkpoint folder and reads it back, checked against
+    the record the checkpoint's state keeps; a replaced file is refused, naming it."""
+    from simgan_dist.train.checkpoint import CheckpointError
+
     actors = shards(2, 8)
     shared = dh.SharedHistory(actors, sample_size=2)
     shared.push(torch.randn(4, *SHAPE))
     shared.flush()
-    states = dh.save_shards(actors)
+    saved = [state["images"].clone() for state in _contents(actors)]
+    records = dh.save_shards(actors, str(tmp_path))
+    assert [r["file"] for r in records] == ["history_000.pt", "history_001.pt"]
+    assert dh.history_images(records) == 4 and all((tmp_path / r["file"]).stat().st_size == r["bytes"] for r in records)
     dh.clear_shards(actors)
     assert dh.SharedHistory(actors, sample_size=2).known_size == 0
-    assert dh.load_shards(actors, states) == 4
+    assert dh.load_shards(actors, records, str(tmp_path)) == 4
     with pytest.raises(ValueError, match="2 history shards"):
-        dh.load_shards(actors[:1], states)
+        dh.load_shards(actors[:1], records, str(tmp_path))
 
     # A driver SIGKILLed after that checkpoint leaves its detached shards holding newer images; the
     # same command again finds them (create_shards) and the checkpoint's buffer replaces what they hold.
-    saved = [state["images"].clone() for state in states]
     shared.push(torch.randn(4, *SHAPE))
     shared.flush()
     survivors = shards(2, 8)
     assert [a._actor_id for a in survivors] == [a._actor_id for a in actors]
     assert sum(ray.get([a.size.remote() for a in survivors])) == 8
-    assert dh.load_shards(survivors, states) == 4
-    restored = [state["images"] for state in dh.save_shards(survivors)]
+    assert dh.load_shards(survivors, records, str(tmp_path)) == 4
+    restored = [state["images"] for state in _contents(survivors)]
     assert all(torch.equal(a, b) for a, b in zip(restored, saved, strict=True))
+
+    # checkpoints written before the files held the images in their state: still loaded
+    assert dh.load_shards(survivors, _contents(survivors), str(tmp_path / "unused")) == 4
+    assert dh.history_images(_contents(survivors)) == 4
+
+    data = (tmp_path / "history_001.pt").read_bytes()
+    (tmp_path / "history_001.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="history_001.pt: .* sha256 does not match the checkpoint's state"):
+        dh.load_shards(survivors, records, str(tmp_path))
