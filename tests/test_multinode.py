@@ -185,21 +185,24 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 240, what: str 
 
 @pytest.mark.slow
 def test_the_whole_worker_pool_lost_and_replaced_resumes_by_itself(cluster, corpora):
-    """A 2-worker run on the worker nodes; both nodes preempted after the first checkpoint, two
-    fresh ones join: the same run resumes from its latest checkpoint (train.max_failures), finishes
-    every iteration, and its history buffer comes back as that checkpoint saved it."""
+    """A 2-worker run spread over two of three 1-CPU nodes (0.75 CPU a worker: Ray's PACK cannot put
+    both on one node, and the third keeps the whole CPU Ray Data's tasks need); both workers' nodes
+    preempted after the first checkpoint, two fresh ones join: the same run resumes from its
+    latest checkpoint (train.max_failures), finishes every iteration, and its history buffer
+    comes back as that checkpoint saved it."""
     bucket = corpora[0]
+    cluster.workers.append(cluster.add_node(num_cpus=1))
+    cluster.wait_for_nodes()
     proc = command(cluster, *train_args(corpora))
     wait_for(lambda: registered_checkpoints(bucket), proc, what="registered checkpoint")
     workers = node_processes(cluster, "ray::RayTrainWorker")
-    assert sum(map(len, workers.values())) == 2, workers  # both on worker nodes (PACK: here, one node)
-    for node in cluster.workers:
-        cluster.remove_node(node, allow_graceful=False)
+    assert [len(procs) for procs in workers.values()] == [1, 1], workers  # one worker on each of two nodes
+    lose_nodes(cluster, {}, lost=sorted(workers), replacements=2)
     # what the checkpoints registered by the loss hold (keep_best removes them later)
     saved = dict(saved_state(bucket, c) for c in registered_checkpoints(bucket))
-    cluster.workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     rc, out = finish(proc)
     assert rc == 0, out[-6000:]
+    assert "2 worker(s) x 0.75 CPU" in out, out
     resumed = re.search(r"\[mn\] resumed at step (\d+)/(\d+) with (\d+) history images", out)
     assert resumed, out
     step, total, images = map(int, resumed.groups())
@@ -208,6 +211,7 @@ def test_the_whole_worker_pool_lost_and_replaced_resumes_by_itself(cluster, corp
     assert "Traceback" not in out and "[state-dump]" not in out, out
     lost = [line for line in out.splitlines() if line.startswith("ray: ") and "marked dead" in line]
     assert len(lost) == 2, out  # one line per lost node
+    cluster.remove_node(cluster.workers.pop())  # the two nodes the other tests expect
 
 
 _MULTI_NODE_REFUSALS = r'''
