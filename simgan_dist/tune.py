@@ -39,6 +39,7 @@ from simgan_dist.config import Config, config_from_dict, load_config
 from simgan_dist.console import failure_line, say, verbose
 from simgan_dist.errors import UserError
 from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
+from simgan_dist.tune_progress import sweep_progress
 
 PARAMS = ("k_g", "lr", "lambda_reg")
 # What a trial's own process holds: it only drives its worker group (Tune refuses an empty request).
@@ -174,49 +175,6 @@ def _trial_cleanup(base: dict[str, Any]):
     return TrialCleanup()
 
 
-def _sweep_progress(max_failures: int):
-    from ray.tune import Callback
-
-    class SweepProgress(Callback):
-        """Our own console lines for a sweep: a trial's start, each scored report, a restart and where
-        it resumed, its end (Tune's table and its traceback of a failed trial: --verbose)."""
-
-        def __init__(self):
-            self.resumed_at: dict[str, int] = {}
-
-        @staticmethod
-        def _name(trial) -> str:
-            return f"trial {trial.trial_id} (k_g={trial.config['k_g']}, lr={trial.config['lr']:.3g}, " \
-                   f"λ={trial.config['lambda_reg']:.3g})"
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            say(f"tune: {self._name(trial)} started")
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            restored = result.get("restored_from_step") or 0
-            if restored and self.resumed_at.get(trial.trial_id) != restored:
-                self.resumed_at[trial.trial_id] = restored
-                say(f"tune: trial {trial.trial_id} resumed at step {restored} with "
-                    f"{result.get('history_restored', 0)} history images")
-            if "objective" in result:
-                say(f"tune: trial {trial.trial_id} step {result.get('step')}: objective {result['objective']:.4g} "
-                    f"(realism {result.get('realism', math.nan):.4g}, drift {result.get('drift', math.nan):.3g} px)")
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            error = trial.get_pickled_error()
-            why = failure_line(error)[:160] if error else "its process was lost"
-            say(f"tune: {self._name(trial)} failed ({why}); restarting it from its latest checkpoint "
-                f"(restart {trial.num_failures} of {max_failures})")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            say(f"tune: {self._name(trial)} ended at step {trial.last_result.get('step')}")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            say(f"tune: {self._name(trial)} failed (Tune keeps its error file under the sweep folder)")
-
-    return SweepProgress()
-
-
 def default_concurrency(cfg: Config, resources: dict[str, float]) -> int:
     """How many trials fit at once: a worker group's GPUs, or its CPUs plus one for its Ray Data readers
     plus what its history shard actors ask for (the same actors, with the same resources, as `train.fit`'s).
@@ -342,7 +300,7 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                  callbacks=[_trial_cleanup(base), _sweep_progress(cfg.train.max_failures)],
+                                  callbacks=[_trial_cleanup(base), sweep_progress(cfg.train.max_failures)],
                                   failure_config=trial_failure_config(cfg),
                                   verbose=1 if verbose() else 0),
     )

@@ -164,7 +164,7 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
             optimizer.step()
             schedule.step()
             total += loss.detach()
-        losses.append(float(total) / steps_per_epoch)
+        losses.append(float(to_host(total)) / steps_per_epoch)  # the epoch's one device→host copy
         if len(val_idx):
             val_errors.append(float(angular_error_deg(run_model(model, val_images), val_gaze).mean()))
             if val_errors[-1] <= min(val_errors):
