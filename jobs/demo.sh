@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # The whole pipeline on this machine: local Ray, a local folder as object storage, CPU.
 #   simulate → tune (a 2-trial Ray Tune sweep of Ray Train + DeepSpeed runs) → refine → evaluate
-# Usage: bash jobs/demo.sh [OUT_DIR]   (make demo runs it with demo_output/; SEED=1 trains with seed 1)
+# Usage: bash jobs/demo.sh [OUT_DIR]   (make demo runs it with demo_output/; SEED=1 trains with seed 1,
+#        SIM_SEED=1 simulates another corpus, DEMO_SET="train.keep_best=100 ..." adds --set overrides)
 set -euo pipefail
 out=${1:-demo_output}
 data=$out/data
 seed=${SEED:-0}
+sim_seed=${SIM_SEED:-0}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 config=(--config jobs/configs/tiny.yaml
         --set "data.synthetic=$data/synthetic" --set "data.real=$data/real" --set "data.real_test=$data/real_test"
         --set "train.storage_path=$out/runs" --set train.name=demo --set "train.seed=$seed"
         --set "tune.output=$out/sweeps" --set tune.name=demo)
+for override in ${DEMO_SET:-}; do config+=(--set "$override"); done
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1/4 simulate: labeled synthetic eyes, unlabeled real eyes, a labeled real test set"
-simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed 0 --overwrite "${config[@]}"  # a rerun renders the same rows
+simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed "$sim_seed" --overwrite "${config[@]}"  # a rerun renders the same rows
 
 step "2/4 tune: 2 trials (λ 1 and 2), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; ASHA on the label-free objective"
 simgan-dist tune "${config[@]}" --set train.num_workers=1 | tee "$out/tune.log"

@@ -30,6 +30,10 @@ class ModelConfig:
     refiner_channels: int = 64
     refiner_blocks: int = 4
     refiner_kernel: int = 3
+    # How R's convolutions see beyond the image edge: "reflect" (mirror the image), "replicate" or
+    # "zeros" (the paper's same padding: black beyond the edge, which R learns to paint a frame
+    # against; bench/RESULTS.md, issue 23). Checkpoints written before this key used "zeros".
+    refiner_padding: str = "reflect"
     # Width multiplier for D's conv widths (1.0 = the paper's 96/64/32/32).
     disc_width: float = 1.0
 
@@ -111,6 +115,12 @@ class TrainConfig:
     channels_last: bool = True
     # False: read both corpora in stored order (reproducible runs, trajectory tests).
     shuffle: bool = True
+    # True: the same machine, seed, data and worker count give bit-identical weights. Ray Data keeps
+    # the stored block order (the shuffle is then seeded within each chunk of batches), torch uses
+    # deterministic kernels only, and the history shards take the workers' pushes and samples in
+    # rank order at every D step. Costs: the read loses Ray Data's out-of-order overlap and the
+    # ranks wait for each other at the buffer (a few % on CPU; bench/RESULTS.md, issue 23).
+    deterministic: bool = False
     # "auto": bf16 autocast on GPU, fp32 on CPU.
     precision: str = "auto"
     # Every eval_every steps rank 0 refines the first eval_samples synthetic images and scores them
@@ -256,6 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "image_every": 20,
             "eval_every": 0,
             "eval_samples": 200,
+            "deterministic": True,
         },
         "refine": {"batch_size": 256, "rows_per_shard": 2000},
         "evaluate": {"gaze_model": "small", "gaze_epochs": 3, "gaze_batch_size": 128, "realism_samples": 500},

@@ -10,6 +10,8 @@
 3. Realism: a kernel distance between refined and held-out real images in the feature
    space of a gaze CNN fitted to the synthetic labels (`realism.GazeFeatures` and
    `realism.realism_score`, shared with training and Tune; no real labels).
+4. Artifacts: a frame along the border and ripples, refined vs real vs synthetic
+   (`artifacts.artifact_metrics`: border ring profiles and the radial power spectrum).
 
 Outputs: `OUT/metrics.json` for machines and `OUT/report.html` (with PNGs) for people.
 """
@@ -27,6 +29,7 @@ import numpy as np
 from simgan_dist import report
 from simgan_dist.config import Config, EvaluateConfig, load_config
 from simgan_dist.evaluate_inputs import EvaluationError, load_inputs
+from simgan_dist.metrics.artifacts import artifact_metrics
 from simgan_dist.metrics.drift import PUPIL_RADIUS, detect_pupil, pupil_shift
 from simgan_dist.metrics.gaze import angular_error_deg, fit_gaze, run_model
 from simgan_dist.metrics.realism import FEATURE_NET_ROWS, GazeFeatures, realism_score
@@ -264,6 +267,10 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
         "synthetic_vs_real": realism_score(data.synthetic[pick], reference, seed, features),
     }
 
+    _log("artifacts: border frame and power spectrum, refined vs real_test")
+    artifacts = artifact_metrics({"synthetic": data.synthetic[pick], "refined": data.refined[pick],
+                                  "real": reference})
+
     variants = {"synthetic": (data.synthetic, data.gaze), "refined": (data.refined, data.gaze)}
     if data.real is not None:
         variants["real"] = (data.real, data.real_gaze)
@@ -303,6 +310,7 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
         "gaze": gaze,
         "label_preservation": preservation,
         "realism": realism,
+        "artifacts": artifacts,
         "refinement": {"mean_abs_change_gray_levels": float(np.abs(diff).mean())},
         "headline": {
             "gaze_error_synthetic_deg": syn["mean_deg"],
@@ -316,6 +324,10 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
             "pupil_shift_px_std": preservation["shift_px"]["std"],
             "realism_refined": realism["refined_vs_real"],
             "realism_synthetic": realism["synthetic_vs_real"],
+            "frame_score_refined": artifacts["border"]["refined"]["frame_score"],
+            "frame_score_real": artifacts["border"]["real"]["frame_score"],
+            "spectrum_distance_refined": artifacts["vs_real"]["refined"]["spectrum_log_distance"],
+            "spectrum_distance_synthetic": artifacts["vs_real"]["synthetic"]["spectrum_log_distance"],
         },
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -336,6 +348,9 @@ def _print_headline(metrics: dict[str, Any], report_path: Path) -> None:
          f"{100 * h['relative_improvement_std']:.1f}%, paired over seeds: {per_seed})")
     _log(f"pupil shift: {shift['mean']:.2f} ± {shift['std']:.2f} px; realism (lower = more real): refined "
          f"{h['realism_refined']:.4f} vs synthetic {h['realism_synthetic']:.4f}")
+    _log(f"artifacts vs real: frame score refined {h['frame_score_refined']:.2f} (real {h['frame_score_real']:.2f} "
+         f"gray levels); spectrum distance refined {h['spectrum_distance_refined']:.3f} vs synthetic "
+         f"{h['spectrum_distance_synthetic']:.3f}")
     _log(f"report: {report_path}")
 
 

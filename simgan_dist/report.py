@@ -278,6 +278,26 @@ def _realism_section(r: dict[str, Any]) -> str:
 About 0 means indistinguishable in this feature space.</p>"""
 
 
+def _artifacts_section(a: dict[str, Any]) -> str:
+    labels = {"synthetic": "Synthetic", "refined": "Refined", "real": "Real (test)"}
+    versus = a[f"vs_{a['reference']}"]
+    rows = [[labels.get(name, name), f"{b['frame_score']:.2f}",
+             _num(versus[name]["spectrum_log_distance"], ".3f") if name in versus else "–"]
+            for name, b in a["border"].items()]
+    rings = {labels.get(name, name): (list(range(len(b["ring_mean"]))), b["ring_mean"])
+             for name, b in a["border"].items()}
+    spectra = {labels.get(name, name): (s["frequency"], [math.log10(max(p, 1e-30)) for p in s["power"]])
+               for name, s in a["spectrum"].items()}
+    return f"""
+<h2 id="artifacts">Artifacts: border frame and ripples</h2>
+{_table(["Images", "Frame score (gray levels)", "Spectrum distance to real"], rows)}
+<p>A frame shows as a ring profile that jumps a few pixels in from the edge (real eyes change smoothly
+there); ripples show as spectrum power above real's at mid and high frequencies.</p>
+<p class="note">How: {html.escape(a["method"])}.</p>
+<div class="charts">{svg_lines(rings, "Mean gray level by ring", "pixels in from the edge")}
+{svg_lines(spectra, "Radial power spectrum (log10, unit sum)", "frequency (cycles/px)")}</div>"""
+
+
 def _samples_section(pictures: dict[str, Any], mean_change: float) -> str:
     return f"""
 <h2 id="samples">Samples</h2>
@@ -330,6 +350,7 @@ Pupil shift {_num(h["pupil_shift_px"])} px. Realism distance {h["realism_synthet
 {_gaze_section(metrics, errors)}
 {_preservation_section(metrics["label_preservation"], shifts)}
 {_realism_section(metrics["realism"])}
+{_artifacts_section(metrics["artifacts"])}
 {_samples_section(pictures, metrics["refinement"]["mean_abs_change_gray_levels"])}
 {_training_section(curves, inputs["run"])}
 <p class="note">Machine-readable: <a href="metrics.json">metrics.json</a>. {metrics["seconds"]:.0f} s.</p>

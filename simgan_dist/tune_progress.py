@@ -34,7 +34,8 @@ def sweep_progress(max_failures: int):
                     f"{result.get('history_restored', 0)} history images")
             if "objective" in result:
                 say(f"tune: trial {trial.trial_id} step {result.get('step')}: objective {result['objective']:.4g} "
-                    f"(realism {result.get('realism', math.nan):.4g}, drift {result.get('drift', math.nan):.3g} px)")
+                    f"± {result.get('objective_se', math.nan):.2g} (realism {result.get('realism', math.nan):.4g}, "
+                    f"drift {result.get('drift', math.nan):.3g} px)")
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             error = trial.get_pickled_error()

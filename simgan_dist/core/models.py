@@ -27,14 +27,18 @@ from torch import nn
 from simgan_dist.config import ModelConfig
 
 
-class ResnetBlock(nn.Module):
-    """Two same-padded convolutions with a skip connection (the paper's Fig. 3)."""
+def same_conv(channels_in: int, channels_out: int, kernel: int, padding_mode: str) -> nn.Conv2d:
+    """A convolution whose output has its input's size; `padding_mode` fills what lies beyond the edge."""
+    return nn.Conv2d(channels_in, channels_out, kernel, padding=kernel // 2, padding_mode=padding_mode)
 
-    def __init__(self, channels: int, kernel: int):
+
+class ResnetBlock(nn.Module):
+    """Two same-size convolutions with a skip connection (the paper's Fig. 3)."""
+
+    def __init__(self, channels: int, kernel: int, padding_mode: str = "zeros"):
         super().__init__()
-        padding = kernel // 2
-        self.conv1 = nn.Conv2d(channels, channels, kernel, padding=padding)
-        self.conv2 = nn.Conv2d(channels, channels, kernel, padding=padding)
+        self.conv1 = same_conv(channels, channels, kernel, padding_mode)
+        self.conv2 = same_conv(channels, channels, kernel, padding_mode)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,12 +47,17 @@ class ResnetBlock(nn.Module):
 
 
 class Refiner(nn.Module):
-    """Input conv → N ResNet blocks → 1x1 conv to the image channels → tanh."""
+    """Input conv → N ResNet blocks → 1x1 conv to the image channels → tanh.
 
-    def __init__(self, channels_in: int = 1, features: int = 64, blocks: int = 4, kernel: int = 3):
+    Zero padding (the paper's) shows R black beyond every edge, and R learns to paint a frame a
+    few pixels in that D then keys on; "reflect" continues the image instead (issue 23).
+    """
+
+    def __init__(self, channels_in: int = 1, features: int = 64, blocks: int = 4, kernel: int = 3,
+                 padding_mode: str = "zeros"):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels_in, features, kernel, padding=kernel // 2), nn.ReLU())
-        self.blocks = nn.Sequential(*(ResnetBlock(features, kernel) for _ in range(blocks)))
+        self.stem = nn.Sequential(same_conv(channels_in, features, kernel, padding_mode), nn.ReLU())
+        self.blocks = nn.Sequential(*(ResnetBlock(features, kernel, padding_mode) for _ in range(blocks)))
         self.head = nn.Conv2d(features, channels_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +175,8 @@ GAZE_MODELS = {"gazenet": GazeNet, "small": SmallGazeNet}
 
 
 def build_refiner(cfg: ModelConfig) -> Refiner:
-    return Refiner(cfg.image_channels, cfg.refiner_channels, cfg.refiner_blocks, cfg.refiner_kernel)
+    return Refiner(cfg.image_channels, cfg.refiner_channels, cfg.refiner_blocks, cfg.refiner_kernel,
+                   cfg.refiner_padding)
 
 
 def build_discriminator(cfg: ModelConfig) -> Discriminator:

@@ -58,17 +58,20 @@ def label_free_scores(synthetic: np.ndarray, refined: np.ndarray, real_val: np.n
                       realism_synthetic: float | None = None) -> dict[str, float]:
     """Scores of refined images (N×H×W×C integers, aligned with `synthetic`) against held-out real images.
 
-    Returns `realism` (refined vs real_val), `realism_synthetic` (synthetic vs real_val, the
-    baseline; pass it to skip recomputing it), `drift` (px) and `objective` (lower = better).
+    Returns `realism` (refined vs real_val) and its standard error over the refined images
+    `realism_se`, `realism_synthetic` (synthetic vs real_val, the baseline; pass it to skip
+    recomputing it), `drift` (px), `objective` (lower = better) and `objective_se`, the
+    realism term's share of the error (the one that ranks checkpoints within the tolerance).
     `real_val` may be a prepared `RealismReference` (scoring many refiners against one set).
     """
     reference = real_val if isinstance(real_val, RealismReference) else RealismReference(real_val, seed)
-    realism = reference.score(refined)
+    realism, realism_se = reference.score_and_error(refined)
     if realism_synthetic is None:
         realism_synthetic = reference.score(synthetic)
     drift = label_drift(synthetic, refined, kind=kind, pupil_xy=pupil_xy)
-    return {"realism": realism, "realism_synthetic": realism_synthetic, "drift": drift,
-            "objective": combine(realism, realism_synthetic, drift, synthetic.shape[2])}
+    return {"realism": realism, "realism_se": realism_se, "realism_synthetic": realism_synthetic, "drift": drift,
+            "objective": combine(realism, realism_synthetic, drift, synthetic.shape[2]),
+            "objective_se": realism_se / max(realism_synthetic, REALISM_FLOOR)}
 
 
 class Evaluator:
@@ -129,7 +132,7 @@ class Evaluator:
 # Scored checkpoints
 
 SCORES_FILE = "scores.json"  # beside a checkpoint's weights: the step and its scores
-SCORE_KEYS = ("objective", "realism", "realism_synthetic", "drift")
+SCORE_KEYS = ("objective", "objective_se", "realism", "realism_synthetic", "drift")
 BEST_CHECKPOINT_FILE = "best_checkpoint.txt"  # a sweep's output: the winning checkpoint's URI
 
 
@@ -143,7 +146,8 @@ def score_text(metrics: dict[str, Any]) -> str:
     style); '' without an evaluation."""
     if "realism" not in metrics:  # no evaluation at this report (a checkpoint may still carry objective=NaN)
         return ""
-    return (f" | objective {metrics['objective']:.4g} (realism {metrics['realism']:.4g}, "
+    return (f" | objective {metrics['objective']:.4g} ± {metrics['objective_se']:.2g} "
+            f"(realism {metrics['realism']:.4g}, "
             f"drift {metrics['drift']:.3g} px, eval {metrics['eval_s']:.2f} s)")
 
 

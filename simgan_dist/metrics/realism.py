@@ -25,6 +25,7 @@ from simgan_dist.metrics.gaze import fit_gaze, run_model
 FEATURE_NET_ROWS = 4096  # labeled synthetic rows the eyes' realism space (GazeFeatures) learns from
 FEATURE_NET_EPOCHS = 8
 REALISM_BANDWIDTHS = (0.25, 1.0, 4.0)  # RBF widths, as multiples of the feature dimension
+JACKKNIFE_BLOCKS = 8  # blocks of the candidate set left out in turn for a score's standard error
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,14 +120,27 @@ class RealismReference:
         n = k.shape[0]
         return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
 
-    @torch.no_grad()
     def score(self, images: np.ndarray | torch.Tensor) -> float:
+        return self.score_and_error(images)[0]
+
+    @torch.no_grad()
+    def score_and_error(self, images: np.ndarray | torch.Tensor) -> tuple[float, float]:
+        """The score of `images` and its standard error over them: a delete-a-block jackknife
+        (JACKKNIFE_BLOCKS blocks) with the reference held fixed, as it is for every set it ranks."""
         if len(images) < 2:
             raise ValueError("realism_score needs at least two images in each set")
         fa = (self.features_of(images).double() - self.mean) / self.std
-        mmd2 = self._off_diagonal_mean(self._kernel(fa, fa)) + self.self_term \
-            - 2 * self._kernel(fa, self.features).mean()
-        return float(mmd2)
+        within, across = self._kernel(fa, fa), self._kernel(fa, self.features).mean(1)
+
+        def mmd2(rows: torch.Tensor) -> torch.Tensor:
+            return self._off_diagonal_mean(within[rows][:, rows]) + self.self_term - 2 * across[rows].mean()
+
+        count = len(fa)
+        blocks = min(JACKKNIFE_BLOCKS, count // 2)
+        parts = torch.arange(count).tensor_split(blocks)
+        leave_out = torch.stack([mmd2(torch.cat(parts[:b] + parts[b + 1:])) for b in range(blocks)])
+        error = math.sqrt((blocks - 1) / blocks * float(((leave_out - leave_out.mean()) ** 2).sum()))
+        return float(mmd2(torch.arange(count))), error
 
 
 def realism_score(images_a: np.ndarray | torch.Tensor, images_b: np.ndarray | torch.Tensor,

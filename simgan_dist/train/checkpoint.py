@@ -121,7 +121,11 @@ def check_finite(state: dict[str, Any], what: str) -> None:
 def load_checkpoint_config(uri: str, storage: StorageConfig | None = None) -> Config:
     text = _read_bytes(uri, CONFIG_FILE, storage).decode()
     try:
-        return config_from_dict(yaml.safe_load(text), drop_retired=True)
+        values = yaml.safe_load(text)
+        if isinstance(values, dict) and isinstance(values.get("model"), dict):
+            # Written before the key existed: those refiners were trained (and must run) with zero padding.
+            values["model"].setdefault("refiner_padding", "zeros")
+        return config_from_dict(values, drop_retired=True)
     except (ConfigError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{uri}/{CONFIG_FILE} is not a valid simgan_dist config: {exc}") from exc
 

@@ -29,6 +29,7 @@ checkpoint (`train.max_failures`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import math
@@ -51,6 +52,8 @@ MAX_RESTARTS = 3
 # A push or sample answers in milliseconds and a restarted shard within seconds; one that cannot be
 # placed again would never answer.
 REPLY_TIMEOUT_S = 600.0
+# How long a worker's turn at a shard waits for a worker that never comes (train.deterministic).
+TURN_TIMEOUT_S = 60.0
 HISTORY_FILE = "history_{:03d}.pt"  # shard k's images in a checkpoint folder
 
 
@@ -58,28 +61,88 @@ class HistoryUnavailable(RuntimeError):
     """The history shard actors did not answer in time."""
 
 
+class TurnOrder:
+    """Who may go next at a shard when the workers' calls must be served in a fixed order.
+
+    A turn is (call, phase, rank): a client's call count, 0 for its push and 1 for its sample, and its
+    rank. A turn may go once every earlier turn of the same call has gone, or belongs to a rank already
+    seen at a later call (its call here went to an earlier incarnation of the shard, or it has none:
+    it will not come). A rank that never comes (lost with its node) holds the others up to
+    TURN_TIMEOUT_S, after which they go on without it: the run restarts from a checkpoint anyway.
+    """
+
+    def __init__(self):
+        self.changed = asyncio.Condition()
+        self.reset()
+
+    def reset(self) -> None:
+        """A new set of clients (a run's start, a restore) counts its calls from 0 again."""
+        self.gone: set[tuple[int, int, int]] = set()
+        self.latest: dict[int, int] = {}  # rank -> its latest call seen
+
+    def _may_go(self, call: int, phase: int, rank: int, world: int) -> bool:
+        return all((call, p, r) in self.gone or self.latest.get(r, -1) > call
+                   for p in (0, 1) for r in range(world) if (p, r) < (phase, rank))
+
+    async def wait(self, call: int, phase: int, rank: int, world: int) -> None:
+        async with self.changed:
+            self.latest[rank] = max(self.latest.get(rank, -1), call)
+            self.changed.notify_all()  # a rank at a later call releases the turns it skipped
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: self._may_go(call, phase, rank, world)),
+                                       TURN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def done(self, call: int, phase: int, rank: int) -> None:
+        async with self.changed:
+            oldest = min(self.latest.values(), default=call)
+            self.gone = {t for t in self.gone if t[0] >= oldest} | {(call, phase, rank)}
+            self.changed.notify_all()
+
+
 @ray.remote
 class HistoryShard:
+    """One part of the shared buffer. An asyncio actor: its calls run one at a time on its event loop,
+    except that an `exchange` in turn order (train.deterministic) awaits its turn without holding it."""
+
     def __init__(self, capacity: int, image_shape: tuple[int, ...], seed: int, wide: bool = False):
         self.args = (capacity, image_shape)
         self.seed = seed
         self.dtype = torch.int16 if wide else torch.uint8
         self.incarnation = uuid.uuid4().hex  # new at every (re)start of the actor, unlike clear()
+        self.turns = TurnOrder()
         self.clear()
 
     def clear(self) -> int:
         """Start empty (a fresh run that reuses the name of one that left no checkpoint)."""
         self.buffer = HistoryBuffer(*self.args, seed=self.seed, dtype=self.dtype)
+        self.turns.reset()
         return 0
 
     def push(self, codes: np.ndarray) -> int:
         self.buffer.push(torch.from_numpy(codes))
         return len(self.buffer)
 
-    def push_and_sample(self, codes: np.ndarray, k: int) -> tuple[torch.Tensor, int, str]:
-        """A client's push and its next sample in one call: one actor round trip per shard and D step."""
-        self.push(codes)
-        return self.sample(k)
+    async def exchange(self, codes: np.ndarray | None, k: int, turn: tuple[int, int, int] | None = None
+                       ) -> tuple[torch.Tensor, int, str]:
+        """A client's push (if any) and its next sample in one call: one actor round trip per shard and
+        D step. `turn` = (the client's call count, its rank, the world size): the pushes of a D step are
+        applied in rank order, then its samples are drawn in rank order, so the buffer's contents and
+        draws do not depend on which worker's call arrives first (train.deterministic)."""
+        if turn is None:
+            if codes is not None:
+                self.push(codes)
+            return self.sample(k)
+        call, rank, world = turn
+        await self.turns.wait(call, 0, rank, world)
+        if codes is not None:
+            self.push(codes)
+        await self.turns.done(call, 0, rank)
+        await self.turns.wait(call, 1, rank, world)
+        reply = self.sample(k)
+        await self.turns.done(call, 1, rank)
+        return reply
 
     def sample(self, k: int) -> tuple[torch.Tensor, int, str]:
         if not len(self.buffer):  # restarted after a node failure: empty until the next push
@@ -97,6 +160,7 @@ class HistoryShard:
 
     def load_state_dict(self, state: dict) -> int:
         self.buffer.load_state_dict(state)
+        self.turns.reset()
         return len(self.buffer)
 
     def save_to(self, uri: str, storage_cfg, env: list | None) -> dict:
@@ -216,12 +280,17 @@ class SharedHistory:
     whose reply is the next sample, so the training thread neither submits calls nor
     deserialises replies, and the K_g refiner steps between two D steps never wait on the
     buffer. Each shard still sees one caller's calls in order. `restarts` lists the index of
-    every shard seen restarted (empty) since this client started.
+    every shard seen restarted (empty) since this client started. `rank_of` = (rank, world size)
+    makes the shards serve every worker's calls in rank order (`HistoryShard.exchange`,
+    train.deterministic).
     """
 
     def __init__(self, shards: list[ray.actor.ActorHandle], sample_size: int,
-                 device: torch.device | str = "cpu", wide: bool = False, timeout_s: float = REPLY_TIMEOUT_S):
+                 device: torch.device | str = "cpu", wide: bool = False, timeout_s: float = REPLY_TIMEOUT_S,
+                 rank_of: tuple[int, int] | None = None):
         self.shards = shards
+        self.rank_of = rank_of
+        self.calls = 0  # exchanges made: every worker makes the same sequence, so the counts line up
         self.sample_size = sample_size
         self.device = torch.device(device)
         self.wide = wide
@@ -247,10 +316,16 @@ class SharedHistory:
         except ray.exceptions.GetTimeoutError as exc:
             raise self._unavailable() from exc
 
+    def _turn(self) -> tuple[int, int, int] | None:
+        """The next exchange's turn at the shards (None: served as it arrives)."""
+        self.calls += 1
+        return None if self.rank_of is None else (self.calls - 1, *self.rank_of)
+
     def _serve(self) -> None:
-        while (chunks := self.outbox.get()) is not None:
+        while (job := self.outbox.get()) is not None:
+            chunks, turn = job
             try:
-                replies = self._get([shard.push_and_sample.remote(chunk, self._share)
+                replies = self._get([shard.exchange.remote(chunk, self._share, turn)
                                      for shard, chunk in zip(self.shards, chunks, strict=False)])
             except BaseException as exc:  # raised in the training thread at its next sample or flush
                 replies = exc
@@ -279,7 +354,8 @@ class SharedHistory:
             self._wait_answered()
             replies, self.latest = self.latest, None
         if replies is None:  # no push since the last sample (a run's first D step after a resume)
-            replies = self._get([s.sample.remote(self._share) for s in self.shards])
+            turn = self._turn()
+            replies = self._get([s.exchange.remote(None, self._share, turn) for s in self.shards])
         for i, (_, _, incarnation) in enumerate(replies):
             if incarnation != self.incarnations[i]:
                 self.incarnations[i] = incarnation
@@ -292,7 +368,7 @@ class SharedHistory:
         chunks = np.array_split(to_host(history_codes(images, self.wide)), len(self.shards))
         with self.answered:
             self.in_flight += 1
-        self.outbox.put(chunks)
+        self.outbox.put((chunks, self._turn()))
         self.known_size = max(self.known_size, 1)
 
     def flush(self) -> None:

@@ -87,8 +87,8 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
     context = ray.data.DataContext.get_current()
     # Our progress line says what matters; per-epoch Ray Data bars would bury it.
     context.enable_progress_bars = False
-    # Unshuffled runs read in stored order, caching included (reproducible trajectories).
-    context.execution_options.preserve_order = not cfg.train.shuffle
+    # Unshuffled and deterministic runs read in stored order, caching included (reproducible trajectories).
+    context.execution_options.preserve_order = not cfg.train.shuffle or cfg.train.deterministic
     if datasets is None:
         for key in ("synthetic", "real"):
             if not getattr(cfg.data, key):

@@ -9,6 +9,7 @@ batches come from and how checkpoints are stored stay with each trainer.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,11 +58,22 @@ class Precision:
         return to_model_input(images, self.device, channels_last=self.channels_last)
 
 
+def use_deterministic_kernels() -> None:
+    """Only kernels that give the same bits on every run (train.deterministic): no cuDNN autotuning,
+    and cuBLAS with a fixed workspace (read when its first handle is made, so before any matmul)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
 def build_networks(cfg: Config, device: torch.device,
                    memory_format: torch.memory_format = torch.contiguous_format
                    ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
     """R, then D, each with its optimizer (`algorithm.make_optimizer`), identical on every rank:
     seeded from train.seed. A generator, so DeepSpeed can wrap R before D is built, as it always has."""
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     torch.manual_seed(cfg.train.seed)
     for role, build in (("refiner", build_refiner), ("disc", build_discriminator)):
         module = build(cfg.model).to(device, memory_format=memory_format)

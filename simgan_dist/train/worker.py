@@ -221,7 +221,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                           loop_config.get("env"))
     dist.barrier()  # nobody samples the buffer before rank 0 restored or cleared it
     history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2, device=device,
-                               wide=wide_codes(cfg.model))
+                               wide=wide_codes(cfg.model), rank_of=(rank, world) if cfg.train.deterministic else None)
     algo = build_simgan(cfg, DeepSpeedUpdater(engines[0]), DeepSpeedUpdater(engines[1]), history, synthetic,
                         real, precision, ema)
     if counters is not None:

@@ -63,3 +63,27 @@ def test_bf16_and_channels_last():
     y = refiner(x)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     assert disc(y).shape == (4, 2, 4, 9)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate"])
+def test_a_refiner_that_continues_the_image_paints_no_frame(padding_mode):
+    """On a flat image every pixel sees the same neighbourhood, so any output difference between the
+    border and the centre is the padding's: zero padding shows R black beyond the edge (a frame)."""
+    torch.manual_seed(0)
+    flat = torch.full((1, 1, 35, 55), 0.3)
+    continued = Refiner(1, 8, 2, padding_mode=padding_mode)
+    zeros = Refiner(1, 8, 2, padding_mode="zeros")
+    zeros.load_state_dict(continued.state_dict())  # same weights: only the padding differs
+    assert torch.allclose(continued(flat), continued(flat)[0, 0, 17, 27], atol=1e-6)
+    framed = zeros(flat)[0, 0]
+    assert (framed[0] - framed[17, 27]).abs().max() > 1e-3
+
+
+def test_refiner_padding_comes_from_the_config_and_is_checked():
+    from simgan_dist.config import ConfigError
+
+    assert build_refiner(load_config("eye").model).stem[0].padding_mode == "reflect"
+    refiner = build_refiner(load_config("eye", overrides=["model.refiner_padding=zeros"]).model)
+    assert all(m.padding_mode == "zeros" for m in refiner.modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ConfigError, match="model.refiner_padding: 'mirror' is not one of"):
+        load_config("eye", overrides=["model.refiner_padding=mirror"])

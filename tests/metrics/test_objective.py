@@ -163,3 +163,17 @@ def test_eye_runs_are_scored_in_the_gaze_feature_space(eyes):
     evaluator = objective.Evaluator.from_config(cfg)
     assert isinstance(evaluator.reference.features_of, realism.GazeFeatures)
     assert len(evaluator.synthetic) == 32
+
+
+def test_a_scores_standard_error_matches_the_spread_of_the_score_over_fresh_samples():
+    """The jackknife error of the realism score against a known answer: the spread of the score itself over
+    independent candidate sets drawn from one distribution, the reference held fixed (as in training)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    reference = realism.RealismReference(torch.randn(400, 8, generator=generator), features=lambda x: x)
+    draws = [reference.score_and_error(torch.randn(200, 8, generator=generator) + 0.3) for _ in range(40)]
+    spread = float(np.std([score for score, _ in draws], ddof=1))
+    typical_error = float(np.mean([error for _, error in draws]))
+    assert 0.6 * spread < typical_error < 1.6 * spread
+    assert all(score > 0 for score, _ in draws)  # shifted by 0.3 per dimension: clearly not the reference

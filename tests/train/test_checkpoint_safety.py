@@ -157,3 +157,21 @@ def test_ema_state_and_best_checkpoints_of_a_local_run_are_data(eyes, tmp_path):
     with pytest.raises(CheckpointError, match=r"refiner.pt: refusing to load"):
         load_refiner(choose_checkpoint(str(run.folder), cfg))
     assert not marker.exists()
+
+
+def test_a_checkpoint_written_before_refiner_padding_existed_runs_with_zero_padding(tmp_path):
+    """Those refiners were trained seeing zeros beyond the edge; reflect would change every output."""
+    from simgan_dist.core.models import build_discriminator, build_refiner
+    from simgan_dist.train.checkpoint import CONFIG_FILE, write_checkpoint
+
+    cfg = load_config("tiny", overrides=["model.refiner_padding=zeros"])
+    folder = write_checkpoint(tmp_path / "old", cfg, build_refiner(cfg.model), build_discriminator(cfg.model))
+    config_file = folder / CONFIG_FILE
+    config_file.write_text("".join(line for line in config_file.read_text().splitlines(keepends=True)
+                                   if "refiner_padding" not in line))
+    refiner, loaded = load_refiner(str(folder))
+    assert loaded.model.refiner_padding == "zeros"
+    assert refiner.stem[0].padding_mode == "zeros"
+    cfg.model.refiner_padding = "reflect"
+    write_checkpoint(tmp_path / "new", cfg, build_refiner(cfg.model), build_discriminator(cfg.model))
+    assert load_refiner(str(tmp_path / "new"))[0].stem[0].padding_mode == "reflect"

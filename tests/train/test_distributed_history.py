@@ -144,3 +144,39 @@ def test_state_round_trip_and_clear(shards, tmp_path):
     (tmp_path / "history_001.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="history_001.pt: .* sha256 does not match the checkpoint's state"):
         dh.load_shards(survivors, records, str(tmp_path))
+
+
+def _two_workers_exchange(actors, first: int, ordered: bool) -> tuple[list, list]:
+    """Ranks 0 and 1 push and sample over the same shards for 4 D steps, rank `first`'s call arriving first."""
+    clients = [dh.SharedHistory(actors, sample_size=4, rank_of=(rank, 2) if ordered else None) for rank in (0, 1)]
+    generator = torch.Generator().manual_seed(0)
+    samples = [[], []]
+    for _ in range(4):
+        images = [torch.rand(4, *SHAPE, generator=generator) * 2 - 1 for _ in (0, 1)]
+        for rank in (first, 1 - first):  # the other worker's call lands later
+            clients[rank].push(images[rank])
+            time.sleep(0.15)
+        for rank in (0, 1):
+            samples[rank].append(clients[rank].sample(4))
+    for client in clients:
+        client.close()
+    return _contents(actors), samples
+
+
+def test_ordered_turns_make_the_buffer_independent_of_which_worker_calls_first(shards):
+    """train.deterministic with several workers: the shards apply a D step's pushes, then its samples, in rank
+    order, whoever arrives first; unordered, the arrival order changes what the buffer holds (the check can fail)."""
+    def run(first, ordered):
+        actors = shards(2, 8, seed=3)
+        result = _two_workers_exchange(actors, first, ordered)
+        for actor in actors:  # the next run creates its shards under the same names
+            ray.kill(actor)
+        return result
+
+    rank0_first, rank1_first = run(0, True), run(1, True)
+    for a, b in zip(rank0_first[0], rank1_first[0], strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["generator"], b["generator"])
+    for rank in (0, 1):
+        assert all(torch.equal(x, y) for x, y in zip(rank0_first[1][rank], rank1_first[1][rank], strict=True))
+    unordered = [run(first, False)[0] for first in (0, 1)]
+    assert any(not torch.equal(a["images"], b["images"]) for a, b in zip(*unordered, strict=True))
