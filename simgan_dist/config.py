@@ -118,8 +118,8 @@ class TrainConfig:
     # True: the same machine, seed, data and worker count give bit-identical weights. Ray Data keeps
     # the stored block order (the shuffle is then seeded within each chunk of batches), torch uses
     # deterministic kernels only, and the history shards take the workers' pushes and samples in
-    # rank order at every D step. Costs: the read loses Ray Data's out-of-order overlap and the
-    # ranks wait for each other at the buffer (a few % on CPU; bench/RESULTS.md, issue 23).
+    # rank order at every D step. A sweep is then reproducible when its trials run one at a time
+    # (ASHA's stops depend on which concurrent trial reports first). Costs: bench/RESULTS.md, issue 23.
     deterministic: bool = False
     # "auto": bf16 autocast on GPU, fp32 on CPU.
     precision: str = "auto"

@@ -12,8 +12,11 @@ Two checks keep the marker honest:
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -30,6 +33,9 @@ RAY_SETTINGS = ("RAY_AUTH_MODE", "RAY_DEDUP_LOGS", "RAY_DATA_LOGGING_CONFIG")
 # Ray Train's controller polls its workers every 2 s, so each run ends up to 2 s after its last
 # step; the suite runs ~25 of them. Every Ray the tests start inherits this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Fitted realism networks (metrics/realism.py) go to a folder of this session's, not the user's cache.
+os.environ["SIMGAN_DIST_CACHE"] = tempfile.mkdtemp(prefix="simgan-dist-cache-")
+atexit.register(shutil.rmtree, os.environ["SIMGAN_DIST_CACHE"], ignore_errors=True)
 
 HEAVY_FIXTURES = frozenset({"ray_local", "s3_server", "s3_bucket"})
 SLOW = "slow"

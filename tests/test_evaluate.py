@@ -164,7 +164,7 @@ def test_report_has_every_section(datasets, tmp_path, ray_local, capsys):
     assert cli_evaluate(args) == 0
     out = tmp_path / "report"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"gaze", "label_preservation", "realism", "headline", "inputs", "samples"} <= set(metrics)
+    assert {"gaze", "label_preservation", "realism", "artifacts", "headline", "inputs", "samples"} <= set(metrics)
     assert set(metrics["gaze"]["variants"]) == {"synthetic", "refined", "real"}
     for variant in metrics["gaze"]["variants"].values():
         assert 0 <= variant["mean_deg"] <= 180 and 0 <= variant["within_7deg"] <= 1
@@ -180,15 +180,20 @@ def test_report_has_every_section(datasets, tmp_path, ray_local, capsys):
     assert preservation["shift_px"]["mean"] < 0.5
     assert metrics["realism"]["refined_vs_real"] != metrics["realism"]["synthetic_vs_real"]
     page = (out / "report.html").read_text()
-    for section in ('id="gaze"', 'id="label-preservation"', 'id="realism"', 'id="samples"', 'id="training"'):
+    for section in ('id="gaze"', 'id="label-preservation"', 'id="realism"', 'id="artifacts"', 'id="samples"',
+                    'id="training"'):
         assert section in page
-    assert page.count("<svg") >= 5  # error CDF, gaze loss, pupil histogram, 3 training panels
+    # error CDF, gaze loss, pupil histogram, ring profile, spectrum, 3 training panels
+    assert page.count("<svg") >= 7
+    assert set(metrics["artifacts"]["border"]) == {"synthetic", "refined", "real"}
+    assert headline["frame_score_refined"] == metrics["artifacts"]["border"]["refined"]["frame_score"]
     assert "Real (ceiling)" in page and "refiner/loss" in page
     for png in ("samples.png", "difference.png"):
         assert png in page and Image.open(out / png).size[0] > 55 * 8
     assert not list(out.glob(".*tmp"))
     printed = capsys.readouterr().out
     assert "report: " in printed and str(out / "report.html") in printed and "pupil shift" in printed
+    assert "artifacts vs real: frame score refined" in printed
 
 
 def test_in_process_variants_without_ray_stop_early_on_their_own_validation_part():

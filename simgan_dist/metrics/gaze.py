@@ -108,7 +108,8 @@ def fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Evalu
 
     Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8 dataset
     resident on the device when it fits beside what is already there: `data_device`); cuDNN's
-    autotuner (`cudnn.benchmark`) is on while it trains and set back as it was after.
+    autotuner (`cudnn.benchmark`) is on while it trains (not under deterministic algorithms) and set
+    back as it was after.
     """
     benchmark = torch.backends.cudnn.benchmark
     try:
@@ -126,7 +127,8 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
     torch.manual_seed(seed)
     where = device()
     on_gpu = where.type == "cuda"
-    torch.backends.cudnn.benchmark = on_gpu  # fixed input shapes: let cuDNN pick its fastest kernels
+    # Fixed input shapes: let cuDNN pick its fastest kernels, unless the run asked for the same bits every time.
+    torch.backends.cudnn.benchmark = on_gpu and not torch.are_deterministic_algorithms_enabled()
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     autocast = _autocast(on_gpu)
     train_idx, val_idx = validation_split(len(train_images), cfg.gaze_val_fraction, seed)

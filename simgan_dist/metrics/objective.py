@@ -28,6 +28,7 @@ No Ray import: pure numpy/torch, usable in a training worker, a Tune trial or a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -101,13 +102,17 @@ class Evaluator:
         if not cfg.data.synthetic:
             raise UserError("train.eval_every > 0 needs data.synthetic (its first train.eval_samples rows are "
                             "refined and scored)")
-        from simgan_dist.data.schema import load_numpy, read_manifest
+        from simgan_dist.data.schema import Manifest, load_numpy, read_manifest_bytes
 
-        labeled = cfg.model.architecture == "eye" and "gaze" in read_manifest(cfg.data.synthetic,
-                                                                               cfg.storage).label_fields
+        name, manifest = read_manifest_bytes(cfg.data.synthetic, cfg.storage)
+        labeled = cfg.model.architecture == "eye" and "gaze" in Manifest.from_json(
+            manifest.decode(errors="replace"), cfg.data.synthetic, name).label_fields
         rows = load_numpy(cfg.data.synthetic, cfg.storage, columns=["image", "gaze"] if labeled else ["image"],
                           limit=max(cfg.train.eval_samples, FEATURE_NET_ROWS if labeled else 0))
-        features = GazeFeatures(rows["image"], rows["gaze"], cfg.train.seed) if labeled else None
+        # Every trial of a sweep on this corpus scores in the same space, fitted once (a manifest names
+        # each shard's sha256: the same bytes, the same rows).
+        features = GazeFeatures.cached(hashlib.sha256(manifest).hexdigest(), rows["image"][:FEATURE_NET_ROWS],
+                                       rows["gaze"][:FEATURE_NET_ROWS], cfg.train.seed) if labeled else None
         real_val = load_real_val(cfg, cfg.train.eval_samples)
         return cls(rows["image"][:cfg.train.eval_samples], real_val, kind=cfg.model.architecture,
                    seed=cfg.train.seed, features=features)

@@ -11,8 +11,11 @@ No Ray import: pure numpy/torch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,10 +23,12 @@ import torch.nn.functional as F
 
 from simgan_dist.config import EvaluateConfig
 from simgan_dist.core.imaging import to_model_input, to_storage
-from simgan_dist.metrics.gaze import fit_gaze, run_model
+from simgan_dist.core.models import SmallGazeNet
+from simgan_dist.metrics.gaze import device, fit_gaze, run_model
 
 FEATURE_NET_ROWS = 4096  # labeled synthetic rows the eyes' realism space (GazeFeatures) learns from
 FEATURE_NET_EPOCHS = 8
+FEATURE_NET_VERSION = 1  # part of the cache key: bump when the network or its recipe changes
 REALISM_BANDWIDTHS = (0.25, 1.0, 4.0)  # RBF widths, as multiples of the feature dimension
 JACKKNIFE_BLOCKS = 8  # blocks of the candidate set left out in turn for a score's standard error
 
@@ -72,7 +77,8 @@ class GazeFeatures:
     run nor the trials of a sweep like the downstream error (Spearman 0.41 and 0.41; in this
     space 0.69 and 0.69, bench/RESULTS.md). Only synthetic labels are used, never real ones.
     The network (`models.SmallGazeNet`, `gaze.fit_gaze`, FEATURE_NET_EPOCHS epochs on the first
-    FEATURE_NET_ROWS labeled rows, seeded) is trained once per run: ~40 CPU-seconds on one core.
+    FEATURE_NET_ROWS labeled rows, seeded) costs ~40 CPU-seconds on one core, so `cached` fits it
+    once per dataset and seed and keeps it on the node (`feature_cache_dir`).
     """
 
     def __init__(self, images: np.ndarray, gaze: np.ndarray, seed: int = 0):
@@ -81,10 +87,38 @@ class GazeFeatures:
         with torch.random.fork_rng():  # the caller's RNG streams (a training run's) stay as they were
             self.model, _ = fit_gaze(images, gaze, recipe, seed=seed, progress=False)
 
+    @classmethod
+    def cached(cls, dataset_key: str, images: np.ndarray, gaze: np.ndarray, seed: int = 0) -> GazeFeatures:
+        """The space for these rows of the dataset whose manifest hashes to `dataset_key`: fitted once,
+        then read back (as data only) by every later run, trial or evaluation on this node."""
+        from simgan_dist.train.checkpoint import load_data
+
+        shape = "x".join(map(str, images.shape[1:]))
+        name = hashlib.sha256(f"{FEATURE_NET_VERSION}/{dataset_key}/{len(images)}/{shape}/{seed}".encode()).hexdigest()
+        path = feature_cache_dir() / f"gaze_features_{name[:32]}.pt"
+        if path.is_file():
+            space = cls.__new__(cls)
+            height, width, channels = images.shape[1:]
+            space.model = SmallGazeNet(channels, height, width)
+            space.model.load_state_dict(load_data(path, str(path)))
+            space.model.to(device()).eval()
+            return space
+        space = cls(images, gaze, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent trials: each its own, then rename
+        torch.save({k: v.cpu() for k, v in space.model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+        return space
+
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             images = to_storage(images)
         return torch.from_numpy(run_model(self.model, images, embed=True))
+
+
+def feature_cache_dir() -> Path:
+    """Where fitted realism networks are kept: $SIMGAN_DIST_CACHE, else ~/.cache/simgan_dist."""
+    return Path(os.environ.get("SIMGAN_DIST_CACHE") or Path.home() / ".cache" / "simgan_dist") / "realism"
 
 
 class RealismReference:

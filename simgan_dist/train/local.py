@@ -49,6 +49,7 @@ from simgan_dist.train.recipe import (
     Throughput,
     build_networks,
     build_simgan,
+    deterministic_kernels,
     evaluate,
     make_ema,
     preview_grid,
@@ -139,8 +140,13 @@ def keep_if_best(best: Path, step: int, scores: dict[str, float], keep: int, wri
 def train_local(cfg: Config, folder: str | Path, synthetic: np.ndarray | None = None,
                 real: np.ndarray | None = None, progress: bool = True) -> LocalRun:
     """Run Algorithm 1 in this process; resumes if `folder/checkpoint` exists."""
+    with deterministic_kernels(cfg.train):  # process-wide torch settings: the caller gets its own back
+        return _train_local(cfg, Path(folder), synthetic, real, progress)
+
+
+def _train_local(cfg: Config, folder: Path, synthetic: np.ndarray | None, real: np.ndarray | None,
+                 progress: bool) -> LocalRun:
     reuse_freed_memory()
-    folder = Path(folder)
     check_data_roles(cfg)
     if synthetic is None:
         synthetic = _load_images(cfg.data.synthetic, "synthetic", cfg)

@@ -58,13 +58,32 @@ class Precision:
         return to_model_input(images, self.device, channels_last=self.channels_last)
 
 
-def use_deterministic_kernels() -> None:
-    """Only kernels that give the same bits on every run (train.deterministic): no cuDNN autotuning,
-    and cuBLAS with a fixed workspace (read when its first handle is made, so before any matmul)."""
+def use_deterministic_kernels(train: TrainConfig) -> tuple[bool, bool, bool] | None:
+    """With train.deterministic, only kernels that give the same bits on every run: no cuDNN
+    autotuning, and cuBLAS with a fixed workspace (read when its first handle is made, so call this
+    before any matmul: before the evaluator fits its realism network). These are process-wide;
+    returns the settings replaced (None when off) for `deterministic_kernels` to put back."""
+    if not train.deterministic:
+        return None
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                torch.backends.cudnn.deterministic)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True)
+    return previous
+
+
+@contextlib.contextmanager
+def deterministic_kernels(train: TrainConfig) -> Iterator[None]:
+    """`use_deterministic_kernels` for a block (a run inside a longer process: `train --local`, tests)."""
+    previous = use_deterministic_kernels(train)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            algorithms, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous
+            torch.use_deterministic_algorithms(algorithms)
 
 
 def build_networks(cfg: Config, device: torch.device,
@@ -72,8 +91,6 @@ def build_networks(cfg: Config, device: torch.device,
                    ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
     """R, then D, each with its optimizer (`algorithm.make_optimizer`), identical on every rank:
     seeded from train.seed. A generator, so DeepSpeed can wrap R before D is built, as it always has."""
-    if cfg.train.deterministic:
-        use_deterministic_kernels()
     torch.manual_seed(cfg.train.seed)
     for role, build in (("refiner", build_refiner), ("disc", build_discriminator)):
         module = build(cfg.model).to(device, memory_format=memory_format)

@@ -33,6 +33,7 @@ from simgan_dist.train.recipe import (
     make_ema,
     preview_grid,
     refining,
+    use_deterministic_kernels,
 )
 
 CHUNK_BATCHES = 8  # batches per Ray Data fetch (ShardStream)
@@ -204,6 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # realism network) before any collective: built later, the other ranks would wait for it inside
     # one (the first gradient all-reduce), up to the process group's timeout. It leaves the RNG as it was
     # (GazeFeatures forks it), so the trajectory does not depend on where it is built.
+    use_deterministic_kernels(cfg.train)  # for the worker process's life
     evaluator = None
     if rank == 0 and cfg.train.eval_every:
         from simgan_dist.metrics.objective import Evaluator

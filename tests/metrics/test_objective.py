@@ -177,3 +177,26 @@ def test_a_scores_standard_error_matches_the_spread_of_the_score_over_fresh_samp
     typical_error = float(np.mean([error for _, error in draws]))
     assert 0.6 * spread < typical_error < 1.6 * spread
     assert all(score > 0 for score, _ in draws)  # shifted by 0.3 per dimension: clearly not the reference
+
+
+def test_the_realism_space_is_fitted_once_per_dataset_and_seed(eyes, tmp_path, monkeypatch):
+    """A sweep's trials and a run's restarts read the fitted network back instead of fitting it again."""
+    import torch
+
+    monkeypatch.setenv("SIMGAN_DIST_CACHE", str(tmp_path))
+    cfg = load_config("tiny", overrides=[f"data.synthetic={eyes / 'synthetic'}", f"data.real={eyes / 'real'}",
+                                         "train.eval_every=10", "train.eval_samples=32"])
+    first = objective.Evaluator.from_config(cfg)
+    assert len(list((tmp_path / "realism").glob("*.pt"))) == 1
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("the realism network was fitted again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(realism, "fit_gaze", no_fitting)
+        again = objective.Evaluator.from_config(cfg)
+    assert torch.equal(first.reference.features, again.reference.features)
+    assert again.realism_synthetic == first.realism_synthetic
+    cfg.train.seed = 1  # another seed, another space
+    objective.Evaluator.from_config(cfg)
+    assert len(list((tmp_path / "realism").glob("*.pt"))) == 2
