@@ -26,6 +26,7 @@ Prints a Markdown table per history.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -35,14 +36,22 @@ from objective_validation import refine_array
 from simgan_dist.config import load_config
 from simgan_dist.data.schema import load_numpy
 from simgan_dist.evaluate import label_preservation, read_run_metrics, train_gaze
-from simgan_dist.metrics.objective import Evaluator
+from simgan_dist.metrics.drift import drift_tolerance_px
+from simgan_dist.metrics.objective import Evaluator, combine
 from simgan_dist.train.checkpoint import load_checkpoint_config, load_refiner
 
+SCORE_PARTS = ("realism", "realism_synthetic", "drift")
 
-def objective_history(run: Path) -> dict[int, float]:
-    """{step: objective} of every evaluation the run made (metrics.jsonl)."""
-    return {int(r["step"]): float(r["objective"]) for r in read_run_metrics(run)
+
+def score_history(run: Path) -> dict[int, dict[str, float]]:
+    """{step: the objective's parts} of every evaluation the run made (metrics.jsonl)."""
+    return {int(r["step"]): {k: float(r[k]) for k in SCORE_PARTS} for r in read_run_metrics(run)
             if isinstance(r.get("objective"), float) and np.isfinite(r["objective"])}
+
+
+def objectives(history: dict[int, dict[str, float]], tolerance_px: float) -> dict[int, float]:
+    return {step: combine(p["realism"], p["realism_synthetic"], p["drift"], 55, tolerance_px)
+            for step, p in history.items()}
 
 
 def window_mean(history: dict[int, float], step: int, before: int, after: int) -> float:
@@ -60,8 +69,8 @@ RULES = {
 }
 
 
-def rescored_history(run: Path, samples: int, cache_file: Path) -> dict[int, float]:
-    """{step: objective} of every checkpoint of `run`, scored on `samples` synthetic images (cached)."""
+def rescored_history(run: Path, samples: int, cache_file: Path) -> dict[int, dict[str, float]]:
+    """{step: the objective's parts} of every checkpoint of `run`, scored on `samples` synthetic images (cached)."""
     cached = {(d["run"], d["samples"]): d["history"] for d in
               map(json.loads, cache_file.read_text().splitlines() if cache_file.exists() else [])}
     if (str(run), samples) not in cached:
@@ -69,11 +78,14 @@ def rescored_history(run: Path, samples: int, cache_file: Path) -> dict[int, flo
         cfg = load_checkpoint_config(str(folders[0]))
         cfg.train.eval_samples = samples
         evaluator = Evaluator.from_config(cfg)  # the run's own held-out real images and realism space
-        history = {int(f.name.split("_")[1]): evaluator(load_refiner(str(f))[0])["objective"] for f in folders}
+        history = {}
+        for folder in folders:
+            scores = evaluator(load_refiner(str(folder))[0])
+            history[int(folder.name.split("_")[1])] = {k: scores[k] for k in SCORE_PARTS}
         with cache_file.open("a") as f:
             f.write(json.dumps({"run": str(run), "samples": samples, "history": history}) + "\n")
         cached[str(run), samples] = history
-    return {int(step): value for step, value in cached[str(run), samples].items()}
+    return {int(step): parts for step, parts in cached[str(run), samples].items()}
 
 
 class Measurements:
@@ -103,21 +115,23 @@ class Measurements:
         return [self.cache[checkpoint, seed] for seed in self.seeds]
 
 
-def choices(demo: Path, measure: Measurements, first: int, every: int, rescore: int, out: Path) -> dict:
+def choices(demo: Path, measure: Measurements, first: int, every: int, rescore: int, tolerances: list[float],
+            out: Path) -> dict:
     """The winning trial's measured checkpoints and what each rule chooses among them, per history."""
     data = demo / "data"
     synthetic = load_numpy(str(data / "synthetic"), columns=["image", "gaze", "pupil_xy"])
     test = load_numpy(str(data / "real_test"), columns=["image", "gaze"])  # the final measurement only
     run = Path((demo / "sweeps" / "demo" / "best_checkpoint.txt").read_text().split()[0]).parent
-    history = objective_history(run)
+    history = score_history(run)
+    trained = objectives(history, drift_tolerance_px(55))
     baseline = [r["mean_deg"] for r in measure(f"synthetic:{data}", synthetic, test)]
     scored = [s for s in sorted(history) if s >= first and (run / f"checkpoint_{s:09d}").is_dir()]
     measured = {}
     for step in scored[::every]:
         results = measure(str(run / f"checkpoint_{step:09d}"), synthetic, test)
         gain = float(np.mean([(b - r["mean_deg"]) / b for b, r in zip(baseline, results, strict=True)]))
-        measured[step] = {"gain": gain, "shift_px": results[0]["shift_px"], "objective": history[step]}
-        print(f"{demo.name} step {step}: objective {history[step]:.3f}, gain {100 * gain:+.1f}%, "
+        measured[step] = {"gain": gain, "shift_px": results[0]["shift_px"], "objective": trained[step]}
+        print(f"{demo.name} step {step}: objective {trained[step]:.3f}, gain {100 * gain:+.1f}%, "
               f"shift {results[0]['shift_px']:.2f} px", flush=True)
     best = max(measured, key=lambda s: measured[s]["gain"])
     histories = {"training": history}
@@ -126,10 +140,13 @@ def choices(demo: Path, measure: Measurements, first: int, every: int, rescore: 
         histories[f"{rescore} images"] = {s: rescored[s] for s in history if s in rescored}
     row = {"demo": demo.name, "trial": run.name, "best_step": best, "best_gain": measured[best]["gain"],
            "measured": measured, "rules": {}}
-    for label, scores in histories.items():
+    for (label, parts), tolerance in itertools.product(histories.items(), tolerances):
+        scores = objectives(parts, tolerance)
         for name, rule in RULES.items():
+            if name == "latest" and (label, tolerance) != ("training", tolerances[0]):
+                continue  # the same choice under every history
             chosen = min(measured, key=lambda step, rule=rule, scores=scores: rule(scores, step))
-            row["rules"][f"{name} ({label})"] = {
+            row["rules"][f"{name} ({label}, {tolerance:g} px)"] = {
                 "step": chosen, "gain": measured[chosen]["gain"], "shift_px": measured[chosen]["shift_px"],
                 "regret": measured[best]["gain"] - measured[chosen]["gain"]}
     return row
@@ -144,22 +161,28 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=2, help="measure every N-th scored checkpoint")
     parser.add_argument("--seeds", type=int, default=1, help="gaze estimator seeds per checkpoint")
     parser.add_argument("--rescore", type=int, default=1024, help="also rank on this many images (0: no)")
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[1.5, 1.2],
+                        help="the objective's drift tolerance (px on a 55 px eye): one set of rules each")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     measure = Measurements(out / "measured.jsonl", load_config("tiny", args.config), range(args.seeds))
-    rows = [choices(Path(demo), measure, args.first, args.every, args.rescore, out) for demo in args.demos]
+    rows = [choices(Path(demo), measure, args.first, args.every, args.rescore, args.tolerances, out)
+            for demo in args.demos]
     (out / "rules.json").write_text(json.dumps(rows, indent=2) + "\n")
     rules = list(rows[0]["rules"])
-    print(f"\n| rule | {' | '.join(row['demo'] for row in rows)} | regret, mean ± std (points) |")
-    print("|---|" + "---|" * len(rows) + "---|")
+    print(f"\n| rule | {' | '.join(row['demo'] for row in rows)} | regret, mean ± std (points) | pupil shift (px) |")
+    print("|---|" + "---|" * len(rows) + "---|---|")
     best = [f"{row['best_step']}: {100 * row['best_gain']:+.1f}%" for row in rows]
-    print(f"| best measured | {' | '.join(best)} | |")
+    print(f"| best measured | {' | '.join(best)} | | |")
     for rule in rules:
-        regrets = [100 * row["rules"][rule]["regret"] for row in rows]
-        cells = [f"{row['rules'][rule]['step']}: {100 * row['rules'][rule]['gain']:+.1f}%" for row in rows]
+        chosen = [row["rules"][rule] for row in rows]
+        regrets = [100 * c["regret"] for c in chosen]
+        cells = [f"{c['step']}: {100 * c['gain']:+.1f}%" for c in chosen]
         spread = np.std(regrets, ddof=1) if len(regrets) > 1 else 0.0
-        print(f"| {rule} | {' | '.join(cells)} | {np.mean(regrets):.1f} ± {spread:.1f} |")
+        shifts = [c["shift_px"] for c in chosen]
+        print(f"| {rule} | {' | '.join(cells)} | {np.mean(regrets):.1f} ± {spread:.1f} | "
+              f"{np.mean(shifts):.2f} (max {max(shifts):.2f}) |")
 
 
 if __name__ == "__main__":

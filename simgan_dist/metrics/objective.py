@@ -48,9 +48,11 @@ from simgan_dist.metrics.realism import FEATURE_NET_ROWS, GazeFeatures, RealismR
 REALISM_FLOOR = 1e-3  # a synthetic corpus already this close to real leaves no realism to win
 
 
-def combine(realism: float, realism_synthetic: float, drift: float, image_width: int) -> float:
-    """The objective (lower = better): realism relative to raw synthetic, plus drift beyond the tolerance."""
-    tolerance = drift_tolerance_px(image_width)
+def combine(realism: float, realism_synthetic: float, drift: float, image_width: int,
+            tolerance_px: float | None = None) -> float:
+    """The objective (lower = better): realism relative to raw synthetic, plus drift beyond the tolerance
+    (`drift_tolerance_px` for the width unless given: bench/checkpoint_choice.py compares tolerances)."""
+    tolerance = tolerance_px or drift_tolerance_px(image_width)
     return realism / max(realism_synthetic, REALISM_FLOOR) + max(0.0, drift - tolerance) / tolerance
 
 
