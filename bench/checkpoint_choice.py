@@ -15,9 +15,12 @@ from the same history rescored on `--rescore N` synthetic images (every checkpoi
 the same held-out real images). Regret = the best measured gain minus the chosen checkpoint's. Rules:
 
   latest      the last checkpoint (no choice at all)
-  lowest      the lowest objective (training's keep_best, `refine --checkpoint RUN_DIR`)
+  lowest      the lowest objective (training's keep_best, `refine --checkpoint RUN_DIR` until issue 23)
   trailing3   the lowest mean objective over the checkpoint's evaluation and the two before it
   centred3    the lowest mean over the evaluation before, its own and the one after
+  latest1se   the latest checkpoint whose objective is within one standard error (`objective_se`) of
+              the lowest: differences inside the score's own noise do not count, and the gain grows
+              with training while D has not won yet
 
 Measurements are cached in OUT/measured.jsonl and rescored histories in OUT/rescored.jsonl (resumable).
 Prints a Markdown table per history.
@@ -37,10 +40,10 @@ from simgan_dist.config import load_config
 from simgan_dist.data.schema import load_numpy
 from simgan_dist.evaluate import label_preservation, read_run_metrics, train_gaze
 from simgan_dist.metrics.drift import drift_tolerance_px
-from simgan_dist.metrics.objective import Evaluator, combine
+from simgan_dist.metrics.objective import REALISM_FLOOR, Evaluator, combine
 from simgan_dist.train.checkpoint import load_checkpoint_config, load_refiner
 
-SCORE_PARTS = ("realism", "realism_synthetic", "drift")
+SCORE_PARTS = ("realism", "realism_se", "realism_synthetic", "drift")
 
 
 def score_history(run: Path) -> dict[int, dict[str, float]]:
@@ -49,23 +52,31 @@ def score_history(run: Path) -> dict[int, dict[str, float]]:
             if isinstance(r.get("objective"), float) and np.isfinite(r["objective"])}
 
 
-def objectives(history: dict[int, dict[str, float]], tolerance_px: float) -> dict[int, float]:
-    return {step: combine(p["realism"], p["realism_synthetic"], p["drift"], 55, tolerance_px)
+def objectives(history: dict[int, dict[str, float]], tolerance_px: float) -> dict[int, tuple[float, float]]:
+    """{step: (objective, its standard error)} under a drift tolerance."""
+    return {step: (combine(p["realism"], p["realism_synthetic"], p["drift"], 55, tolerance_px),
+                   p["realism_se"] / max(p["realism_synthetic"], REALISM_FLOOR))
             for step, p in history.items()}
 
 
-def window_mean(history: dict[int, float], step: int, before: int, after: int) -> float:
-    steps = sorted(history)
+def window_mean(scores: dict[int, tuple[float, float]], step: int, before: int, after: int) -> float:
+    steps = sorted(scores)
     i = steps.index(step)
-    window = steps[max(0, i - before):i + after + 1]
-    return float(np.mean([history[s] for s in window]))
+    return float(np.mean([scores[s][0] for s in steps[max(0, i - before):i + after + 1]]))
+
+
+def latest_within_error(scores: dict[int, tuple[float, float]], candidates: list[int]) -> int:
+    best = min(candidates, key=lambda s: scores[s][0])
+    bound = scores[best][0] + scores[best][1]
+    return max(s for s in candidates if scores[s][0] <= bound)
 
 
 RULES = {
-    "latest": lambda history, step: -step,
-    "lowest": lambda history, step: history[step],
-    "trailing3": lambda history, step: window_mean(history, step, 2, 0),
-    "centred3": lambda history, step: window_mean(history, step, 1, 1),
+    "latest": lambda scores, candidates: max(candidates),
+    "lowest": lambda scores, candidates: min(candidates, key=lambda s: scores[s][0]),
+    "trailing3": lambda scores, candidates: min(candidates, key=lambda s: window_mean(scores, s, 2, 0)),
+    "centred3": lambda scores, candidates: min(candidates, key=lambda s: window_mean(scores, s, 1, 1)),
+    "latest1se": latest_within_error,
 }
 
 
@@ -96,6 +107,10 @@ class Measurements:
         self.cache = {(d["checkpoint"], d["seed"]): d for d in
                       map(json.loads, path.read_text().splitlines() if path.exists() else [])}
 
+    def measured(self, checkpoint: str) -> bool:
+        """Whether every seed of `checkpoint` is in the cache (its folder may be gone since)."""
+        return all((checkpoint, seed) in self.cache for seed in self.seeds)
+
     def __call__(self, checkpoint: str, synthetic: dict, test: dict) -> list[dict]:
         """Per seed: the gaze error of the estimator trained on `checkpoint`'s refined corpus (or on the
         synthetic corpus for checkpoint "synthetic:<data>") and the pupil shift."""
@@ -125,13 +140,17 @@ def choices(demo: Path, measure: Measurements, first: int, every: int, rescore: 
     history = score_history(run)
     trained = objectives(history, drift_tolerance_px(55))
     baseline = [r["mean_deg"] for r in measure(f"synthetic:{data}", synthetic, test)]
-    scored = [s for s in sorted(history) if s >= first and (run / f"checkpoint_{s:09d}").is_dir()]
     measured = {}
-    for step in scored[::every]:
-        results = measure(str(run / f"checkpoint_{step:09d}"), synthetic, test)
+    for step in [s for s in sorted(history) if s >= first][::every]:
+        checkpoint = str(run / f"checkpoint_{step:09d}")
+        if not (Path(checkpoint).is_dir() or measure.measured(checkpoint)):
+            print(f"{demo.name} step {step}: not kept and not measured before; left out", flush=True)
+            continue
+        results = measure(checkpoint, synthetic, test)
         gain = float(np.mean([(b - r["mean_deg"]) / b for b, r in zip(baseline, results, strict=True)]))
-        measured[step] = {"gain": gain, "shift_px": results[0]["shift_px"], "objective": trained[step]}
-        print(f"{demo.name} step {step}: objective {trained[step]:.3f}, gain {100 * gain:+.1f}%, "
+        measured[step] = {"gain": gain, "shift_px": results[0]["shift_px"], "objective": trained[step][0]}
+        print(f"{demo.name} step {step}: objective {trained[step][0]:.3f} ± {trained[step][1]:.3f}, "
+              f"gain {100 * gain:+.1f}%, "
               f"shift {results[0]['shift_px']:.2f} px", flush=True)
     best = max(measured, key=lambda s: measured[s]["gain"])
     histories = {"training": history}
@@ -145,7 +164,7 @@ def choices(demo: Path, measure: Measurements, first: int, every: int, rescore: 
         for name, rule in RULES.items():
             if name == "latest" and (label, tolerance) != ("training", tolerances[0]):
                 continue  # the same choice under every history
-            chosen = min(measured, key=lambda step, rule=rule, scores=scores: rule(scores, step))
+            chosen = rule(scores, list(measured))
             row["rules"][f"{name} ({label}, {tolerance:g} px)"] = {
                 "step": chosen, "gain": measured[chosen]["gain"], "shift_px": measured[chosen]["shift_px"],
                 "regret": measured[best]["gain"] - measured[chosen]["gain"]}

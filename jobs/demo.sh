@@ -2,12 +2,14 @@
 # The whole pipeline on this machine: local Ray, a local folder as object storage, CPU.
 #   simulate → tune (a 2-trial Ray Tune sweep of Ray Train + DeepSpeed runs) → refine → evaluate
 # Usage: bash jobs/demo.sh [OUT_DIR]   (make demo runs it with demo_output/; SEED=1 trains with seed 1,
-#        SIM_SEED=1 simulates another corpus, DEMO_SET="train.keep_best=100 ..." adds --set overrides)
+#        SIM_SEED=1 simulates another corpus, DEMO_SET="train.keep_best=100 ..." adds --set overrides,
+#        FROM_STEP=3 refines and evaluates a finished sweep again)
 set -euo pipefail
 out=${1:-demo_output}
 data=$out/data
 seed=${SEED:-0}
 sim_seed=${SIM_SEED:-0}
+from=${FROM_STEP:-1}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 config=(--config jobs/configs/tiny.yaml
         --set "data.synthetic=$data/synthetic" --set "data.real=$data/real" --set "data.real_test=$data/real_test"
@@ -17,11 +19,14 @@ for override in ${DEMO_SET:-}; do config+=(--set "$override"); done
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+if (( from <= 1 )); then
 step "1/4 simulate: labeled synthetic eyes, unlabeled real eyes, a labeled real test set"
 simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed "$sim_seed" --overwrite "${config[@]}"  # a rerun renders the same rows
-
+fi
+if (( from <= 2 )); then
 step "2/4 tune: 2 trials (λ 1 and 2), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; ASHA on the label-free objective"
 simgan-dist tune "${config[@]}" --set train.num_workers=1 | tee "$out/tune.log"
+fi
 
 step "3/4 refine: the whole synthetic corpus with the sweep's best checkpoint by the label-free objective"
 simgan-dist refine --checkpoint "$out/sweeps/demo" --input "$data/synthetic" --out "$data/refined" "${config[@]}"

@@ -331,6 +331,8 @@ def _row(result, cfg: Config) -> dict[str, Any]:
     found = best_checkpoint(storage.join(run.train.storage_path, run.train.name), cfg.storage) \
         if not math.isnan(row["objective"]) else None
     row["checkpoint"] = found[0] if found else ""
+    if found:  # the trial's scores are those of the checkpoint refine would take (objective.choose)
+        row.update({key: float(found[1][key]) for key in SCORE_KEYS if key in found[1]}, best_step=found[1]["step"])
     return row
 
 

@@ -158,11 +158,25 @@ def score_text(metrics: dict[str, Any]) -> str:
             f"drift {metrics['drift']:.3g} px, eval {metrics['eval_s']:.2f} s)")
 
 
+def choose(found: list[tuple[float, int, Any]], errors: list[float]) -> int:
+    """Which of the scored checkpoints (objective, step, …) to refine with: the latest one whose
+    objective is within one standard error (`errors`, the objective_se of each) of the lowest.
+
+    The lowest objective alone is a noisy pick: neighbouring checkpoints differ by about one
+    standard error, so it was usually an early checkpoint that scored low by chance, while the
+    downstream gain grows with training (bench/RESULTS.md, issue 23: regret over 5 training seeds).
+    Returns the index into `found`."""
+    lowest = min(range(len(found)), key=lambda i: (found[i][0], -found[i][1]))
+    bound = found[lowest][0] + errors[lowest]
+    return max((i for i in range(len(found)) if found[i][0] <= bound), key=lambda i: found[i][1])
+
+
 def best_checkpoint(run: str, storage_cfg: StorageConfig | None = None) -> tuple[str, dict[str, Any]] | None:
-    """The scored checkpoint with the lowest objective under a run folder (or a sweep's output).
+    """The scored checkpoint to refine with under a run folder (`choose`), or a sweep's winner.
 
     Looks at `checkpoint_*/` (Ray Train runs), `checkpoint/` and `best/*/` (`train --local`),
-    or a sweep's `best_checkpoint.txt`. None when nothing there carries scores.
+    or a sweep's `best_checkpoint.txt`. None when nothing there carries scores. Scores written
+    before objective_se existed count as exact (the lowest objective is chosen).
     """
     from pyarrow import fs as pafs
 
@@ -183,5 +197,5 @@ def best_checkpoint(run: str, storage_cfg: StorageConfig | None = None) -> tuple
             found.append((scores["objective"], scores["step"], folder, scores))
     if not found:
         return None
-    _, _, folder, scores = min(found, key=lambda f: (f[0], -f[1]))  # ties: the later step
+    _, _, folder, scores = found[choose(found, [f[3].get("objective_se", 0.0) for f in found])]
     return folder, scores
