@@ -106,7 +106,7 @@ class GazeFeatures:
         space = cls(images, gaze, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent trials: each its own, then rename
-        torch.save({k: v.cpu() for k, v in space.model.state_dict().items()}, tmp)
+        torch.save(space.model.state_dict(), tmp)  # read back onto the CPU (load_data), then moved
         os.replace(tmp, path)
         return space
 
