@@ -137,7 +137,7 @@ RESUME_FREE_KEYS = (
     "train.name", "train.storage_path", "train.num_workers", "train.use_gpu", "train.iterations",
     "train.report_every", "train.checkpoint_every", "train.checkpoint_every_s", "train.image_every",
     "train.eval_every", "train.eval_samples", "train.keep_best", "train.max_failures", "train.resource_wait_s",
-    "train.compile", "train.channels_last", "train.allow_config_change",
+    "train.compile", "train.channels_last", "train.allow_config_change", "train.deterministic",
 )
 RESUME_FREE_SECTIONS = ("storage", "refine", "evaluate", "tune")
 CONFIG_CHANGES_FILE = "config_changes.jsonl"

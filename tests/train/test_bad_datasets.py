@@ -167,9 +167,10 @@ def test_resuming_under_changed_data_or_optimizer_needs_allow_config_change(eyes
         with pytest.raises(UserError, match=rf"{run}/checkpoint was trained with another config \({message}\): "
                                             ".*train.allow_config_change=true"):
             train_local(load_config("tiny", overrides=[*base, change]), run, progress=False)
-    # cadence, length and spelling of the same folder are not changes
+    # cadence, length, determinism and spelling of the same folder are not changes
     same = [*[o for o in base if not o.startswith("data.")], f"data.synthetic={eyes}/../eyes/synthetic",
-            f"data.real={eyes}/real", "train.iterations=3", "train.report_every=1", "train.checkpoint_every=1"]
+            f"data.real={eyes}/real", "train.iterations=3", "train.report_every=1", "train.checkpoint_every=1",
+            "train.deterministic=false"]
     train_local(load_config("tiny", overrides=same), run, progress=False)
     assert not (run / "config_changes.jsonl").exists()
     allowed = load_config("tiny", overrides=[*same, "train.lr=5e-4", "train.iterations=4",
