@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from simgan_dist.config import EvaluateConfig
-from simgan_dist.core.imaging import to_model_input, to_storage
+from simgan_dist.core.imaging import to_host, to_model_input, to_storage
 from simgan_dist.core.models import SmallGazeNet
 from simgan_dist.metrics.gaze import device, fit_gaze, run_model
 
@@ -171,10 +171,13 @@ class RealismReference:
 
         count = len(fa)
         blocks = min(JACKKNIFE_BLOCKS, count // 2)
-        parts = torch.arange(count).tensor_split(blocks)
-        leave_out = torch.stack([mmd2(torch.cat(parts[:b] + parts[b + 1:])) for b in range(blocks)])
+        everyone = torch.arange(count, device=fa.device)
+        parts = everyone.tensor_split(blocks)
+        estimates = to_host(torch.stack([mmd2(everyone), *(mmd2(torch.cat(parts[:b] + parts[b + 1:]))
+                                                            for b in range(blocks))]))  # one device→host copy
+        leave_out = estimates[1:]
         error = math.sqrt((blocks - 1) / blocks * float(((leave_out - leave_out.mean()) ** 2).sum()))
-        return float(mmd2(torch.arange(count))), error
+        return float(estimates[0]), error
 
 
 def realism_score(images_a: np.ndarray | torch.Tensor, images_b: np.ndarray | torch.Tensor,
