@@ -202,6 +202,16 @@ class TuneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # MLflow tracking URI every node reaches (http://host:5000, sqlite:////abs/mlflow.db); empty: the
+    # MLFLOW_TRACKING_URI environment variable; neither: no tracking (tracking.py).
+    mlflow_uri: str = ""
+    # MLflow experiment; empty: the run's name family (train.name; a sweep's tune.name, its trials
+    # included; refine and evaluate join the experiment of their checkpoint's run).
+    experiment: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -211,6 +221,7 @@ class Config:
     refine: RefineConfig = field(default_factory=RefineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """Plain dict of the tree; the secrets in SECRET_KEYS become "" unless `redact=False`

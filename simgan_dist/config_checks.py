@@ -99,10 +99,32 @@ def validate(cfg: Config) -> None:
     if cfg.refine.max_actors < cfg.refine.min_actors:
         raise ConfigError(f"refine.max_actors ({cfg.refine.max_actors}) is below refine.min_actors "
                           f"({cfg.refine.min_actors})")
+    check_tracking_uri(cfg.tracking.mlflow_uri)
     if cfg.train.batch_size % 2:
         raise ConfigError(f"train.batch_size: must be even (half real, half history), got {cfg.train.batch_size}")
     if cfg.train.buffer_size < cfg.train.batch_size // 2:
         raise ConfigError("train.buffer_size: must hold at least half a batch")
+
+
+# MLflow's stores and servers (a bare path would be its file store, which MLflow 3 refuses by default).
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "file")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """An MLflow tracking URI of a known kind, without a password: the URI is logged and written
+    (config.yaml, the run's params), so credentials go through MLflow's environment variables."""
+    from urllib.parse import urlsplit
+
+    if not uri:
+        return
+    parts = urlsplit(uri)
+    if parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise ConfigError(f"tracking.mlflow_uri: {uri!r} is not an MLflow tracking URI: give one of "
+                          f"{', '.join(s + ':' for s in TRACKING_SCHEMES)} (e.g. http://host:5000, sqlite:////abs/mlflow.db)")
+    if parts.password:
+        raise ConfigError("tracking.mlflow_uri: holds a password, which would be written with the config: give "
+                          "credentials through MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or "
+                          "MLFLOW_TRACKING_TOKEN) instead")
 
 
 def check_search_dimension(key: str, value: Any, integer: bool = False) -> None:

@@ -355,7 +355,14 @@ def _print_headline(metrics: dict[str, Any], report_path: Path) -> None:
 
 
 def cli_evaluate(args: argparse.Namespace) -> int:
+    from simgan_dist import tracking
+
     cfg = load_config(args.preset, args.config, args.overrides)
-    evaluate(args.synthetic, args.refined, args.real_test, args.out, real=args.real, run=args.run, cfg=cfg,
-             use_ray=not args.no_ray)
+    datasets = {"synthetic": args.synthetic, "refined": args.refined, "real_test": args.real_test, "real": args.real}
+    checkpoint = tracking.refined_from(args.refined, cfg.storage) if tracking.tracking_uri(cfg) else None
+    with tracking.stage_run(cfg, "evaluate", checkpoint, datasets) as run:
+        metrics = evaluate(args.synthetic, args.refined, args.real_test, args.out, real=args.real, run=args.run,
+                           cfg=cfg, use_ray=not args.no_ray)
+        run.metrics(None, metrics["headline"])
+        run.folder(args.out, "report")  # report.html with its figures and metrics.json
     return 0

@@ -354,6 +354,11 @@ def choose_checkpoint(uri: str, cfg: Config) -> str:
 
 
 def cli_refine(args: argparse.Namespace) -> int:
+    from simgan_dist import tracking
+
     cfg = load_config(args.preset, args.config, args.overrides)
-    refine(choose_checkpoint(args.checkpoint, cfg), args.input, args.out, cfg)
+    checkpoint = choose_checkpoint(args.checkpoint, cfg)
+    with tracking.stage_run(cfg, "refine", checkpoint, {"input": args.input}) as run:
+        refine(checkpoint, args.input, args.out, cfg)
+        run.tags(tracking.dataset_tags({"output": args.out}, cfg.storage))
     return 0

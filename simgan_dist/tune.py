@@ -119,12 +119,13 @@ def _scored_report_callback():
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: dict[str, float] | None = None,
-              env: dict[str, str] | None = None) -> None:
+              env: dict[str, str] | None = None, mlflow_parent: str | None = None) -> None:
     """Tune function trainable: one training run with this trial's parameters, its workers sized
     by the sweep (`sweep_resources`) so that concurrent trials and their Ray Data tasks fit.
 
-    `env`: the storage settings as AWS_* variables (`storage.worker_env`), given through
-    `tune.with_parameters` (the object store), never in `config`, which Tune writes to disk.
+    `env`: the storage settings as AWS_* variables (`storage.worker_env`) and the MLflow ones
+    (`tracking.worker_env`), given through `tune.with_parameters` (the object store), never in `config`,
+    which Tune writes to disk. `mlflow_parent`: the sweep's MLflow run, parent of the trial's.
     """
     import ray.tune
 
@@ -132,7 +133,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: di
 
     os.environ.update(env or {})  # this trial's own process; fit() hands them on to its workers
     cfg = trial_config(base, config, ray.tune.get_context().get_trial_id())
-    result = fit(cfg, callbacks=[_scored_report_callback()], worker_resources=worker_resources)
+    result = fit(cfg, callbacks=[_scored_report_callback()], worker_resources=worker_resources,
+                 mlflow_parent=mlflow_parent)
     if result.error:
         raise result.error
 
@@ -252,14 +254,17 @@ def trial_failure_config(cfg: Config):
     return tune.FailureConfig(max_failures=cfg.train.max_failures)
 
 
-def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float] | None = None):
+def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float] | None = None,
+               mlflow_parent: str | None = None):
     """A new Tuner for the sweep, or the restored one when the sweep folder already holds its state.
 
-    `concurrency` trials at once, each with `worker_resources` per training worker (`sweep_resources`).
+    `concurrency` trials at once, each with `worker_resources` per training worker (`sweep_resources`);
+    `mlflow_parent`: the sweep's MLflow run, which the trials' runs nest under.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from simgan_dist import tracking
     from simgan_dist.data import storage
 
     filesystem, storage_path = storage.resolve(cfg.tune.output, cfg.storage)
@@ -270,7 +275,8 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     # reference through the object store, not in the (written) param space.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, worker_resources=worker_resources,
-                             env=storage.worker_env(cfg.storage)),
+                             env={**storage.worker_env(cfg.storage), **tracking.worker_env()},
+                             mlflow_parent=mlflow_parent),
         {"CPU": TRIAL_CPUS})
     # Tune takes the sweep's path within `filesystem` (no s3:// scheme: pyarrow refuses a URI there)
     path, shown = storage.join(storage_path, cfg.tune.name), sweep_folder(cfg)
@@ -370,7 +376,7 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
 
 def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run (or resume) the sweep; returns the table's rows and the winning row."""
-    from simgan_dist import console, ray_cluster
+    from simgan_dist import console, ray_cluster, tracking
     from simgan_dist.data import storage
     from simgan_dist.train import resources
 
@@ -382,19 +388,27 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         uri = getattr(getattr(cfg, section), key)
         if uri and not storage.is_s3(uri):
             setattr(getattr(cfg, section), key, storage.resolve(uri)[1])
+    # The trials log into the sweep's experiment, nested under its run.
+    cfg.tracking.mlflow_uri = tracking.absolute_uri(cfg.tracking.mlflow_uri)
+    cfg.tracking.experiment = tracking.sweep_experiment(cfg)
     ray_cluster.connect()  # as every command: RAY_ADDRESS, a registered cluster, or a local instance
     ray_cluster.require_shared_storage({f"{section}.{key}": getattr(getattr(cfg, section), key) for section, key in
                                         (("tune", "output"), ("data", "synthetic"), ("data", "real"),
                                          ("data", "real_val"))}, "tune")
-    try:
-        concurrency, worker_resources = sweep_resources(cfg)
-        console.say(f"tune: each trial {resources.describe(worker_resources, cfg)}")
-        grid = make_tuner(cfg, concurrency, worker_resources).fit()
-    finally:  # the autoscaler request sweep_resources may have made: the sweep's nodes are not kept after it
-        resources.clear_resource_request()
-    ray_cluster.remove_orphaned_placement_groups()  # the last trial ASHA stopped: its process is gone now
-    rows = [_row(result, cfg) for result in grid]
-    return rows, write_results(cfg, rows)
+    folder = sweep_folder(cfg)
+    with tracking.sweep_run(cfg, folder) as parent:
+        parent.save_run(folder, cfg.storage)  # a resumed sweep goes on with the same parent run
+        try:
+            concurrency, worker_resources = sweep_resources(cfg)
+            console.say(f"tune: each trial {resources.describe(worker_resources, cfg)}")
+            grid = make_tuner(cfg, concurrency, worker_resources, parent.run_id).fit()
+        finally:  # the autoscaler request sweep_resources may have made: the sweep's nodes are not kept after it
+            resources.clear_resource_request()
+        ray_cluster.remove_orphaned_placement_groups()  # the last trial ASHA stopped: its process is gone now
+        rows = [_row(result, cfg) for result in grid]
+        best = write_results(cfg, rows)
+        tracking.log_sweep_results(parent, folder, rows, best, cfg.storage)
+    return rows, best
 
 
 def cli_tune(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto server mode) and a local Ray instance.
+"""Shared fixtures: a real S3 endpoint on loopback (moto server mode), a real MLflow tracking server on
+loopback and a local Ray instance.
 
 The `slow` marker: every test that starts Ray, DeepSpeed (torch.distributed) or the S3 server,
 in-process or in a subprocess, carries it; `make test-fast` (`pytest -m "not slow"`) leaves them out.
 Two checks keep the marker honest:
 
-* collection: a test that uses `ray_local`, `s3_server` or `s3_bucket` (directly or through another
+* collection: a test that uses `ray_local`, `s3_server`, `s3_bucket` or `mlflow_server` (directly or through another
   fixture) without the marker stops the run before anything starts (`HEAVY_FIXTURES`);
 * run time: a test without the marker that leaves Ray or torch.distributed initialized fails, and so
   does any test that starts Ray other than through `ray_local` (the session shares one instance).
@@ -15,9 +16,16 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +45,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ["SIMGAN_DIST_CACHE"] = tempfile.mkdtemp(prefix="simgan-dist-cache-")
 atexit.register(shutil.rmtree, os.environ["SIMGAN_DIST_CACHE"], ignore_errors=True)
 
-HEAVY_FIXTURES = frozenset({"ray_local", "s3_server", "s3_bucket"})
+HEAVY_FIXTURES = frozenset({"ray_local", "s3_server", "s3_bucket", "mlflow_server"})
 SLOW = "slow"
 
 S3_ENV = {
@@ -87,6 +95,55 @@ def s3_bucket(s3_server, request):
                           aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
     client.create_bucket(Bucket=name)
     yield f"s3://{name}"
+
+
+@dataclass
+class MlflowServer:
+    """An `mlflow server` process on 127.0.0.1 with a SQLite store (tests read it directly: `db`)."""
+
+    uri: str
+    db: Path
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # its own process group: uvicorn's worker too
+            self.process.wait()
+
+
+def start_mlflow_server(folder: Path, timeout_s: float = 90.0) -> MlflowServer:
+    """A real tracking server on a free loopback port, storing in `folder`; returns once it answers /health.
+    One uvicorn worker and no job runner: it starts in seconds (a second one on the same store faster)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / "mlflow.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(folder / "artifacts")],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
+        stdout=(folder / f"server-{port}.log").open("w"), stderr=subprocess.STDOUT)
+    server = MlflowServer(f"http://127.0.0.1:{port}", db, process)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            urllib.request.urlopen(f"{server.uri}/health", timeout=1)
+            return server
+        except OSError:
+            time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"mlflow server did not start; see {folder}/server-{port}.log")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real `mlflow server` on loopback for the session (tests give its `uri` as tracking.mlflow_uri)."""
+    folder = Path(tempfile.mkdtemp(prefix="simgan-mlflow-"))
+    server = start_mlflow_server(folder)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@
     refiner.pt         fp32 state_dict of the bare Refiner (all `refine` needs)
     discriminator.pt   fp32 state_dict of the bare Discriminator
     state.pt           optimizers, schedule counters, RNG states, history buffer
+    mlflow_run.json    the run's MLflow run, when tracked: a resumed run goes on logging to it (tracking.py)
 
 Folders may be local or on object storage (`s3://…`); they are read with the same
 storage layer as the datasets.
@@ -139,7 +140,7 @@ RESUME_FREE_KEYS = (
     "train.eval_every", "train.eval_samples", "train.keep_best", "train.max_failures", "train.resource_wait_s",
     "train.compile", "train.channels_last", "train.allow_config_change", "train.deterministic",
 )
-RESUME_FREE_SECTIONS = ("storage", "refine", "evaluate", "tune")
+RESUME_FREE_SECTIONS = ("storage", "refine", "evaluate", "tune", "tracking")
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 
 

@@ -30,7 +30,7 @@ def history_run_id(cfg: Config) -> str:
 
 
 def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
-        worker_resources: dict[str, float] | None = None):
+        worker_resources: dict[str, float] | None = None, mlflow_parent: str | None = None):
     """Train on the connected Ray cluster (or a local one); returns the ray.train.Result.
 
     `datasets` ({"synthetic", "real"} Ray Datasets with a uint8 N×H×W×C `image` column)
@@ -39,12 +39,13 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     for its concurrent trials; by default `resources.training_resources` plans it on the
     connected cluster (and fails at once when the run cannot fit). The run's history-buffer
     actors are removed when it ends, however it ends, and so is the autoscaler request
-    `resources.training_resources` made for it (`resources.clear_resource_request`).
+    `resources.training_resources` made for it (`resources.clear_resource_request`). `mlflow_parent`:
+    the MLflow run of the sweep this run is a trial of (tracking.py).
     """
     from simgan_dist.train import resources
 
     try:
-        return _fit(cfg, datasets, callbacks, worker_resources)
+        return _fit(cfg, datasets, callbacks, worker_resources, mlflow_parent)
     finally:
         resources.clear_resource_request()
 
@@ -53,8 +54,10 @@ def _absolute_local_paths(cfg: Config) -> Config:
     """A copy whose local paths (the run folder, the corpora rank 0's evaluator reads) are absolute:
     Ray Train runs each worker in a folder of its own, where a relative path means another place."""
     from simgan_dist.data import storage
+    from simgan_dist.tracking import absolute_uri
 
     cfg = config_from_dict(cfg.to_dict(redact=False))
+    cfg.tracking.mlflow_uri = absolute_uri(cfg.tracking.mlflow_uri)
     for section, key in (("train", "storage_path"), ("data", "synthetic"), ("data", "real"), ("data", "real_val")):
         value = getattr(getattr(cfg, section), key)
         if value and not storage.is_s3(value):
@@ -63,14 +66,14 @@ def _absolute_local_paths(cfg: Config) -> Config:
 
 
 def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
-         worker_resources: dict[str, float] | None = None):
+         worker_resources: dict[str, float] | None = None, mlflow_parent: str | None = None):
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from simgan_dist import console, ray_cluster
+    from simgan_dist import console, ray_cluster, tracking
     from simgan_dist.data import storage
     from simgan_dist.data.pipeline import share_env
     from simgan_dist.train import distributed_history as dh
@@ -105,7 +108,7 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
         storage_filesystem, storage_path = storage.resolve(cfg.train.storage_path, cfg.storage)
     else:
         storage_path = cfg.train.storage_path
-    check_resumable(cfg)
+    latest = check_resumable(cfg)
     image_shape = (cfg.model.image_channels, cfg.model.image_height, cfg.model.image_width)
     run = history_run_id(cfg)
     if cfg.train.eval_every:  # the best checkpoints by the label-free objective, besides the latest
@@ -121,11 +124,13 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
         ray.get_runtime_context().get_node_id(), soft=False)})
     console.say(f"train: run {cfg.train.name!r} in {storage.join(cfg.train.storage_path, cfg.train.name)}, "
                     f"{resources.describe(worker_resources, cfg)}")
+    tracker = tracking.training_run(cfg, resume_from=latest, parent=mlflow_parent)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
         train_loop_config={"config": cfg.to_dict(), "history_run": run, "progress": progress,
-                           "env": share_env(storage.worker_env(cfg.storage))},
+                           "mlflow_run": tracker.run_id,
+                           "env": share_env({**storage.worker_env(cfg.storage), **tracking.worker_env()})},
         # Ray's default placement (PACK), also for CPU workers: spread over nodes, they can leave no
         # node a whole free CPU, which Ray's rebuild of corpus blocks lost with a node needs (the
         # restarted workers then waited for their first batch forever on 1-CPU nodes).
@@ -146,7 +151,11 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
                      cfg.train.seed + 3, wide=wide_codes(cfg.model))
     printer.start()
     try:
-        return trainer.fit()
+        with tracker:  # FAILED when fit raises
+            result = trainer.fit()
+            if result.checkpoint:
+                tracker.tags({"simgan.checkpoint": checkpoint_uri(cfg, result.checkpoint)})
+        return result
     except TrainingFailedError as exc:
         # What failed, in one line, instead of the traceback of every worker (those stay in Ray's logs).
         raise TrainingError(
@@ -214,8 +223,10 @@ def check_corpora(cfg: Config) -> None:
                             f"{cfg.train.num_workers} = {need})")
 
 
-def check_resumable(cfg: Config) -> None:
-    """A run name reused with settings its checkpoint cannot continue under is refused up front,
+def check_resumable(cfg: Config) -> str | None:
+    """The run's latest complete checkpoint (None for a new run), once checked.
+
+    A run name reused with settings its checkpoint cannot continue under is refused up front,
     not deep inside DeepSpeed on every worker: another model shape, another history sharding,
     or ZeRO-partitioned optimizer state restored at another worker count. Other changes of data,
     loss or optimizer settings need `train.allow_config_change` (`checkpoint.check_config_changes`)."""
@@ -235,7 +246,7 @@ def check_resumable(cfg: Config) -> None:
     complete = [f for f in folders
                 if filesystem.get_file_info(f"{base}/{f}/{CONFIG_FILE}").type == pafs.FileType.File]
     if not complete:
-        return
+        return None
     latest = storage.join(run_uri, complete[-1])
     saved = load_checkpoint_config(latest, cfg.storage)
     problems = [f"model.{k}: {v!r} there, {getattr(cfg.model, k)!r} now"
@@ -251,6 +262,7 @@ def check_resumable(cfg: Config) -> None:
         raise UserError(f"train.name {cfg.train.name!r} already has a run at {run_uri} that this config cannot "
                         f"continue ({'; '.join(problems)}): choose another train.name or storage_path")
     check_config_changes(saved, cfg, run_uri, latest)
+    return latest
 
 
 def _open_dataset(uri: str, cfg: Config, holdout: bool = False):

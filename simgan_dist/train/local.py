@@ -29,6 +29,7 @@ from simgan_dist.metrics.objective import (
     score_text,
     write_scores,
 )
+from simgan_dist.tracking import training_run
 from simgan_dist.train.checkpoint import (
     DISCRIMINATOR_FILE,
     REFINER_FILE,
@@ -167,7 +168,8 @@ def _train_local(cfg: Config, folder: Path, synthetic: np.ndarray | None, real: 
                         next_real, precision, ema)
 
     checkpoint = folder / "checkpoint"
-    if (checkpoint / STATE_FILE).exists():
+    resuming = (checkpoint / STATE_FILE).exists()
+    if resuming:
         check_config_changes(load_checkpoint_config(str(checkpoint)), cfg, str(folder), str(checkpoint))
         state = load_data(checkpoint / STATE_FILE, str(checkpoint / STATE_FILE))
         saved = load_data(checkpoint / REFINER_FILE, str(checkpoint / REFINER_FILE), precision.device)
@@ -199,36 +201,39 @@ def _train_local(cfg: Config, folder: Path, synthetic: np.ndarray | None, real: 
         })
 
     evaluator = Evaluator.from_config(cfg) if cfg.train.eval_every else None
-    log = RunLog(folder)
-    cadence, averager, throughput = Cadence.of(cfg.train), MetricAverager(), Throughput(cfg.train)
-    last: dict[str, float] = {}
-    bar = tqdm(total=algo.total_steps, initial=algo.global_step, disable=not progress, desc="train",
-               unit="step", leave=False)
-    while not algo.done:
-        phase = algo.phase
-        averager.add(algo.advance())
-        throughput.add(phase)
-        bar.update(1)
-        step, done = algo.global_step, algo.done
-        scores = {}
-        if evaluator is not None and cadence.should_eval(step, done):
-            scores = evaluate(evaluator, refining(algo), precision)
-            keep_if_best(folder / "best", step, scores, cfg.train.keep_best,
-                         lambda best: write_checkpoint(best, cfg, refining(algo), disc))
-        if cadence.should_report(step, done):
-            last = {**averager.pop(), "images_per_s": throughput.images_per_s(),
-                    "buffer_fill": len(history) / history.capacity, **scores}
-            throughput.restart()
-            log.write(step, last)
-            tqdm.write(progress_line(step, algo.total_steps, phase, last) + score_text(scores))
-        if cadence.should_save_images(step, done):
-            log.image(step, preview_grid(refining(algo), precision, synthetic[:PREVIEW], real[:PREVIEW]))
-        if cadence.should_checkpoint(step, done):
-            save()
-            if scores:
-                write_scores(checkpoint, step, scores)
-            else:  # the weights changed since the last score
-                (checkpoint / SCORES_FILE).unlink(missing_ok=True)
-    bar.close()
-    log.close()
+    with training_run(cfg, resume_from=str(checkpoint) if resuming else None, say=tqdm.write) as tracker:
+        log = RunLog(folder, tracker)
+        cadence, averager, throughput = Cadence.of(cfg.train), MetricAverager(), Throughput(cfg.train)
+        last: dict[str, float] = {}
+        bar = tqdm(total=algo.total_steps, initial=algo.global_step, disable=not progress, desc="train",
+                   unit="step", leave=False)
+        while not algo.done:
+            phase = algo.phase
+            averager.add(algo.advance())
+            throughput.add(phase)
+            bar.update(1)
+            step, done = algo.global_step, algo.done
+            scores = {}
+            if evaluator is not None and cadence.should_eval(step, done):
+                scores = evaluate(evaluator, refining(algo), precision)
+                keep_if_best(folder / "best", step, scores, cfg.train.keep_best,
+                             lambda best: write_checkpoint(best, cfg, refining(algo), disc))
+            if cadence.should_report(step, done):
+                last = {**averager.pop(), "images_per_s": throughput.images_per_s(),
+                        "buffer_fill": len(history) / history.capacity, **scores}
+                throughput.restart()
+                log.write(step, last)
+                tqdm.write(progress_line(step, algo.total_steps, phase, last) + score_text(scores))
+            if cadence.should_save_images(step, done):
+                log.image(step, preview_grid(refining(algo), precision, synthetic[:PREVIEW], real[:PREVIEW]))
+            if cadence.should_checkpoint(step, done):
+                save()
+                tracker.save_run(str(checkpoint))
+                tracker.tags({"simgan.checkpoint": str(checkpoint.resolve())})
+                if scores:
+                    write_scores(checkpoint, step, scores)
+                else:  # the weights changed since the last score
+                    (checkpoint / SCORES_FILE).unlink(missing_ok=True)
+        bar.close()
+        log.close()
     return LocalRun(folder, checkpoint, last)

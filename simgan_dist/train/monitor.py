@@ -63,11 +63,15 @@ def progress_line(step: int, total: int, phase: str, metrics: dict[str, float]) 
 
 
 class RunLog:
-    """metrics.jsonl and TensorBoard events in a local run folder."""
+    """metrics.jsonl and TensorBoard events in a local run folder, and the same to the run's MLflow
+    run when it is tracked (`tracker`, tracking.py)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, tracker=None):
         from torch.utils.tensorboard import SummaryWriter
 
+        from simgan_dist.tracking import Tracker
+
+        self.tracker = tracker or Tracker()
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.jsonl = (self.folder / "metrics.jsonl").open("a")
@@ -78,10 +82,12 @@ class RunLog:
         self.jsonl.flush()
         for key, value in metrics.items():
             self.tb.add_scalar(key, value, step)
+        self.tracker.metrics(step, metrics)
 
     def image(self, step: int, picture: np.ndarray, name: str = "synthetic_refined_real") -> Path:
         path = save_png(picture, self.folder / "images" / f"{name}_{step:07d}.png")
         self.tb.add_image(name, picture, step, dataformats="HW" if picture.ndim == 2 else "HWC")
+        self.tracker.file(path, "images", what="image")
         return path
 
     def close(self) -> None:
@@ -187,7 +193,7 @@ class MonitorSink:
     (`FolderMirror`), so no rank waits for uploads at a report.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, tracker=None):
         from simgan_dist.data import storage
 
         remote = storage.join(cfg.train.storage_path, cfg.train.name, "monitor")
@@ -198,7 +204,7 @@ class MonitorSink:
             self.mirror.restore()
         else:
             folder = storage.resolve(remote)[1]
-        self.log = RunLog(folder)
+        self.log = RunLog(folder, tracker)
         if self.mirror:
             self.mirror.start()
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from simgan_dist import tracking
 from simgan_dist.config import Config, config_from_dict
 from simgan_dist.core.host_memory import reuse_freed_memory
 from simgan_dist.core.imaging import to_host, wide_codes
@@ -233,7 +234,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         say(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
             f"with {history_restored} history images")
 
-    sink = MonitorSink(cfg) if rank == 0 else None
+    # Rank 0 alone logs to the MLflow run its driver made (none when untracked).
+    tracker = tracking.Tracker.attach(tracking.tracking_uri(cfg), loop_config.get("mlflow_run"), say) \
+        if rank == 0 else tracking.Tracker()
+    sink = MonitorSink(cfg, tracker) if rank == 0 else None
     cadence, averager, throughput = Cadence.of(cfg.train), MetricAverager(), Throughput(cfg.train)
     wait_mark, saved_at, restarts_said = 0.0, time.monotonic(), 0
     while not algo.done:
@@ -285,6 +289,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stored = storage.join(cfg.train.storage_path, cfg.train.name, name)
             folder = _write_checkpoint(cfg, rank, engines, algo, shards, metrics if evaluated else None, stored,
                                        loop_config.get("env"))
+            tracker.save_run(folder)
+            tracker.tags({"simgan.checkpoint": stored})
             # Ray Train hears only of checkpoints (every evaluation and the last step are ones): each
             # report waits until its controller has taken the previous one, which it polls every 2 s
             # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per progress line capped training at one
@@ -299,6 +305,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     history.close()
     if sink:
         sink.close()
+    tracker.close()
     console.close()
 
 
