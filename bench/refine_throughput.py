@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--preset", default="eye", help="config preset whose refiner and refine.* settings are used")
     parser.add_argument("--rows", type=int, default=200_000, help="images in the corpus")
     parser.add_argument("--root", help="where the corpus and its refined copy go (default: a temp folder)")
+    parser.add_argument("--input-rows-per-shard", type=int, default=50_000, metavar="R",
+                        help="rows per input shard (default: what simulate and ingest write); the job cuts each "
+                        "into tasks of refine.rows_per_shard rows")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each plain-PyTorch measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the refiner (job and baselines)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -106,7 +109,7 @@ def main() -> None:
                                   build_discriminator(cfg.model))
     data, out = storage.join(root, "input"), storage.join(root, f"refined-{int(time.time())}")
     start = time.perf_counter()
-    write_corpus(data, args.rows, layout, cfg.refine.rows_per_shard)
+    write_corpus(data, args.rows, layout, args.input_rows_per_shard)
     print(f"corpus: {args.rows} rows in {time.perf_counter() - start:.1f} s at {data}")
 
     if not gpus:

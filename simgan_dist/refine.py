@@ -9,8 +9,8 @@ shard size); a rerun with other weights or another input into the same prefix is
 refused instead of mixing two refinements.
 
 Work is cut into shard tasks: output shard k (`part-0000k.parquet`) holds input rows
-[start, stop) of one input shard, at most `refine.rows_per_shard` of them. Ray Data runs
-the tasks on an autoscaling pool of `RefinerActor`s (`refine.min_actors`..`refine.max_actors`,
+[start, stop) of one input shard, at most `refine.rows_per_shard` of them. The tasks run on
+an autoscaling pool of `RefinerActor`s (`refine_pool.py`: `refine.min_actors`..`refine.max_actors`,
 each with `refine.num_gpus` GPUs — explicit, so a cluster whose GPU nodes are scaled to
 zero scales them up rather than refining on CPUs). What one task does (sizes, refining,
 writing, verifying) is `refine_shards.py`. Several tasks are in flight per actor, two
@@ -31,7 +31,6 @@ written last and is what makes the output a dataset.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -59,7 +58,7 @@ from simgan_dist.data.schema import (
 )
 from simgan_dist.data.storage import StorageError
 from simgan_dist.data.writer import make_manifest, write_manifest
-from simgan_dist.refine_shards import RefineError, RefinerActor, ShardIo, ShardTask, actor_resources, refine_sizes
+from simgan_dist.refine_shards import RefineError, ShardIo, ShardTask, refine_sizes
 from simgan_dist.train.checkpoint import REFINER_FILE, CheckpointError, load_refiner
 
 JOB_FILE = "_refine_job.json"
@@ -68,10 +67,6 @@ JOB_FORMAT = "simgan_dist.refine_job"
 # What makes two runs the same job; the URIs are recorded too but a copied checkpoint
 # or dataset with identical bytes is the same job.
 JOB_IDENTITY = ("checkpoint_sha256", "input_manifest_sha256", "rows_per_shard")
-# Shard tasks running at once in one actor (while one waits on storage, the other computes),
-# and queued per actor so the next starts without a round trip to the scheduler.
-TASKS_RUNNING_PER_ACTOR = 2
-TASKS_IN_FLIGHT_PER_ACTOR = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,47 +216,26 @@ def _run_tasks(job: RefineJob, present: dict[str, int], progress: bool
     """Every shard task on the actor pool; returns the verified ShardInfos, the errors of the shards
     that failed, how many were kept from an earlier run, and the stage's speed."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from simgan_dist.data.pipeline import share_env
+    from simgan_dist.refine_pool import TASKS_RUNNING_PER_ACTOR, run_shard_tasks
 
     cfg = job.cfg.refine
-    resources = actor_resources(cfg)
     stats: dict[str, Any] = {"actors": f"{cfg.min_actors}-{cfg.max_actors}", "num_gpus": cfg.num_gpus,
                              "precision": "bf16" if cfg.num_gpus and job.io.layout.image_dtype == "uint8" else "fp32",
                              "batch_size": job.batch_size}
     if cfg.num_gpus and not ray.cluster_resources().get("GPU"):
         print(f"refine: no GPU in the cluster yet; the actors wait for the autoscaler to add nodes with "
               f"{cfg.num_gpus} GPU(s) each (refine.num_gpus=0 refines on CPUs)", file=sys.stderr)
-    todo = ray.data.from_items([{**dataclasses.asdict(t), "exists": t.name in present} for t in job.tasks],
-                               override_num_blocks=len(job.tasks))
-    # The actors get the storage credentials in their environment, never as arguments.
-    actor_io = dataclasses.replace(job.io, storage_cfg=storage.without_secrets(job.io.storage_cfg))
-    env = share_env(storage.worker_env(job.io.storage_cfg))
-    refined = todo.map_batches(
-        RefinerActor,
-        batch_size=1,
-        compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
-                                  max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR,
-                                  max_concurrent_calls_per_actor=TASKS_RUNNING_PER_ACTOR,
-                                  enable_true_multi_threading=True),
-        fn_constructor_kwargs={"model_cfg": job.model_cfg, "weights": job.weights, "io": actor_io, "env": env,
-                               "batch_size": job.batch_size, "compile": cfg.compile},
-        batch_format="numpy",
-        **resources,
-    )
     infos, failed, finished_at, reused = {}, {}, [], 0
-    index_of = {t.name: t.index for t in job.tasks}
     started = time.perf_counter()
     desc = f"refine ({stats['actors']} actors, {stats['precision']})"
     with _progress(sum(t.rows for t in job.tasks), 0, desc, progress) as bar:
-        for row in refined.iter_rows():
-            info = ShardInfo(str(row["path"]), int(row["rows"]), int(row["bytes"]), str(row["sha256"]))
-            if row["error"]:
-                failed[index_of[info.path]] = str(row["error"])
+        for task, info, was_kept, error in run_shard_tasks(job, [(t, t.name in present) for t in job.tasks]):
+            if error:
+                failed[task.index] = error
                 continue
-            infos[index_of[info.path]] = info
-            if row["reused"]:
+            infos[task.index] = info
+            if was_kept:
                 reused += 1
             else:
                 finished_at.append((time.perf_counter(), info.rows))

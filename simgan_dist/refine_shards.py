@@ -18,10 +18,11 @@ or infinity fails the shard instead of writing flat images.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import sys
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,14 +158,19 @@ class ShardIo:
     def input_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
         return storage.resolve(task.input_uri, self.storage_cfg)
 
-    def input_rows(self, task: ShardTask, columns: list[str], verify: bool = False) -> pa.Table:
-        """The task's input rows. `verify`: read the whole input shard once and check its size and
-        sha256 against the input manifest before using it (refining reads the images anyway)."""
+    def input_rows(self, task: ShardTask, columns: list[str]) -> pa.Table:
+        """The task's input rows, reading only the row groups and columns that hold them (unverified)."""
         fs, path = self.input_file(task)
         try:
-            if not verify:
-                with fs.open_input_file(path) as f:
-                    return read_rows(f, task.start, task.stop, task.input_uri, columns)
+            with fs.open_input_file(path) as f:
+                return read_rows(f, task.start, task.stop, task.input_uri, columns)
+        except OSError as exc:
+            raise storage.explain(exc, task.input_uri, "read") from exc
+
+    def read_verified(self, task: ShardTask) -> bytes:
+        """The task's whole input shard, checked against the input manifest's size and sha256."""
+        fs, path = self.input_file(task)
+        try:
             with fs.open_input_stream(path) as f:
                 data = f.readall()
         except OSError as exc:
@@ -172,13 +178,57 @@ class ShardIo:
         if len(data) != task.input_bytes or hashlib.sha256(data).hexdigest() != task.input_sha256:
             raise DatasetError(f"{task.input_uri}: {len(data)} bytes whose sha256 does not match the input manifest "
                                f"({task.input_bytes} bytes): corrupt or replaced shard, nothing refined from it")
-        return read_rows(pa.BufferReader(data), task.start, task.stop, task.input_uri, columns)
+        return data
 
     def output_uri(self, task: ShardTask) -> str:
         return storage.join(self.out_uri, task.name)
 
     def output_file(self, task: ShardTask) -> tuple[pafs.FileSystem, str]:
         return storage.resolve(self.output_uri(task), self.storage_cfg)
+
+
+class VerifiedInputs:
+    """Input shards read whole and checked against the input manifest, kept for the next tasks.
+
+    An input shard is cut into several tasks (simulate writes 50,000 rows per shard, a task holds
+    `refine.task_mb`), and an actor gets consecutive tasks: without this each task read and hashed
+    the whole shard again (25x the corpus at 1.2M rows, and as many GETs on object storage).
+    Threads asking for a shard that is being read wait for that read. At most `keep_bytes` are
+    kept, newest first; a read that failed is not kept.
+    """
+
+    def __init__(self, io: ShardIo, keep_bytes: int = 1 << 30):
+        self.io = io
+        self.keep_bytes = keep_bytes
+        self._lock = threading.Lock()
+        self._shards: OrderedDict[str, Future] = OrderedDict()
+
+    def rows(self, task: ShardTask, columns: list[str]) -> pa.Table:
+        return read_rows(pa.BufferReader(self._shard(task)), task.start, task.stop, task.input_uri, columns)
+
+    def _shard(self, task: ShardTask) -> bytes:
+        with self._lock:
+            shard = self._shards.get(task.input_uri)
+            reader = shard is None
+            if reader:
+                shard = self._shards[task.input_uri] = Future()
+            self._shards.move_to_end(task.input_uri)
+        if reader:
+            try:
+                shard.set_result(self.io.read_verified(task))
+            except BaseException as exc:
+                shard.set_exception(exc)
+                with self._lock:
+                    self._shards.pop(task.input_uri, None)
+            with self._lock:
+                self._evict()
+        return shard.result()
+
+    def _evict(self) -> None:
+        sizes = {uri: len(f.result()) for uri, f in self._shards.items() if f.done()}
+        while self._shards and sum(sizes.values()) > self.keep_bytes:
+            uri, _ = self._shards.popitem(last=False)
+            sizes.pop(uri, None)
 
 
 def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
@@ -205,10 +255,12 @@ def read_rows(source, start: int, stop: int, where: str, columns: list[str] | No
     return parquet.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
 
 
-def refine_shard(task: ShardTask, io: ShardIo, refiner: BatchRefiner) -> ShardInfo:
-    """Read one task's input rows, refine the images, write the output shard."""
+def refine_shard(task: ShardTask, io: ShardIo, refiner: BatchRefiner, inputs: VerifiedInputs | None = None
+                 ) -> ShardInfo:
+    """Read one task's input rows (verified against the input manifest), refine the images, write the
+    output shard."""
     layout = io.layout
-    table = io.input_rows(task, layout.columns, verify=True)
+    table = (inputs or VerifiedInputs(io, keep_bytes=0)).rows(task, layout.columns)
     refined = refiner(images_from_binary(table.column("image"), layout.image_shape, layout.image_dtype))
     image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(layout.image_nbytes), task.rows,
                                                  [None, pa.py_buffer(refined)])
@@ -218,11 +270,13 @@ def refine_shard(task: ShardTask, io: ShardIo, refiner: BatchRefiner) -> ShardIn
     return ShardInfo(path=task.name, rows=task.rows, bytes=len(data), sha256=digest)
 
 
-def verify_shard(task: ShardTask, io: ShardIo, checksum: bool) -> tuple[ShardInfo | None, str | None]:
+def verify_shard(task: ShardTask, io: ShardIo, checksum: bool, inputs: VerifiedInputs | None = None
+                 ) -> tuple[ShardInfo | None, str | None]:
     """Compare an output shard with its input rows: schema, row count, ids equal, labels bit-identical.
 
     With `checksum` the whole file is hashed too (shards left by an earlier run);
     without it only the footer and the id and label columns are read (the final pass).
+    The input rows come from `inputs` when given, else from a read of their columns.
     Returns (info, None) or (None, what is wrong).
     """
     layout, (fs, path) = io.layout, io.output_file(task)
@@ -240,7 +294,7 @@ def verify_shard(task: ShardTask, io: ShardIo, checksum: bool) -> tuple[ShardInf
         return None, f"{task.name}: missing"
     except (OSError, pa.ArrowInvalid) as exc:
         return None, f"{task.name}: unreadable ({exc})"
-    want = io.input_rows(task, keys)
+    want = inputs.rows(task, keys) if inputs else io.input_rows(task, keys)
     if not got.column("id").equals(want.column("id")):
         return None, f"{task.name}: ids differ from input rows {task.start}..{task.stop} of {task.input_uri}"
     for name, shape in layout.label_fields.items():
@@ -263,52 +317,66 @@ def actor_device(assigned_gpus: list | None = None) -> torch.device:
 
 
 class RefinerActor:
-    """Ray Data UDF: a batch of shard tasks in, one verified ShardInfo row per shard out.
+    """A Ray actor that runs shard tasks (`refine_pool.py`), several at once in threads.
 
     A shard an earlier run left (`exists`) is checked in full (sha256, ids, labels) and kept
     if sound; anything else is refined, written, read back and compared with its input.
-    A shard that fails with a clear error (storage that keeps failing) comes out as a row
-    with that `error`: the other shards still get done, and the driver reports it in one line
-    instead of Ray Data's traceback of this actor.
+    A shard that fails with a clear error (storage that keeps failing) comes back with that
+    error: the other shards still get done, and the driver reports it in one line.
+
+    The constructor takes only small values, inlined in the actor's spec, so that Ray can
+    restart the actor after its node is lost. The weights and the storage credentials come
+    with each task, as object references (`shared`), and are adopted by the first task after a
+    start or restart.
     """
 
-    def __init__(self, model_cfg: ModelConfig, weights: dict[str, torch.Tensor], io: ShardIo, batch_size: int,
-                 compile: bool, env: list | None = None):
-        from simgan_dist.data.pipeline import adopt_env
+    def __init__(self, model_cfg: ModelConfig, io: ShardIo, batch_size: int, compile: bool):
+        self.model_cfg, self.io, self.batch_size, self.compile = model_cfg, io, batch_size, compile
+        self.inputs = VerifiedInputs(io)
+        self._refiner: BatchRefiner | None = None
+        self._start_lock = threading.Lock()
 
-        adopt_env(env)
-        refiner = build_refiner(model_cfg)
-        refiner.load_state_dict(weights)
-        self.refiner = BatchRefiner(refiner, batch_size, device=actor_device(), compile=compile,
-                                    depth=io.layout.image_dtype == "uint16")
-        self.io = io
+    def ready(self) -> bool:
+        return True
 
-    def run(self, task: ShardTask, exists: bool) -> tuple[ShardInfo, bool]:
-        """(info, reused)."""
-        if exists:
-            info, problem = verify_shard(task, self.io, checksum=True)
-            if info is not None:
-                return info, True
-            print(f"refine: redoing {problem}", file=sys.stderr)
-        written = refine_shard(task, self.io, self.refiner)
-        info, problem = verify_shard(task, self.io, checksum=False)
-        if info is None or info.bytes != written.bytes:
-            raise RefineError(f"{task.name} read back wrong after writing: {problem or 'size changed'}")
-        return written, False
+    def _refiner_from(self, shared: RefineShared) -> BatchRefiner:
+        with self._start_lock:
+            if self._refiner is None:
+                import ray
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = []
-        for i in range(len(batch["index"])):
-            task = ShardTask(int(batch["index"][i]), str(batch["input_uri"][i]), int(batch["start"][i]),
-                             int(batch["stop"][i]), int(batch["input_bytes"][i]), str(batch["input_sha256"][i]))
-            try:
-                rows.append((*self.run(task, bool(batch["exists"][i])), ""))
-            except UserError as exc:
-                rows.append((ShardInfo(task.name, task.rows, 0, ""), False, str(exc)))
-        out = {f.name: [getattr(info, f.name) for info, _, _ in rows] for f in dataclasses.fields(ShardInfo)}
-        out["reused"] = [reused for _, reused, _ in rows]
-        out["error"] = [error for _, _, error in rows]
-        return out
+                from simgan_dist.data.pipeline import adopt_env
+
+                adopt_env(shared.env)
+                refiner = build_refiner(self.model_cfg)
+                refiner.load_state_dict(ray.get(shared.weights[0]))
+                self._refiner = BatchRefiner(refiner, self.batch_size, device=actor_device(), compile=self.compile,
+                                             depth=self.io.layout.image_dtype == "uint16")
+            return self._refiner
+
+    def run(self, task: ShardTask, exists: bool, shared: RefineShared) -> tuple[ShardInfo, bool, str]:
+        """(info, reused, error): `error` is empty unless the shard failed with a clear error."""
+        try:
+            if exists:
+                info, problem = verify_shard(task, self.io, checksum=True)
+                if info is not None:
+                    return info, True, ""
+                print(f"refine: redoing {problem}", file=sys.stderr)
+            written = refine_shard(task, self.io, self._refiner_from(shared), self.inputs)
+            info, problem = verify_shard(task, self.io, checksum=False, inputs=self.inputs)
+            if info is None or info.bytes != written.bytes:
+                raise RefineError(f"{task.name} read back wrong after writing: {problem or 'size changed'}")
+            return written, False, ""
+        except UserError as exc:
+            return ShardInfo(task.name, task.rows, 0, ""), False, str(exc)
+
+
+@dataclass(frozen=True)
+class RefineShared:
+    """What every task of a job carries by reference: the refiner's weights and the workers' environment
+    (storage credentials), each an object reference wrapped in a list so that Ray passes the reference."""
+
+    weights: list
+    env: list
 
 
 def actor_resources(refine_cfg: RefineConfig) -> dict[str, float]:

@@ -329,7 +329,7 @@ def _checkpoint_on_s3(bucket: str, tmp_path: Path) -> str:
 @pytest.mark.slow
 def test_refine_with_a_node_lost_mid_job_is_exact(cluster, corpora, tmp_path):
     """Two refine actors, one per worker node; one node preempted while both have shard tasks in
-    flight, a fresh one joins: Ray Data restarts the actor there and retries its tasks, and the
+    flight, a fresh one joins: Ray restarts the actor there and resends its tasks, and the
     output is exact (every id once, in input order, labels bit-identical)."""
     from simgan_dist.data import storage
     from simgan_dist.data.schema import load_numpy, read_manifest

@@ -15,7 +15,7 @@ from simgan_dist.data import storage
 from simgan_dist.data.schema import MANIFEST_NAME, DatasetError, read_manifest
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.refine import plan_job, plan_shards
-from simgan_dist.refine_shards import BatchRefiner, RefineError, ShardIo, refine_shard
+from simgan_dist.refine_shards import BatchRefiner, RefineError, ShardIo, VerifiedInputs, refine_shard, verify_shard
 from simgan_dist.train.checkpoint import REFINER_FILE, CheckpointError, load_refiner, write_checkpoint
 
 
@@ -94,3 +94,48 @@ def test_the_manifest_records_that_inputs_were_checked(job):
     manifest = json.loads(storage.read_bytes(storage.join(data, MANIFEST_NAME)))
     tasks = plan_shards(data, read_manifest(data), 20)
     assert {(t.input_bytes, t.input_sha256) for t in tasks} == {(s["bytes"], s["sha256"]) for s in manifest["shards"]}
+
+
+def test_an_input_shard_cut_into_several_tasks_is_read_and_verified_once(job, tmp_path):
+    # 2 input shards of 30 rows, tasks of 10: each actor read and hashed the whole shard per task
+    data, checkpoint, cfg = job
+    manifest = read_manifest(data)
+    refiner, _ = load_refiner(str(checkpoint))
+    io = ShardIo(str(tmp_path / "out"), manifest.layout, cfg.storage)
+    tasks = plan_shards(data, manifest, 10)
+    inputs = VerifiedInputs(io)
+    refine_shard(tasks[0], io, BatchRefiner(refiner, 16), inputs)
+    # What was verified is what the shard's other tasks refine: damage on disk afterwards is not read...
+    first = tmp_path / "data" / "synthetic" / manifest.shards[0].path
+    flip_a_bit(first, first.stat().st_size // 2)
+    for task in tasks[1:3]:
+        refine_shard(task, io, BatchRefiner(refiner, 16), inputs)
+        info, problem = verify_shard(task, io, checksum=False, inputs=inputs)
+        assert info is not None, problem
+    # ...but a shard not kept is read again and checked again.
+    with pytest.raises(DatasetError, match="sha256 does not match"):
+        refine_shard(tasks[0], io, BatchRefiner(refiner, 16), VerifiedInputs(io, keep_bytes=0))
+    # A failed read is not kept: the shard is read again once it is sound.
+    second = tmp_path / "data" / "synthetic" / manifest.shards[1].path
+    sound = second.read_bytes()
+    flip_a_bit(second, second.stat().st_size // 2)
+    with pytest.raises(DatasetError, match="sha256 does not match"):
+        refine_shard(tasks[3], io, BatchRefiner(refiner, 16), inputs)
+    second.write_bytes(sound)
+    refine_shard(tasks[3], io, BatchRefiner(refiner, 16), inputs)
+
+
+def test_verified_inputs_keep_at_most_their_byte_budget(job, tmp_path):
+    data, _, cfg = job
+    manifest = read_manifest(data)
+    io = ShardIo(str(tmp_path / "out"), manifest.layout, cfg.storage)
+    first, second = plan_shards(data, manifest, 30)
+    inputs = VerifiedInputs(io, keep_bytes=max(s.bytes for s in manifest.shards))  # room for one shard
+    inputs.rows(first, ["id"])
+    inputs.rows(second, ["id"])
+    for task in (first, second):
+        path = tmp_path / "data" / "synthetic" / manifest.shards[task.index].path
+        flip_a_bit(path, path.stat().st_size // 2)
+    inputs.rows(second, ["id"])  # the newest is kept
+    with pytest.raises(DatasetError, match="sha256 does not match"):
+        inputs.rows(first, ["id"])  # the older one was let go, so it is read and checked again

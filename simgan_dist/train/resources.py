@@ -98,7 +98,7 @@ def plan_workers(cfg: Config, resources: dict[str, float], runs: int = 1,
 
 
 # The requester id under which this process asked the autoscaler for resources
-# (`training_resources`), until it withdraws the request (`clear_resource_request`).
+# (`training_resources`, the refine pool), until it withdraws the request (`clear_resource_request`).
 _requested: str | None = None
 
 
@@ -116,7 +116,7 @@ def _autoscaling_coordinator():
     return get_or_create_autoscaling_coordinator()
 
 
-def _request(bundles: list[dict[str, float]], expire_after_s: float) -> None:
+def request_beside_other_runs(bundles: list[dict[str, float]], expire_after_s: float) -> None:
     """Ask the autoscaler for `bundles` beside every other run's requests; the request lapses by
     itself after `expire_after_s` (a driver killed mid-wait leaves nothing behind for long)."""
     import ray
@@ -152,7 +152,7 @@ def training_resources(cfg: Config, runs: int = 1, reserved_cpus: float = 0.0) -
     if not _fits(cfg, resources, runs, reserved_cpus) and wait_s > 0:
         bundle = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
         shards = [{"CPU": _shard_cpus()}] * cfg.train.buffer_shards
-        _request(([bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}] + shards) * runs,
+        request_beside_other_runs(([bundle] * cfg.train.num_workers + [{"CPU": DATA_CPUS}] + shards) * runs,
                  expire_after_s=wait_s + REQUEST_GRACE_S)
         say(f"ray: waiting up to {wait_s:g} s (train.resource_wait_s) for the cluster to add "
             + (f"{runs} x (" if runs > 1 else "") + f"{cfg.train.num_workers} x {bundle} + {DATA_CPUS:g} CPU"
