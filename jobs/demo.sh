@@ -11,10 +11,12 @@ seed=${SEED:-0}
 sim_seed=${SIM_SEED:-0}
 from=${FROM_STEP:-1}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+# MLflow: a local store in the output folder (an absolute path: trials and workers run in folders of their own)
+store="sqlite:///$(mkdir -p "$out" && cd "$out" && pwd)/mlflow.db"
 config=(--config jobs/configs/tiny.yaml
         --set "data.synthetic=$data/synthetic" --set "data.real=$data/real" --set "data.real_test=$data/real_test"
         --set "train.storage_path=$out/runs" --set train.name=demo --set "train.seed=$seed"
-        --set "tune.output=$out/sweeps" --set tune.name=demo)
+        --set "tune.output=$out/sweeps" --set tune.name=demo --set "tracking.mlflow_uri=$store")
 for override in ${DEMO_SET:-}; do config+=(--set "$override"); done
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -35,3 +37,6 @@ step "4/4 evaluate: gaze error on real test images (3 estimator seeds), pupil sh
 best=$(head -n 1 "$out/sweeps/demo/best_checkpoint.txt")
 simgan-dist evaluate --synthetic "$data/synthetic" --refined "$data/refined" --real-test "$data/real_test" \
     --run "$(dirname "$best")" --out "$out/report" "${config[@]}"
+
+step "MLflow: the sweep, its trials, the refine and evaluate runs (the UI is in the full mlflow package: README, \"Experiment tracking\")"
+echo "mlflow ui --backend-store-uri $store"
