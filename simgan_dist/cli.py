@@ -29,6 +29,8 @@ Ray: commands join RAY_ADDRESS or the cluster `ray start` registered on this mac
 a local instance; --verbose shows Ray's own logs in the console (they are always in its log folder).
 Object storage: s3://bucket/prefix URIs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY (or storage.* in the config).
+Experiment tracking: --set tracking.mlflow_uri=http://host:5000 (or MLFLOW_TRACKING_URI) logs train,
+tune, refine and evaluate to MLflow; tracking.experiment names the experiment (README).
 """
 
 
@@ -51,7 +53,7 @@ class _FormatNames:
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "eye") -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true",
-        help="show Ray's own console output too (worker logs, INFO lines, Ray Data progress); "
+        help="show Ray's (and MLflow's) own console output too (worker logs, INFO lines, Ray Data progress); "
         "without it they stay in Ray's log folder",
     )
     group = parser.add_argument_group("configuration")
