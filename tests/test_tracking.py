@@ -83,6 +83,13 @@ def test_local_run_logs_resumes_the_same_run_and_survives_a_killed_server(mlflow
     assert [m.step for m in client.get_metric_history(run.info.run_id, "refiner/adv_loss")][-3:] == [10, 12, 14]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "images")][-1].endswith("0000014.png")
     assert tracking.saved_run_id(str(tmp_path / "run" / "checkpoint")) == run.info.run_id
+    # refine (and evaluate) with this checkpoint: linked to its run, in its experiment
+    cfg = load_config("tiny", overrides=[f"tracking.mlflow_uri={mlflow_server.uri}"])
+    with tracking.stage_run(cfg, "refine", str(tmp_path / "run" / "checkpoint"), {}) as refine_run:
+        pass
+    linked = client.get_run(refine_run.run_id)
+    assert linked.data.tags["simgan.source_run_id"] == run.info.run_id
+    assert linked.info.experiment_id == run.info.experiment_id and linked.info.status == "FINISHED"
     assert not leaked(every_output(None, None, mlflow_server.db.parent))
     assert not any(secret in capsys.readouterr().out for secret in FAKE.values())
 
