@@ -70,14 +70,14 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 
 def _client(uri: str):
+    from mlflow import MlflowClient  # first: importing mlflow sets its loggers' levels
+
     for name, value in QUICK_HTTP.items():
         os.environ.setdefault(name, value)
     if not console.verbose():  # MLflow's INFO lines, its run links and urllib3's retry warnings: --verbose only
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         for name in ("mlflow", "alembic", "urllib3.connectionpool"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=uri)
 
 
