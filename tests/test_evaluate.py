@@ -158,9 +158,14 @@ def _args(root, out, *extra):
 
 
 @pytest.mark.slow
-def test_report_has_every_section(datasets, tmp_path, ray_local, capsys):
+def test_report_has_every_section(datasets, tmp_path, ray_local, mlflow_server, capsys):
+    """Also: tracked, the evaluation is an MLflow run with the headline numbers, the report and its datasets."""
+    from mlflow import MlflowClient
+
+    from simgan_dist.tracking import manifest_sha256
+
     args = _args(datasets, tmp_path / "report", "--run", str(datasets / "run"), "--real",
-                 str(datasets / "real_labeled"))
+                 str(datasets / "real_labeled"), "--set", f"tracking.mlflow_uri={mlflow_server.uri}")
     assert cli_evaluate(args) == 0
     out = tmp_path / "report"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -194,6 +199,13 @@ def test_report_has_every_section(datasets, tmp_path, ray_local, capsys):
     printed = capsys.readouterr().out
     assert "report: " in printed and str(out / "report.html") in printed and "pupil shift" in printed
     assert "artifacts vs real: frame score refined" in printed
+
+    client = MlflowClient(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("simgan-evaluate").experiment_id],
+                               filter_string=f"tags.`simgan.dataset.refined` = '{datasets / 'refined'}'")
+    assert run.data.metrics["gaze_error_refined_deg"] == pytest.approx(headline["gaze_error_refined_deg"])
+    assert run.data.tags["simgan.dataset.real.manifest_sha256"] == manifest_sha256(str(datasets / "real_labeled"))
+    assert "report/report.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
 
 
 def test_in_process_variants_without_ray_stop_early_on_their_own_validation_part():

@@ -18,10 +18,14 @@ def _trial_reports(folder) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_path, monkeypatch, capsys):
+def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, mlflow_server, tmp_path, monkeypatch,
+                                                              capsys):
     """Also: with fake credentials in the config, no file the sweep writes (best_config.yaml,
     results, Tune's trial files, the trials' training runs) nor the Ray session's logs nor the
-    console holds them; the trials get their config's secrets through the object store."""
+    console nor the MLflow store holds them; the trials get their config's secrets through the object
+    store. In MLflow the sweep is one parent run (continued when resumed) with the trials nested."""
+    from mlflow import MlflowClient
+
     monkeypatch.chdir(tmp_path)  # relative paths, as `make demo` gives: trials run in their own folders
     simulate_dataset("data", synthetic=160, real=160, real_test=0, seed=2, rows_per_shard=80)
     cfg = load_config("tiny", overrides=[
@@ -35,7 +39,8 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
         "tune.k_g=[1]",
         "tune.lr=[1.0e-4, 5.0]",  # lr 5 wrecks the refiner in its first steps: ASHA must stop that trial
         # (one at a time, in grid order: the good trial sets the rung's bar first)
-        "tune.lambda_reg=[1.0e-4]", "tune.grace_steps=2", "tune.max_concurrent_trials=1"])
+        "tune.lambda_reg=[1.0e-4]", "tune.grace_steps=2", "tune.max_concurrent_trials=1",
+        f"tracking.mlflow_uri={mlflow_server.uri}", f"tracking.experiment=sweep-{tmp_path.name}"])
     held_before = _placement_groups_holding_resources()
     rows, best = sweep(cfg)
     by_lr = {r["lr"]: r for r in rows}
@@ -59,7 +64,7 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
 
     assert set(json.loads(next(folder.glob("run_trial_*/params.json")).read_text())) == {"k_g", "lr", "lambda_reg"}
     session_logs = ray._private.worker._global_node.get_session_dir_path()
-    assert not leaked(every_output(None, None, tmp_path, session_logs))
+    assert not leaked(every_output(None, None, tmp_path, session_logs, mlflow_server.db.parent))
     printed = capsys.readouterr()
     assert not any(secret in printed.out + printed.err for secret in FAKE.values())
 
@@ -73,6 +78,17 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, tmp_pa
     rows_again, best_again = sweep(cfg)
     assert _trial_reports(folder) == before
     assert best_again["objective"] == best["objective"]
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(f"sweep-{tmp_path.name}").experiment_id])
+    [parent] = [r for r in runs if r.data.tags["simgan.stage"] == "tune"]  # the resumed sweep continued it
+    trials = {float(r.data.params["train.lr"]): r for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(trials) == {1e-4, 5.0}  # both nested (the winner's retraining above is a run of its own)
+    assert trials[5.0].data.tags["simgan.stop"] == "stopped early (ASHA)" and trials[5.0].info.status == "KILLED"
+    assert trials[1e-4].info.status == "FINISHED" and client.get_metric_history(trials[1e-4].info.run_id, "objective")
+    assert parent.data.tags["simgan.best_checkpoint"] == checkpoint
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.md", "best_config.yaml"}
 
 
 def _placement_groups_holding_resources() -> set[str]:

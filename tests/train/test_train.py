@@ -105,15 +105,18 @@ def _checkpoint_files_are_data(run_uri: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_bucket, tmp_path, capsys):
+def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_bucket, mlflow_server, tmp_path,
+                                                       capsys):
     """Two ZeRO-2 workers read their corpora from S3 and keep their run there, with EMA of R and
     best-K checkpoints by the label-free objective, fake credentials in the config: the metrics,
     the checkpoints (every file but DeepSpeed's is data), the monitor; the same job submitted
-    again with a longer schedule continues the run (EMA from refiner.pt); refine's choice of the
-    best checkpoint refuses a payload planted there; no object, log or console line holds the
-    credentials (the config's secrets reach the workers through the object store)."""
+    again with a longer schedule continues the run (EMA from refiner.pt), and its MLflow run (one,
+    logged by rank 0 only); refine's choice of the best checkpoint refuses a payload planted there;
+    no object, log, console line or MLflow record holds the credentials (the config's secrets reach
+    the workers through the object store)."""
     import ray
     from leak_check import FAKE, every_output, leaked
+    from mlflow import MlflowClient
     from test_checkpoint_safety import plant
 
     from simgan_dist.data import storage
@@ -129,6 +132,7 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_
                  f"data.synthetic={data}/synthetic", f"data.real={data}/real", "data.real_val_fraction=0.2",
                  "train.ema_decay=0.9", "train.eval_every=7", "train.eval_samples=32", "train.keep_best=2",
                  f"train.storage_path={s3_bucket}/runs", "train.name=e2e",
+                 f"tracking.mlflow_uri={mlflow_server.uri}", f"tracking.experiment=e2e-{s3_bucket[5:]}",
                  *[f"storage.{key}={secret}" for key, secret in FAKE.items()]]
     cfg = _config(*overrides, "train.iterations=6")
     result = fit(cfg)
@@ -158,6 +162,14 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_
     lines = storage.read_bytes(f"{s3_bucket}/runs/e2e/monitor/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [5, 7, 10, 14, 15, 16]
     _checkpoint_files_are_data(f"{s3_bucket}/runs/e2e")
+    # one MLflow run, continued by the resubmission, each report once (rank 0 alone logs)
+    client = MlflowClient(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name(f"e2e-{s3_bucket[5:]}").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "disc/loss")] == [5, 7, 10, 14, 15, 16]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "objective")] == [7, 14, 16]
+    assert run.data.tags["simgan.checkpoint"] == checkpoint_uri(cfg, again.checkpoint)
+    assert client.list_artifacts(run.info.run_id, "images")
 
     best = choose_checkpoint(f"{s3_bucket}/runs/e2e", cfg)
     load_refiner(best, cfg.storage)
@@ -169,7 +181,7 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_
     assert not marker.exists()
 
     session_logs = ray._private.worker._global_node.get_session_dir_path()
-    assert not leaked(every_output(s3_server, s3_bucket.removeprefix("s3://"), session_logs))
+    assert not leaked(every_output(s3_server, s3_bucket.removeprefix("s3://"), session_logs, mlflow_server.db.parent))
     printed = capsys.readouterr()
     assert not any(secret in printed.out + printed.err for secret in FAKE.values())
 
