@@ -43,7 +43,7 @@ summarize() {
             grep -h -E '^\{"config"' "$out/train.log" | sed 's/^/| training run | /; s/$/ |/'
         fi
         if [[ -f $out/refine.log ]]; then
-            grep -h -E '^\| .* \| [a-z]+ \| [0-9]+ \|' "$out/refine.log" | sed 's/^| /| refine (device, preset, rows, precision, batch, forward, plain loop, e2e steady, e2e wall) | /'
+            grep -h -E '^\| .* \| [a-z]+ \| [0-9]+ \|' "$out/refine.log" | sed 's/^| /| refine (device, preset, rows, precision, batch, forward, plain loop, e2e stage, e2e wall, wall vs plain) | /'
             grep -h -E 'roofline' "$out/refine.log" | cell | sed -n 's/^\(..*\)$/| refine vs roofline | \1 |/p'
         fi
         if [[ -f $out/tests.log ]]; then
