@@ -266,9 +266,16 @@ def checkpoint_files(uri: str) -> dict[str, int]:
 
 
 def test_train_rides_out_transient_faults(train_data, s3_bucket, proxy):
+    """Two workers with shuffled reads sharing two history shards, under train.deterministic (the tiny
+    preset's default): the faulty run gives the fault-free run's bits. That also shows such runs are
+    reproducible; without train.deterministic two of them differ (Ray Data's block order and the
+    shards' arrival order vary; bench/RESULTS.md, issue 23)."""
     from simgan_dist.train.driver import checkpoint_uri, fit
 
+    train_data = [*train_data, "train.num_workers=2", "train.shuffle=true", "train.buffer_shards=2",
+                  "train.batch_size=16"]
     cfg = load_config("tiny", overrides=[*train_data, "train.name=clean"])
+    assert cfg.train.deterministic
     clean = checkpoint_uri(cfg, fit(cfg).checkpoint)
     # data reads (Ray Data's read tasks), checkpoint uploads (Ray Train) and the monitor's mirror
     proxy.inject("drop", method="GET", path=r"/eyes/synthetic/part-00000\.parquet$", times=2)

@@ -309,23 +309,3 @@ def test_console_lines_never_wait_on_the_driver_and_none_is_lost(ray_local, caps
     channel.say("and later")
     channel.close()
     assert capsys.readouterr().out == "after the node was lost\nand later\n"
-
-
-@pytest.mark.slow
-def test_two_deterministic_runs_of_two_shuffling_workers_give_identical_weights(ray_local, eye_data, tmp_path):
-    """train.deterministic (the tiny preset's default): the same seed, data and worker count give the same
-    bits, with shuffled reads and two workers sharing the history shards. (Without it, two such runs differ:
-    Ray Data's block order and the shards' arrival order vary; checked by hand, bench/RESULTS.md issue 23.)"""
-    import hashlib
-
-    def weights(name, *overrides):
-        cfg = _config("train.iterations=10", "train.checkpoint_every=100", "train.num_workers=2",
-                      "train.buffer_size=64", f"data.synthetic={eye_data}/synthetic", f"data.real={eye_data}/real",
-                      f"train.storage_path={tmp_path}", f"train.name={name}", *overrides)
-        assert cfg.train.shuffle
-        result = fit(cfg)
-        assert result.error is None
-        return hashlib.sha256((Path(checkpoint_uri(cfg, result.checkpoint)) / "refiner.pt").read_bytes()).hexdigest()
-
-    assert load_config("tiny").train.deterministic
-    assert weights("first") == weights("second")
