@@ -28,6 +28,13 @@ def job(tmp_path):
     return str(tmp_path / "data" / "synthetic"), checkpoint, cfg
 
 
+def refiner_and_io(job, tmp_path):
+    """(the input manifest, the checkpoint's refiner, the shard I/O of a job writing to tmp_path/out)."""
+    data, checkpoint, cfg = job
+    manifest = read_manifest(data)
+    return manifest, load_refiner(str(checkpoint))[0], ShardIo(str(tmp_path / "out"), manifest.layout, cfg.storage)
+
+
 def flip_a_bit(path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x10
@@ -35,11 +42,8 @@ def flip_a_bit(path, offset: int) -> None:
 
 
 def test_a_bit_flipped_input_shard_is_refused_as_it_is_read(job, tmp_path):
-    data, checkpoint, cfg = job
-    manifest = read_manifest(data)
-    refiner, _ = load_refiner(str(checkpoint))
-    io = ShardIo(str(tmp_path / "out"), manifest.layout, cfg.storage)
-    tasks = plan_shards(data, manifest, 20)
+    manifest, refiner, io = refiner_and_io(job, tmp_path)
+    tasks = plan_shards(job[0], manifest, 20)
     refine_shard(tasks[0], io, BatchRefiner(refiner, 16))
     # the middle of the image column: the Parquet footer, size and row count all still agree
     shard = tmp_path / "data" / "synthetic" / manifest.shards[1].path
@@ -98,11 +102,8 @@ def test_the_manifest_records_that_inputs_were_checked(job):
 
 def test_an_input_shard_cut_into_several_tasks_is_read_and_verified_once(job, tmp_path):
     # 2 input shards of 30 rows, tasks of 10: each actor read and hashed the whole shard per task
-    data, checkpoint, cfg = job
-    manifest = read_manifest(data)
-    refiner, _ = load_refiner(str(checkpoint))
-    io = ShardIo(str(tmp_path / "out"), manifest.layout, cfg.storage)
-    tasks = plan_shards(data, manifest, 10)
+    manifest, refiner, io = refiner_and_io(job, tmp_path)
+    tasks = plan_shards(job[0], manifest, 10)
     inputs = VerifiedInputs(io)
     refine_shard(tasks[0], io, BatchRefiner(refiner, 16), inputs)
     # What was verified is what the shard's other tasks refine: damage on disk afterwards is not read...
@@ -126,10 +127,8 @@ def test_an_input_shard_cut_into_several_tasks_is_read_and_verified_once(job, tm
 
 
 def test_verified_inputs_keep_at_most_their_byte_budget(job, tmp_path):
-    data, _, cfg = job
-    manifest = read_manifest(data)
-    io = ShardIo(str(tmp_path / "out"), manifest.layout, cfg.storage)
-    first, second = plan_shards(data, manifest, 30)
+    manifest, _, io = refiner_and_io(job, tmp_path)
+    first, second = plan_shards(job[0], manifest, 30)
     inputs = VerifiedInputs(io, keep_bytes=max(s.bytes for s in manifest.shards))  # room for one shard
     inputs.rows(first, ["id"])
     inputs.rows(second, ["id"])
