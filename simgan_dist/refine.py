@@ -52,8 +52,8 @@ from simgan_dist.data.schema import (
     DatasetError,
     Manifest,
     ShardInfo,
+    manifest_sha256,
     read_manifest,
-    read_manifest_bytes,
     validate,
 )
 from simgan_dist.data.storage import StorageError
@@ -114,7 +114,7 @@ def _load_checkpoint(uri: str, cfg: Config) -> tuple[Refiner, Config, str]:
 def _load_input(uri: str, cfg: Config, model: ModelConfig) -> tuple[Manifest, str]:
     try:
         manifest = validate(uri, cfg.storage)
-        manifest_sha = _sha256(read_manifest_bytes(uri, cfg.storage)[1])
+        manifest_sha = manifest_sha256(uri, cfg.storage)
     except (DatasetError, StorageError) as exc:
         raise RefineError(f"input {uri} is not a dataset in the simgan_dist contract: {exc}") from exc
     try:

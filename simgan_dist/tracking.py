@@ -15,7 +15,6 @@ in the environment win). Params are the redacted config (`Config.to_dict`): no s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -360,14 +359,10 @@ def log_sweep_results(tracker: Tracker, folder: str, rows: list[dict[str, Any]],
     tracker.submit("trial status", mark_trials)
 
 
-def manifest_sha256(uri: str, storage_cfg=None) -> str:
-    from simgan_dist.data.schema import read_manifest_bytes
-
-    return hashlib.sha256(read_manifest_bytes(uri, storage_cfg)[1]).hexdigest()
-
-
 def dataset_tags(datasets: dict[str, str | None], storage_cfg=None) -> dict[str, str]:
     """`simgan.dataset.<role>` = URI and `….manifest_sha256` for each dataset given."""
+    from simgan_dist.data.schema import manifest_sha256
+
     tags = {}
     for role, uri in datasets.items():
         if uri:

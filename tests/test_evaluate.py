@@ -162,7 +162,7 @@ def test_report_has_every_section(datasets, tmp_path, ray_local, mlflow_server, 
     """Also: tracked, the evaluation is an MLflow run with the headline numbers, the report and its datasets."""
     from mlflow import MlflowClient
 
-    from simgan_dist.tracking import manifest_sha256
+    from simgan_dist.data.schema import manifest_sha256
 
     args = _args(datasets, tmp_path / "report", "--run", str(datasets / "run"), "--real",
                  str(datasets / "real_labeled"), "--set", f"tracking.mlflow_uri={mlflow_server.uri}")

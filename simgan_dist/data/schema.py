@@ -254,6 +254,12 @@ def read_manifest_bytes(uri: str, storage_cfg: StorageConfig | None = None) -> t
     raise DatasetError(f"{uri}: no dataset here (no {MANIFEST_NAME})")
 
 
+def manifest_sha256(uri: str, storage_cfg: StorageConfig | None = None) -> str:
+    """The sha256 of the dataset's manifest bytes: what names this exact dataset (its shards' checksums
+    are inside it)."""
+    return hashlib.sha256(read_manifest_bytes(uri, storage_cfg)[1]).hexdigest()
+
+
 def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> Manifest:
     """The dataset's manifest; a clear error when the prefix holds no finished dataset."""
     name, data = read_manifest_bytes(uri, storage_cfg)
