@@ -337,10 +337,15 @@ def test_refine_with_a_node_lost_mid_job_is_exact(cluster, corpora, tmp_path):
     bucket, synthetic, _ = corpora
     out = f"{bucket}/refined"
     proc = command(cluster, "refine", "--preset", "tiny", "--checkpoint", _checkpoint_on_s3(bucket, tmp_path),
-                   "--input", synthetic, "--out", out, "--set", "refine.rows_per_shard=16",
+                   "--input", synthetic, "--out", out, "--set", "refine.rows_per_shard=2",
                    "--set", "refine.min_actors=2", "--set", "refine.max_actors=2")
-    wait_for(lambda: [n for n in storage.list_files(out) if n.startswith("part-")], proc, what="refined shard")
-    actors = freeze(node_processes(cluster, "RefinerActor"))
+
+    def first_shard():  # frozen as soon as one is seen: 128 small tasks take the actors a few seconds
+        if [n for n in storage.list_files(out) if n.startswith("part-")]:
+            return freeze(node_processes(cluster, "RefinerActor"))
+        return None
+
+    actors = wait_for(first_shard, proc, what="refined shard")
     assert sorted(actors) == [0, 1], actors  # an actor on each node
     lose_nodes(cluster, actors, lost=[0], replacements=1)
     rc, printed = finish(proc)

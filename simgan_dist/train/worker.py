@@ -156,17 +156,15 @@ class ConsoleChannel:
 
         refs = [ref for ref, _ in self.pending]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)[0]) if refs else set()
-        waiting = []
-        for ref, line in self.pending:
-            if ref not in ready:
-                waiting.append((ref, line))
-                continue
+        # Lines leave in the order they were said: a later reply may come back (fail) before an earlier one.
+        settled = next((i for i, ref in enumerate(refs) if ref not in ready), len(refs))
+        for ref, line in self.pending[:settled]:
             try:
                 ray.get(ref)
             except Exception:  # the channel's actor is gone: this worker's stdout (Ray's logs) from now on
                 self.actor = None
                 _print(line)
-        self.pending = waiting
+        self.pending = self.pending[settled:]
 
 
 def deepspeed_accelerator_env(use_gpu: bool, environ) -> None:
