@@ -38,9 +38,10 @@ from objective_validation import refine_array
 
 from simgan_dist.config import load_config
 from simgan_dist.data.schema import load_numpy
-from simgan_dist.evaluate import label_preservation, read_run_metrics, train_gaze
+from simgan_dist.evaluate import read_run_metrics, train_estimator
 from simgan_dist.metrics.drift import drift_tolerance_px
 from simgan_dist.metrics.objective import REALISM_FLOOR, Evaluator, combine
+from simgan_dist.metrics.preservation import label_preservation
 from simgan_dist.train.checkpoint import load_checkpoint_config, load_refiner
 
 SCORE_PARTS = ("realism", "realism_se", "realism_synthetic", "drift")
@@ -119,7 +120,7 @@ class Measurements:
                 continue
             raw = checkpoint.startswith("synthetic:")
             images = synthetic["image"] if raw else refine_array(checkpoint, synthetic["image"])
-            result = train_gaze(images, synthetic["gaze"], test["image"], test["gaze"], self.cfg.evaluate,
+            result = train_estimator(images, synthetic["gaze"], test["image"], test["gaze"], self.cfg.evaluate,
                                 seed=seed, progress=False)
             shift = None if raw else label_preservation(synthetic["image"], images,
                                                         synthetic["pupil_xy"])[0]["shift_px"]["mean"]

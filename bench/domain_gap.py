@@ -27,7 +27,7 @@ from simgan_dist.data.render import (
     render_eyes,
     sample_eye_params,
 )
-from simgan_dist.metrics.gaze import angular_error_deg
+from simgan_dist.metrics.estimators import angular_error_deg
 
 
 def features(images: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ train with `train --local` and the periodic evaluation on, keeping every scored 
 score each of them with the objective as the code now defines it (`objective.Evaluator`, what
 training computes at every `train.eval_every` step, so a trained trial never needs retraining
 when the objective changes); take the best; refine the whole synthetic corpus with it; train
-the gaze estimator on the refined images (`evaluate.train_gaze`, the function
+the gaze estimator on the refined images (`evaluate.train_estimator`, the function
 `simgan-dist evaluate` runs for its "refined" row) for each seed and test it on real_test.
 Then Spearman(objective, mean gaze error) over the trials, and the same along every run
 (`--along`: the gaze error of every `--along`-th checkpoint, seed 0). real_test is read only
@@ -33,7 +33,7 @@ from scipy.stats import spearmanr
 from simgan_dist.config import load_config
 from simgan_dist.core.imaging import to_model_input, to_storage
 from simgan_dist.data.schema import load_numpy
-from simgan_dist.evaluate import train_gaze
+from simgan_dist.evaluate import train_estimator
 from simgan_dist.metrics.objective import Evaluator
 from simgan_dist.train.checkpoint import load_refiner
 from simgan_dist.train.local import train_local
@@ -108,7 +108,7 @@ def main() -> None:
             if (checkpoint, seed) not in cache:
                 images = synthetic["image"] if checkpoint == "synthetic" else refine_array(checkpoint,
                                                                                            synthetic["image"])
-                cache[checkpoint, seed] = train_gaze(images, synthetic["gaze"], test["image"], test["gaze"],
+                cache[checkpoint, seed] = train_estimator(images, synthetic["gaze"], test["image"], test["gaze"],
                                                      base.evaluate, seed=seed, progress=False)["mean_deg"]
                 with cache_file.open("a") as f:
                     f.write(json.dumps({"checkpoint": checkpoint, "seed": seed, "model": args.gaze_model,

@@ -5,7 +5,7 @@
 
 The synthetic rows of `--data` (a `simulate` output) are re-rendered with the simulator's
 own real appearance (`render_rows(..., appearance=parts)`: same ids, geometry, labels)
-and each training set is scored by `evaluate.run_gaze_variants` (the instrument `evaluate`
+and each training set is scored by `evaluate.run_variants` (the instrument `evaluate`
 uses: early stopping on a held-out 10% of each training set, one estimator per seed),
 tested on the labeled `real_test`. Rows:
 
@@ -34,7 +34,7 @@ from simgan_dist.config import load_config
 from simgan_dist.data.render import APPEARANCE_PARTS, DETERMINISTIC_PARTS
 from simgan_dist.data.schema import load_numpy, read_manifest
 from simgan_dist.data.simulate import render_rows
-from simgan_dist.evaluate import paired_improvement, run_gaze_variants, summarize_gaze
+from simgan_dist.evaluate import paired_improvement, run_variants, summarize_runs
 from simgan_dist.evaluate_inputs import _align_by_id
 
 ORACLES = {
@@ -83,11 +83,11 @@ def main() -> None:
     report = {"data": args.data, "seeds": args.seeds, "models": {}}
     for model in args.models:
         cfg = load_config(args.preset, overrides=[f"evaluate.gaze_model={model}", *args.overrides]).evaluate
-        runs = run_gaze_variants({k: (v, gaze) for k, v in variants.items()}, test["image"], test["gaze"], cfg,
+        runs = run_variants({k: (v, gaze) for k, v in variants.items()}, test["image"], test["gaze"], cfg,
                                  seeds=args.seeds, use_ray=not args.no_ray, progress=False)
         rows = {}
         for name, seed_runs in runs.items():
-            rows[name] = {"summary": summarize_gaze(seed_runs),
+            rows[name] = {"summary": summarize_runs(seed_runs),
                           "vs_synthetic": paired_improvement(runs["synthetic"], seed_runs)}
         report["models"][model] = {"evaluate": cfg.__dict__ | {"seeds": args.seeds}, "rows": rows}
         oracle = rows.get("deterministic oracle", {}).get("vs_synthetic", {}).get("mean")

@@ -3,17 +3,25 @@
 #   simulate → tune (a 2-trial Ray Tune sweep of Ray Train + DeepSpeed runs) → refine → evaluate
 # Usage: bash jobs/demo.sh [OUT_DIR]   (make demo runs it with demo_output/; SEED=1 trains with seed 1,
 #        SIM_SEED=1 simulates another corpus, DEMO_SET="train.keep_best=100 ..." adds --set overrides,
-#        FROM_STEP=3 refines and evaluates a finished sweep again)
+#        FROM_STEP=3 refines and evaluates a finished sweep again; KIND=hand runs the paper's hand
+#        experiment on 64x64 depth maps instead: make demo-hand)
 set -euo pipefail
 out=${1:-demo_output}
 data=$out/data
 seed=${SEED:-0}
 sim_seed=${SIM_SEED:-0}
 from=${FROM_STEP:-1}
+kind=${KIND:-eye}
+case $kind in
+  eye)  recipe=jobs/configs/tiny.yaml; shape=(); things="eyes"; sweep="λ 1 and 2"; check="gaze error on real test images (3 estimator seeds), pupil shift" ;;
+  hand) recipe=jobs/configs/hand-tiny.yaml; shape=(--kind hand --hand-size 64); things="hand depth maps"; sweep="λ 0.1 and 1"
+        check="hand joint error on real test depth maps (3 estimator seeds), silhouette shift" ;;
+  *) echo "KIND must be eye or hand, got '$kind'" >&2; exit 2 ;;
+esac
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 # MLflow: a local store in the output folder (an absolute path: trials and workers run in folders of their own)
 store="sqlite:///$(mkdir -p "$out" && cd "$out" && pwd)/mlflow.db"
-config=(--config jobs/configs/tiny.yaml
+config=(--config "$recipe"
         --set "data.synthetic=$data/synthetic" --set "data.real=$data/real" --set "data.real_test=$data/real_test"
         --set "train.storage_path=$out/runs" --set train.name=demo --set "train.seed=$seed"
         --set "tune.output=$out/sweeps" --set tune.name=demo --set "tracking.mlflow_uri=$store")
@@ -22,18 +30,19 @@ for override in ${DEMO_SET:-}; do config+=(--set "$override"); done
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 if (( from <= 1 )); then
-step "1/4 simulate: labeled synthetic eyes, unlabeled real eyes, a labeled real test set"
-simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed "$sim_seed" --overwrite "${config[@]}"  # a rerun renders the same rows
+step "1/4 simulate: labeled synthetic $things, unlabeled real $things, a labeled real test set"
+simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000 --seed "$sim_seed" --overwrite \
+    "${shape[@]}" "${config[@]}"  # a rerun renders the same rows
 fi
 if (( from <= 2 )); then
-step "2/4 tune: 2 trials (λ 1 and 2), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; ASHA on the label-free objective"
+step "2/4 tune: 2 trials ($sweep), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; ASHA on the label-free objective"
 simgan-dist tune "${config[@]}" --set train.num_workers=1 | tee "$out/tune.log"
 fi
 
 step "3/4 refine: the whole synthetic corpus with the sweep's best checkpoint by the label-free objective"
 simgan-dist refine --checkpoint "$out/sweeps/demo" --input "$data/synthetic" --out "$data/refined" "${config[@]}"
 
-step "4/4 evaluate: gaze error on real test images (3 estimator seeds), pupil shift, realism"
+step "4/4 evaluate: $check, realism"
 best=$(head -n 1 "$out/sweeps/demo/best_checkpoint.txt")
 simgan-dist evaluate --synthetic "$data/synthetic" --refined "$data/refined" --real-test "$data/real_test" \
     --run "$(dirname "$best")" --out "$out/report" "${config[@]}"

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--real-test", type=int, default=1000, metavar="K", help="labeled real test images")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--kind", choices=("eye", "hand"), default="eye")
+    simulate.add_argument("--hand-size", type=int, default=224, metavar="PX",
+                          help="side of hand depth maps in pixels: 224 as NYU's crops, 64 for CPUs (default 224)")
     simulate.add_argument("--rows-per-shard", type=int, default=50000, metavar="R")
     simulate.add_argument("--overwrite", action="store_true",
                           help="replace datasets already at --out (the old ones stay readable until the new "

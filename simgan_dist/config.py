@@ -1,6 +1,6 @@
 """One typed config tree for every stage of the pipeline.
 
-A config starts from a preset (`eye`, `hand`, `tiny`), is overlaid with a YAML file
+A config starts from a preset (`eye`, `hand`, `hand-tiny`, `tiny`), is overlaid with a YAML file
 and then with `--set section.key=value` overrides. Unknown keys and wrong types are
 errors that name the key, so a typo never silently falls back to a default.
 """
@@ -25,8 +25,12 @@ class ModelConfig:
     image_height: int = 35
     image_width: int = 55
     image_channels: int = 1
-    # "eye" or "hand": which of the paper's discriminator stacks to build.
+    # "eye" (8-bit gray) or "hand" (16-bit depth): the images' kind, and which of the paper's
+    # discriminator stacks to build unless disc_stack says otherwise.
     architecture: str = "eye"
+    # "eye" or "hand": D's layer stack; empty takes the architecture's. The hand stack strides 32x
+    # and needs ~160 px; small depth crops (the hand-tiny preset, 64 px) use the eye stack (11x11 patches).
+    disc_stack: str = ""
     refiner_channels: int = 64
     refiner_blocks: int = 4
     refiner_kernel: int = 3
@@ -260,6 +264,24 @@ PRESETS: dict[str, dict[str, Any]] = {
             "refiner_blocks": 10,
         },
         "train": {"k_g": 2, "pretrain_refiner_steps": 500, "batch_size": 64},
+    },
+    # The hand experiment sized for 2 CPU cores: 64x64 depth crops (`simulate --kind hand --hand-size 64`),
+    # a small refiner, the eye stack as a local D.
+    "hand-tiny": {
+        "model": {
+            "image_height": 64,
+            "image_width": 64,
+            "architecture": "hand",
+            "disc_stack": "eye",
+            "refiner_channels": 16,
+            "refiner_blocks": 2,
+            "disc_width": 0.5,
+        },
+        "train": {"k_g": 2, "batch_size": 32, "pretrain_refiner_steps": 200, "pretrain_disc_steps": 50,
+                  "buffer_size": 2048, "buffer_shards": 2, "eval_samples": 256, "deterministic": True},
+        "refine": {"batch_size": 256, "rows_per_shard": 2000},
+        # batch 32: a few thousand maps give the joint regressor enough updates in 15 epochs
+        "evaluate": {"gaze_model": "small", "gaze_epochs": 15, "gaze_batch_size": 32, "realism_samples": 500},
     },
     # A few channels and one block: CPU tests and the demo.
     "tiny": {

@@ -16,6 +16,7 @@ def validate(cfg: Config) -> None:
     """Checks only: raises ConfigError naming the first bad key, changes nothing."""
     choices = {
         "model.architecture": (cfg.model.architecture, ("eye", "hand")),
+        "model.disc_stack": (cfg.model.disc_stack, ("", "eye", "hand")),
         "model.refiner_padding": (cfg.model.refiner_padding, ("reflect", "replicate", "zeros")),
         "loss.psi": (cfg.loss.psi, ("identity", "channel_mean", "downsample")),
         "loss.adv_reduction": (cfg.loss.adv_reduction, ("mean", "sum")),

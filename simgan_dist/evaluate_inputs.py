@@ -11,6 +11,8 @@ import numpy as np
 from simgan_dist.config import Config
 from simgan_dist.errors import UserError
 
+TASK_LABELS = {"eye": "gaze", "hand": "joints_uvd"}  # what each kind's downstream estimator learns
+
 
 class EvaluationError(UserError, ValueError):
     """Inputs the evaluation cannot use; the message names the dataset and what is wrong."""
@@ -18,18 +20,22 @@ class EvaluationError(UserError, ValueError):
 
 @dataclass
 class Inputs:
-    """Everything the experiments need, refined rows aligned to synthetic rows by id."""
+    """Everything the experiments need, refined rows aligned to synthetic rows by id.
 
+    `kind` is "eye" (gaze labels) or "hand" (joints_uvd labels); `labels` are the synthetic rows'
+    labels of that kind, which the refined rows share."""
+
+    kind: str
     ids: np.ndarray
     synthetic: np.ndarray
     refined: np.ndarray
-    gaze: np.ndarray
+    labels: np.ndarray
     pupil_xy: np.ndarray | None
     real_test: np.ndarray
-    real_test_gaze: np.ndarray
+    real_test_labels: np.ndarray
     real_test_pupil_xy: np.ndarray | None
     real: np.ndarray | None
-    real_gaze: np.ndarray | None
+    real_labels: np.ndarray | None
     notes: list[str]
     # rows in the corpora, before evaluate.max_train_rows
     corpus_pairs: int
@@ -97,9 +103,22 @@ def _ids_over_cap(uri: str, what: str, cfg: Config) -> tuple[np.ndarray | None, 
     return _load(uri, what, cfg, None)["id"], rows  # one small column; the images of the chosen rows follow
 
 
+def dataset_kind(uri: str, cfg: Config) -> str:
+    """"eye" when the synthetic dataset carries gaze labels, "hand" when it carries joints_uvd."""
+    fields = _manifest(uri, "synthetic", cfg).layout.label_fields
+    for kind, label in TASK_LABELS.items():
+        if label in fields:
+            return kind
+    raise EvaluationError(f"synthetic dataset {uri!r} has no gaze or joints_uvd labels: the downstream experiment "
+                          "trains a gaze (eyes) or hand-pose (depth maps) estimator on them")
+
+
 def load_inputs(synthetic: str, refined: str, real_test: str, real: str | None, cfg: Config) -> Inputs:
     from simgan_dist.data.splits import hash_subsample
 
+    kind = dataset_kind(synthetic, cfg)
+    label = TASK_LABELS[kind]
+    estimator = "gaze" if kind == "eye" else "hand-pose"
     notes = []
     cap = cfg.evaluate.max_train_rows
     every_id, corpus_pairs = _ids_over_cap(synthetic, "synthetic", cfg)
@@ -110,40 +129,37 @@ def load_inputs(synthetic: str, refined: str, real_test: str, real: str | None, 
         pick = every_id[hash_subsample(every_id, cap)]
         notes.append(f"evaluate.max_train_rows={cap}: {len(pick):,} of {corpus_pairs:,} "
                      "synthetic/refined pairs used (the same ids on both sides, chosen by id hash)")
-    syn = _load(synthetic, "synthetic", cfg, ["gaze", "pupil_xy"], pick)
-    ref = _load(refined, "refined", cfg, ["gaze"], pick)
-    test = _load(real_test, "real_test", cfg, ["gaze", "pupil_xy"])
-    if "gaze" not in syn:
-        raise EvaluationError(f"synthetic dataset {synthetic!r} has no gaze labels: the downstream experiment "
-                              "trains a gaze estimator on them")
-    if "gaze" not in test:
-        raise EvaluationError(f"real_test dataset {real_test!r} has no gaze labels: the gaze estimators are "
-                              "tested on labeled real images (simulate writes them to OUT/real_test)")
+    syn = _load(synthetic, "synthetic", cfg, [label, "pupil_xy"], pick)
+    ref = _load(refined, "refined", cfg, [label], pick)
+    test = _load(real_test, "real_test", cfg, [label, "pupil_xy"])
+    if label not in test:
+        raise EvaluationError(f"real_test dataset {real_test!r} has no {label} labels: the {estimator} estimators "
+                              "are tested on labeled real images (simulate writes them to OUT/real_test)")
     if syn["image"].shape[1:] != ref["image"].shape[1:] or syn["image"].shape[1:] != test["image"].shape[1:]:
         raise EvaluationError(f"image shapes differ: synthetic {syn['image'].shape[1:]}, refined "
                               f"{ref['image'].shape[1:]}, real_test {test['image'].shape[1:]}")
     align = _align_by_id(syn["id"], ref["id"], refined)
     refined_images = ref["image"][align]
-    if "gaze" in ref:
-        moved = np.abs(ref["gaze"][align] - syn["gaze"]).max(1) > 1e-6
+    if label in ref:
+        moved = np.abs(ref[label][align] - syn[label]).reshape(len(align), -1).max(1) > 1e-6
         if moved.any():
-            raise EvaluationError(f"refined dataset {refined!r} carries different gaze labels than synthetic for "
+            raise EvaluationError(f"refined dataset {refined!r} carries different {label} labels than synthetic for "
                                   f"{int(moved.sum())} id(s) (e.g. {syn['id'][moved][0]!r}): refinement must keep "
                                   "labels unchanged")
     else:
-        notes.append("refined dataset has no gaze labels: used the synthetic labels of the same ids")
-    real_images = real_gaze = corpus_real = None
+        notes.append(f"refined dataset has no {label} labels: used the synthetic labels of the same ids")
+    real_images = real_labels = corpus_real = None
     if real:
         every_id, corpus_real = _ids_over_cap(real, "real", cfg)
         real_pick = None if every_id is None else every_id[hash_subsample(every_id, cap)]
         if real_pick is not None:
             notes.append(f"evaluate.max_train_rows={cap}: {len(real_pick):,} of "
                          f"{corpus_real:,} labeled real rows used (chosen by id hash)")
-        got = _load(real, "real", cfg, ["gaze"], real_pick)
-        if "gaze" in got:
-            real_images, real_gaze = got["image"], got["gaze"]
+        got = _load(real, "real", cfg, [label], real_pick)
+        if label in got:
+            real_images, real_labels = got["image"], got[label]
         else:
             corpus_real = None
             notes.append("real dataset is unlabeled: no ceiling row (realism uses the held-out real_test images)")
-    return Inputs(syn["id"], syn["image"], refined_images, syn["gaze"], syn.get("pupil_xy"), test["image"],
-                  test["gaze"], test.get("pupil_xy"), real_images, real_gaze, notes, corpus_pairs, corpus_real)
+    return Inputs(kind, syn["id"], syn["image"], refined_images, syn[label], syn.get("pupil_xy"), test["image"],
+                  test[label], test.get("pupil_xy"), real_images, real_labels, notes, corpus_pairs, corpus_real)

@@ -150,7 +150,7 @@ def test_fitting_a_gaze_net_leaves_cudnn_benchmark_as_it_was(monkeypatch):
     import torch
 
     from simgan_dist.config import EvaluateConfig
-    from simgan_dist.metrics.gaze import fit_gaze
+    from simgan_dist.metrics.estimators import fit_estimator
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (16, 35, 55, 1), dtype=np.uint8)
@@ -159,7 +159,7 @@ def test_fitting_a_gaze_net_leaves_cudnn_benchmark_as_it_was(monkeypatch):
                             gaze_patience=0)
     for before in (True, False):
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", before)
-        fit_gaze(images, gaze, recipe, seed=0, progress=False)
+        fit_estimator(images, gaze, recipe, seed=0, progress=False)
         assert torch.backends.cudnn.benchmark is before
 
 
@@ -170,7 +170,7 @@ def test_gaze_training_keeps_its_images_on_the_gpu_only_when_they_fit(free_gib, 
     each batch is copied over, instead of an out-of-memory error. 3 GiB of images here."""
     import torch
 
-    from simgan_dist.metrics.gaze import data_device
+    from simgan_dist.metrics.estimators import data_device
 
     gpu = torch.device("cuda", 0)
     assert data_device(3 * 2**30, gpu, free_bytes=int(free_gib * 2**30)).type == expected

@@ -17,16 +17,10 @@ from simgan_dist.data.schema import MANIFEST_NAME, Layout, load_numpy, read_mani
 from simgan_dist.data.simulate import render_rows, simulate_dataset
 from simgan_dist.data.writer import DatasetWriter, encode_shard
 from simgan_dist.errors import UserError
-from simgan_dist.evaluate import (
-    cli_evaluate,
-    detect_pupil,
-    paired_improvement,
-    pupil_shift,
-    realism_score,
-    run_gaze_variants,
-    summarize_gaze,
-)
-from simgan_dist.metrics.gaze import angular_error_deg, validation_split
+from simgan_dist.evaluate import cli_evaluate, paired_improvement, run_variants, summarize_runs
+from simgan_dist.metrics.drift import detect_pupil, pupil_shift
+from simgan_dist.metrics.estimators import angular_error_deg, validation_split
+from simgan_dist.metrics.realism import realism_score
 
 # --- angular error ---------------------------------------------------------------------------
 
@@ -213,11 +207,11 @@ def test_in_process_variants_without_ray_stop_early_on_their_own_validation_part
     test = render_rows("eye", "real_test", 0, 0, 16)
     cfg = load_config("tiny", overrides=["evaluate.gaze_epochs=6", "evaluate.gaze_batch_size=16",
                                          "evaluate.gaze_patience=1", "evaluate.gaze_lr=0.05"]).evaluate
-    results = run_gaze_variants({"a": (rows["image"], rows["gaze"])}, test["image"], test["gaze"], cfg,
+    results = run_variants({"a": (rows["image"], rows["gaze"])}, test["image"], test["gaze"], cfg,
                                 seeds=[0, 1], use_ray=False, progress=False)
     assert [r["seed"] for r in results["a"]] == [0, 1]
     for r in results["a"]:
-        assert r["errors_deg"].shape == (16,) and math.isfinite(r["mean_deg"])
+        assert r["errors"].shape == (16,) and math.isfinite(r["mean_deg"])
         assert r["train_rows"] == 54 and r["val_rows"] == 6
         assert len(r["loss_curve"]) == len(r["val_curve"]) == r["epochs_run"] <= 6
         # the epoch kept is the best on validation, and training ran `patience` epochs past it at most
@@ -239,16 +233,16 @@ def test_paired_improvement_is_per_seed():
     def run(seed, mean):
         return {"seed": seed, "mean_deg": mean, "median_deg": mean, "within_7deg": 0.5, "model": "small",
                 "train_rows": 9, "val_rows": 1, "test_rows": 4, "seconds": 1.0, "loss_curve": [1.0],
-                "errors_deg": np.zeros(4)}
+                "errors": np.zeros(4)}
     synthetic = [run(0, 10.0), run(1, 20.0), run(2, 10.0)]
     refined = [run(0, 8.0), run(1, 15.0), run(2, 10.0)]
     paired = paired_improvement(synthetic, refined)
     np.testing.assert_allclose(paired["per_seed"], [0.2, 0.25, 0.0])
     assert paired["mean"] == pytest.approx(0.15) and paired["std"] == pytest.approx(np.std([0.2, 0.25, 0], ddof=1))
-    summary = summarize_gaze(refined)
+    summary = summarize_runs(refined)
     assert summary["mean_deg"] == pytest.approx(11.0) and summary["mean_deg_std"] == pytest.approx(np.std(
         [8.0, 15.0, 10.0], ddof=1))
-    assert "errors_deg" not in summary["per_seed"][0]
+    assert "errors" not in summary["per_seed"][0]
 
 
 @pytest.mark.parametrize("change,message", [
@@ -279,7 +273,7 @@ def test_instrument_sees_the_deterministic_oracle_clearly_better_than_synthetic(
     synthetic = render_rows("eye", "synthetic", 0, 0, 1200)
     oracle = render_rows("eye", "synthetic", 0, 0, 1200, DETERMINISTIC_PARTS)
     test = render_rows("eye", "real_test", 0, 0, 300)
-    runs = run_gaze_variants({"synthetic": (synthetic["image"], synthetic["gaze"]),
+    runs = run_variants({"synthetic": (synthetic["image"], synthetic["gaze"]),
                               "oracle": (oracle["image"], synthetic["gaze"])}, test["image"], test["gaze"], cfg,
                              use_ray=False, progress=False)
     assert paired_improvement(runs["synthetic"], runs["oracle"])["mean"] > 0.25
@@ -326,7 +320,7 @@ def test_a_corpus_within_max_train_rows_loads_as_before(datasets):
     everything = _inputs(datasets, "evaluate.max_train_rows=0")
     default = _inputs(datasets)  # 20,000 > 128 rows
     assert default.corpus_pairs == len(default.ids) == 128 and not any("max_train_rows" in n for n in default.notes)
-    for name in ("ids", "synthetic", "refined", "gaze", "real"):
+    for name in ("ids", "synthetic", "refined", "labels", "real"):
         np.testing.assert_array_equal(getattr(default, name), getattr(everything, name))
 
 

@@ -174,10 +174,32 @@ class SmallGazeNet(nn.Module):
 GAZE_MODELS = {"gazenet": GazeNet, "small": SmallGazeNet}
 
 
+class SmallPoseNet(nn.Module):
+    """A small hand-pose CNN for CPU evaluations: depth map → each joint's (u, v), scaled to [-1, 1].
+
+    conv3x3 16, pool, conv3x3 32, pool, conv3x3 64, pool, conv3x3 64, adaptive pool to 4x4 (where
+    things are is the answer, so more of the layout survives than in the gaze CNN), FC 256, FC `outputs`.
+    """
+
+    def __init__(self, channels_in: int = 1, height: int = 64, width: int = 64, outputs: int = 32):
+        super().__init__()
+        relu = nn.ReLU
+        self.net = nn.Sequential(
+            nn.Conv2d(channels_in, 16, 3, padding=1), relu(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), relu(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), relu(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), relu(), nn.AdaptiveAvgPool2d((4, 4)),
+            nn.Flatten(), nn.Linear(64 * 16, 256), relu(), nn.Linear(256, outputs),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def build_refiner(cfg: ModelConfig) -> Refiner:
     return Refiner(cfg.image_channels, cfg.refiner_channels, cfg.refiner_blocks, cfg.refiner_kernel,
                    cfg.refiner_padding)
 
 
 def build_discriminator(cfg: ModelConfig) -> Discriminator:
-    return Discriminator(cfg.image_channels, cfg.architecture, cfg.disc_width)
+    return Discriminator(cfg.image_channels, cfg.disc_stack or cfg.architecture, cfg.disc_width)

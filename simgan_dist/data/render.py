@@ -18,13 +18,15 @@ the camera; looking straight into the camera is (0, 0, -1)), `pupil_xy` the pupi
 centre in pixels (x right, y down, image frame), `head_pose` (pitch, yaw, roll) in
 radians.
 
-Hands (224x224 uint16 depth in mm, `--kind hand`): a palm and five three-segment
+Hands (224x224 uint16 depth in mm, `--kind hand`; `--hand-size 64` renders the same scene
+through a lens with 64/224 of the focal length, a CPU-sized crop): a palm and five three-segment
 fingers as capsules; labels `joints_uvd` (16 joints: u, v in pixels, depth in mm);
 the real domain adds depth noise, missing pixels at edges and holes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -35,7 +37,13 @@ EYE_H, EYE_W = 35, 55
 EYE_LAYOUT = Layout((EYE_H, EYE_W, 1), "uint8", {"gaze": (3,), "pupil_xy": (2,), "head_pose": (3,)})
 HAND_SIZE = 224
 HAND_JOINTS = 16  # wrist + 5 fingers x (base, middle, tip)
-HAND_LAYOUT = Layout((HAND_SIZE, HAND_SIZE, 1), "uint16", {"joints_uvd": (HAND_JOINTS, 3)})
+
+
+def hand_layout(size: int = HAND_SIZE) -> Layout:
+    return Layout((size, size, 1), "uint16", {"joints_uvd": (HAND_JOINTS, 3)})
+
+
+HAND_LAYOUT = hand_layout()
 LAYOUTS = {"eye": EYE_LAYOUT, "hand": HAND_LAYOUT}
 GAZE_CONVENTION = "camera frame: x right, y down, z away from camera; (0, 0, -1) looks into the camera"
 
@@ -253,23 +261,34 @@ _FINGER_ANGLES = np.radians([-55.0, -22.0, -7.0, 8.0, 23.0]).astype(np.float32) 
 _FINGER_MM = np.array([[34, 28, 24], [46, 28, 22], [50, 32, 24], [46, 30, 22], [36, 22, 20]], np.float32)
 _FINGER_RADIUS_MM = np.array([11.0, 9.0, 9.5, 9.0, 8.0], np.float32)
 _PALM_RADIUS_MM = 42.0
-_HAND_YY, _HAND_XX = np.mgrid[0:HAND_SIZE, 0:HAND_SIZE].astype(np.float32)
+HAND_HOLES = 2
+EDGE_BAND_PX = 3.5  # at 224 px; scaled with the image
+@functools.cache
+def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy, xx
 
 
-def render_hands(rng: np.random.Generator, n: int, domain: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """n hand depth maps (uint16 mm) and joints_uvd N×16×3 (u, v in pixels, d in mm).
+def render_hands(rng: np.random.Generator, n: int, domain: str, size: int = HAND_SIZE,
+                 kinect: bool | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n hand depth maps (uint16 mm, size x size) and joints_uvd N×16×3 (u, v in pixels, d in mm).
 
     The palm faces the camera; fingers fan out from its top edge and curl towards
     the camera (shorter in the image, nearer in depth). The real domain has a
-    narrower pose distribution and Kinect-like artifacts (0 = no reading).
+    narrower pose distribution and Kinect-like artifacts (0 = no reading). `kinect`
+    (default: real only) adds those artifacts to either domain's geometry: synthetic
+    with `kinect=True` is the depth appearance oracle, a perfect appearance-only refiner.
+    A smaller `size` is the same scene through a proportionally shorter lens.
     """
     f32 = np.float32
+    scale = size / HAND_SIZE
     depth = rng.uniform(750, 1000, n).astype(f32)  # far enough for the whole hand to stay in frame
     spin = (rng.uniform(-0.6, 0.6, n) if domain == "synthetic" else rng.normal(0, 0.2, n)).astype(f32)
     curl_max = 1.4 if domain == "synthetic" else 0.8
     curl = rng.uniform(0.0, curl_max, (n, 5, 3)).astype(f32) * np.array([0.6, 1.0, 1.0], f32)
-    center = (np.array([HAND_SIZE / 2, 0.56 * HAND_SIZE]) + rng.uniform(-10, 10, (n, 2))).astype(f32)
-    px_per_mm = _FOCAL / depth
+    center = ((np.array([HAND_SIZE / 2, 0.56 * HAND_SIZE]) + rng.uniform(-10, 10, (n, 2))) * scale).astype(f32)
+    px_per_mm = scale * _FOCAL / depth
+    yy, xx = _pixel_grid(size)
 
     joints = np.zeros((n, HAND_JOINTS, 3), f32)
     down = np.stack([np.sin(spin), np.cos(spin)], 1)  # image direction from palm centre to wrist
@@ -290,45 +309,54 @@ def render_hands(rng: np.random.Generator, n: int, domain: str) -> tuple[np.ndar
             capsules.append((start, end, _FINGER_RADIUS_MM[finger]))
             start = end
 
-    r2 = (np.square(_HAND_XX - center[:, 0, None, None]) + np.square(_HAND_YY - center[:, 1, None, None])) / \
+    r2 = (np.square(xx - center[:, 0, None, None]) + np.square(yy - center[:, 1, None, None])) / \
         np.square(_PALM_RADIUS_MM * px_per_mm)[:, None, None]
     surface = np.where(r2 < 1, depth[:, None, None] - 20.0 * np.sqrt(np.maximum(1 - r2, 0)), np.inf)
     for start, end, radius in capsules:
-        surface = np.minimum(surface, _capsule_depth(start, end, radius, px_per_mm))
+        surface = np.minimum(surface, _capsule_depth(start, end, radius, px_per_mm, xx, yy))
     hand = np.isfinite(surface)
-    background = (depth + 350.0)[:, None, None] + 0.4 * (_HAND_YY - HAND_SIZE / 2)  # a tilted wall
+    background = (depth + 350.0)[:, None, None] + 0.4 / scale * (yy - size / 2)  # a tilted wall
     img = np.where(hand, surface, background)
-    if domain == "real":
-        img = _add_real_depth_artifacts(img, hand, rng)
+    if domain == "real" if kinect is None else kinect:
+        img = _add_real_depth_artifacts(img, hand, rng, scale)
     images = np.clip(np.rint(img), 0, 65535).astype(np.uint16)[..., None]
     return images, {"joints_uvd": joints}
 
 
-def _capsule_depth(start: np.ndarray, end: np.ndarray, radius_mm: float, px_per_mm: np.ndarray) -> np.ndarray:
+def _capsule_depth(start: np.ndarray, end: np.ndarray, radius_mm: float, px_per_mm: np.ndarray,
+                   xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     """Depth of the near surface of a capsule between two uvd points, inf where it is not."""
     su, sv, sd = (start[:, i, None, None] for i in range(3))
     du, dv, dd = ((end[:, i] - start[:, i])[:, None, None] for i in range(3))
-    t = np.clip(((_HAND_XX - su) * du + (_HAND_YY - sv) * dv) / np.maximum(du * du + dv * dv, 1e-6), 0.0, 1.0)
-    dist2 = np.square(_HAND_XX - su - t * du) + np.square(_HAND_YY - sv - t * dv)
+    t = np.clip(((xx - su) * du + (yy - sv) * dv) / np.maximum(du * du + dv * dv, 1e-6), 0.0, 1.0)
+    dist2 = np.square(xx - su - t * du) + np.square(yy - sv - t * dv)
     r2 = np.square(radius_mm * px_per_mm)[:, None, None]
     bulge = np.sqrt(np.maximum(r2 - dist2, 0.0)) / px_per_mm[:, None, None]
     return np.where(dist2 < r2, sd + t * dd - bulge, np.inf)
 
 
-def _add_real_depth_artifacts(img: np.ndarray, hand: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Kinect-like depth: noise growing with depth², dropped pixels at edges, holes."""
+def _add_real_depth_artifacts(img: np.ndarray, hand: np.ndarray, rng: np.random.Generator,
+                              scale: float = 1.0) -> np.ndarray:
+    """Kinect-like depth: noise growing with depth², a band along the silhouette lost, holes.
+
+    The band is where the sensor's dot pattern straddles the hand's edge: its pixels are rejected,
+    so thin fingers thin out or break. It follows the geometry, as a refiner can learn; the holes
+    (IR lost on glossy or steep skin) land at random on the hand.
+    """
     n, size, _ = img.shape
+    yy, xx = _pixel_grid(size)
     img = img + rng.standard_normal(img.shape, dtype=np.float32) * (2.85e-6 * np.square(img) + 1.0)
-    edge = np.zeros_like(hand)
-    edge[:, 1:, :] |= hand[:, 1:, :] != hand[:, :-1, :]
-    edge[:, :, 1:] |= hand[:, :, 1:] != hand[:, :, :-1]
-    drop = edge.copy()
-    drop[edge] = rng.random(int(edge.sum()), dtype=np.float32) < 0.6
-    img[drop] = 0
-    for _ in range(4):
-        hx, hy = (rng.uniform(0, size, (n, 1, 1)).astype(np.float32) for _ in range(2))
-        r = rng.uniform(3, 12, (n, 1, 1)).astype(np.float32)
-        img[np.square(_HAND_XX - hx) + np.square(_HAND_YY - hy) < r * r] = 0
+    inner = hand.copy()
+    for _ in range(max(1, round(EDGE_BAND_PX * scale))):
+        inner &= np.roll(inner, 1, 1) & np.roll(inner, -1, 1) & np.roll(inner, 1, 2) & np.roll(inner, -1, 2)
+    img[hand & ~inner] = 0
+    flat = hand.reshape(n, -1)
+    weights = flat / np.maximum(flat.sum(1, keepdims=True), 1)
+    for _ in range(HAND_HOLES):
+        pick = np.array([rng.choice(flat.shape[1], p=w) if w.sum() else 0 for w in weights])
+        hy, hx = (v.astype(np.float32)[:, None, None] for v in np.divmod(pick, size))
+        r = rng.uniform(3, 10, (n, 1, 1)).astype(np.float32) * scale
+        img[hand & (np.square(xx - hx) + np.square(yy - hy) < r * r)] = 0
     return img
 
 

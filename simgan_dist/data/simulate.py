@@ -18,12 +18,21 @@ import numpy as np
 from simgan_dist.config import StorageConfig, load_config
 from simgan_dist.core.host_memory import reuse_freed_memory
 from simgan_dist.data import storage
-from simgan_dist.data.render import GAZE_CONVENTION, LAYOUTS, RENDERERS, render_eyes
+from simgan_dist.data.render import (
+    GAZE_CONVENTION,
+    HAND_SIZE,
+    LAYOUTS,
+    RENDERERS,
+    hand_layout,
+    render_eyes,
+    render_hands,
+)
 from simgan_dist.data.schema import Layout, ShardInfo
 from simgan_dist.data.writer import commit, make_manifest, prepare_output, write_shard
 
 BLOCK = 256  # eyes per generator and per render call: numpy temporaries stay a few MB
 HAND_BLOCK = 16
+MIN_HAND_SIZE = 32  # smaller and the fingers (8-11 mm) are under a pixel wide
 SPLITS = {"synthetic": "synthetic", "real": "real", "real_test": "real"}  # split → domain
 LABELED_SPLITS = ("synthetic", "real_test")
 
@@ -34,15 +43,16 @@ def block_rng(seed: int, kind: str, split: str, block: int) -> np.random.Generat
 
 
 def render_rows(kind: str, split: str, seed: int, start: int, stop: int,
-                appearance: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+                appearance: tuple[str, ...] | None = None, hand_size: int = HAND_SIZE) -> dict[str, np.ndarray]:
     """Rows [start, stop) of a split as a batch for the writer (labels only for labeled splits).
 
-    `appearance` (eyes only) re-renders the same rows, ids and labels with those parts of
-    the real appearance (see `add_real_eye_appearance`): `render_rows("eye", "synthetic",
-    seed, 0, n, APPEARANCE_PARTS)` is the appearance oracle, a perfect appearance-only refiner.
+    `appearance` re-renders the same rows, ids and labels with the real appearance: for eyes
+    those parts of it (see `add_real_eye_appearance`), for hands the Kinect artifacts
+    (`appearance=()` none, anything else all). `render_rows("eye", "synthetic", seed, 0, n,
+    APPEARANCE_PARTS)` is the appearance oracle, a perfect appearance-only refiner;
+    `render_rows("hand", "synthetic", seed, 0, n, ("kinect",))` is the depth one.
+    `hand_size`: the side of a hand depth map in pixels (`render_hands`).
     """
-    if appearance is not None and kind != "eye":
-        raise ValueError(f"appearance parts apply to eyes only, not {kind!r}")
     if kind not in RENDERERS:
         raise ValueError(f"kind must be one of {sorted(RENDERERS)}, got {kind!r}")
     if split not in SPLITS:
@@ -53,8 +63,11 @@ def render_rows(kind: str, split: str, seed: int, start: int, stop: int,
     for b in range(start // block, -(-stop // block)):
         lo, hi = b * block, (b + 1) * block
         rng = block_rng(seed, kind, split, b)
-        images, labels = (RENDERERS[kind](rng, block, SPLITS[split]) if appearance is None
-                          else render_eyes(rng, block, SPLITS[split], appearance))
+        if kind == "hand":
+            images, labels = render_hands(rng, block, SPLITS[split], hand_size,
+                                          None if appearance is None else bool(appearance))
+        else:
+            images, labels = render_eyes(rng, block, SPLITS[split], appearance)
         keep = slice(max(start, lo) - lo, min(stop, hi) - lo)
         parts.append({"image": images[keep], **({k: v[keep] for k, v in labels.items()}
                                                 if split in LABELED_SPLITS else {})})
@@ -64,24 +77,27 @@ def render_rows(kind: str, split: str, seed: int, start: int, stop: int,
     return batch
 
 
-def split_layout(kind: str, split: str) -> Layout:
-    layout = LAYOUTS[kind]
+def split_layout(kind: str, split: str, hand_size: int = HAND_SIZE) -> Layout:
+    layout = hand_layout(hand_size) if kind == "hand" else LAYOUTS[kind]
     labels = layout.label_fields if split in LABELED_SPLITS else {}
     return Layout(layout.image_shape, layout.image_dtype, labels)
 
 
 def _render_shard(uri: str, kind: str, split: str, seed: int, index: int, start: int, stop: int,
-                  storage_cfg: StorageConfig | None) -> ShardInfo:
-    layout = split_layout(kind, split)
-    rows = layout.check_batch(render_rows(kind, split, seed, start, stop), f"simulate:{kind}:{split}")
+                  storage_cfg: StorageConfig | None, hand_size: int = HAND_SIZE) -> ShardInfo:
+    layout = split_layout(kind, split, hand_size)
+    rows = layout.check_batch(render_rows(kind, split, seed, start, stop, hand_size=hand_size),
+                              f"simulate:{kind}:{split}")
     return write_shard(uri, index, layout, rows, storage_cfg)
 
 
 def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, seed: int = 0, kind: str = "eye",
                      rows_per_shard: int = 50_000, storage_cfg: StorageConfig | None = None,
                      parallel: bool | None = None, progress: bool = False,
-                     overwrite: bool = False) -> dict[str, int]:
+                     overwrite: bool = False, hand_size: int = HAND_SIZE) -> dict[str, int]:
     """Write `out/synthetic`, `out/real` and `out/real_test`; returns rows per split.
+
+    `hand_size`: the side of hand depth maps in pixels (224, NYU's crops; 64 for CPUs).
 
     Existing splits are refused unless `overwrite`. Each shard is rendered and written to
     its split's staging folder by its own task; the driver commits each split once all of
@@ -90,6 +106,8 @@ def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, se
     """
     if kind not in LAYOUTS:
         raise ValueError(f"kind must be one of {sorted(LAYOUTS)}, got {kind!r}")
+    if kind == "hand" and not MIN_HAND_SIZE <= hand_size <= HAND_SIZE:
+        raise ValueError(f"--hand-size must be within {MIN_HAND_SIZE}..{HAND_SIZE} pixels, got {hand_size}")
     counts = {"synthetic": synthetic, "real": real, "real_test": real_test}
     for split, n in counts.items():
         if n < 0:
@@ -108,7 +126,8 @@ def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, se
     staging = {split: prepare_output(storage.join(out_uri, split), storage_cfg, overwrite) for split in counts}
     for split, n in counts.items():
         for index, start in enumerate(range(0, n, rows_per_shard)):
-            tasks.append((staging[split], kind, split, seed, index, start, min(start + rows_per_shard, n), task_cfg))
+            tasks.append((staging[split], kind, split, seed, index, start, min(start + rows_per_shard, n), task_cfg,
+                          hand_size))
     if parallel:
         from simgan_dist.data.pipeline import parallel_map
 
@@ -118,7 +137,7 @@ def simulate_dataset(out_uri: str, synthetic: int, real: int, real_test: int, se
         results = _run_local(tasks, progress)
     for split in counts:
         shards = [info for task, info in zip(tasks, results, strict=True) if task[2] == split]
-        manifest = make_manifest(split_layout(kind, split), shards, kind=split, source=f"simulate:{kind}",
+        manifest = make_manifest(split_layout(kind, split, hand_size), shards, kind=split, source=f"simulate:{kind}",
                                  extra={"seed": seed, "simulator": kind, "domain": SPLITS[split],
                                         **({"gaze_convention": GAZE_CONVENTION} if kind == "eye" else {})})
         commit(storage.join(out_uri, split), staging[split], manifest, storage_cfg)
@@ -142,7 +161,7 @@ def cli_simulate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     counts = simulate_dataset(args.out, args.synthetic, args.real, args.real_test, seed=args.seed, kind=args.kind,
                               rows_per_shard=args.rows_per_shard, storage_cfg=cfg.storage,
-                              progress=total >= 20_000, overwrite=args.overwrite)
+                              progress=total >= 20_000, overwrite=args.overwrite, hand_size=args.hand_size)
     seconds = time.perf_counter() - start
     for split, n in counts.items():
         print(f"{storage.join(args.out, split)}: {n} rows")

@@ -5,13 +5,15 @@ anchor (`pupil_shift`). Hand depth maps: the centroid of the hand's silhouette
 (`silhouette_shift`). `label_drift` is their mean; the objective charges only drift beyond
 `drift_tolerance_px` (issue 10's 1.5 px on a 55 px-wide eye, scaled with the image width).
 
-Pure numpy/scipy: no torch, no Ray.
+numpy/scipy on host arrays; no Ray.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+from simgan_dist.core.imaging import DEPTH_HALF_RANGE_MM
 
 PUPIL_RADIUS = 4  # search window (px) around a pupil in a 35x55 eye; the pupil radius is ~2-3 px
 DETECT_CHUNK = 8192  # images per detector chunk (bounds memory at 1M-image scale)
@@ -107,18 +109,17 @@ def pupil_shift(synthetic: np.ndarray, refined: np.ndarray, anchors_xy: np.ndarr
 
 
 def silhouette_centroid(depth: np.ndarray) -> np.ndarray:
-    """Centroid (N×2, x right, y down, px) of each depth map's near half: the hand in front of its wall.
+    """Centroid (N×2, x right, y down, px) of each depth map's hand: the readings within the model's
+    depth cube (2 x DEPTH_HALF_RANGE_MM) behind the nearest one, as `imaging.normalize` sees the hand.
 
-    The threshold sits halfway between the 2nd and 98th depth percentile of each map, so
-    it follows the hand's distance and ignores a refiner's global depth offset or noise.
-    A 0 is no reading, never the hand: it counts as farther than any reading. Refined depth
-    (`imaging.to_storage`) stores its background as 0 where the synthetic map had its wall,
-    so its silhouette is what is left, the hand.
+    A 0 is no reading, never the hand; the wall behind the hand is farther than the cube. So a
+    refined map (its wall stored as 0), a synthetic one (its wall kept) and a real one (readings
+    lost along the silhouette and in holes) all give the hand itself.
     """
     d = np.asarray(depth, dtype=np.float32)[..., 0]
-    d = np.where(d > 0, d, 65536.0)
-    lo, hi = np.percentile(d.reshape(len(d), -1), [2, 98], axis=1)
-    near = d < ((lo + hi) / 2)[:, None, None]
+    valid = d > 0
+    nearest = np.where(valid, d, np.inf).reshape(len(d), -1).min(1)
+    near = valid & (d <= (nearest + 2 * DEPTH_HALF_RANGE_MM)[:, None, None])
     count = np.maximum(near.sum((1, 2)), 1)
     ys, xs = np.mgrid[:d.shape[1], :d.shape[2]]
     return np.stack([(near * xs).sum((1, 2)) / count, (near * ys).sum((1, 2)) / count], 1).astype(np.float32)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from simgan_dist.config import EvaluateConfig
 from simgan_dist.core.imaging import to_host, to_model_input, to_storage
 from simgan_dist.core.models import SmallGazeNet
-from simgan_dist.metrics.gaze import device, fit_gaze, run_model
+from simgan_dist.metrics.estimators import device, fit_estimator, run_model
 
 FEATURE_NET_ROWS = 4096  # labeled synthetic rows the eyes' realism space (GazeFeatures) learns from
 FEATURE_NET_EPOCHS = 8
@@ -76,7 +76,7 @@ class GazeFeatures:
     `realism_features` space, the objective ranked neither the checkpoints along a training
     run nor the trials of a sweep like the downstream error (Spearman 0.41 and 0.41; in this
     space 0.69 and 0.69, bench/RESULTS.md). Only synthetic labels are used, never real ones.
-    The network (`models.SmallGazeNet`, `gaze.fit_gaze`, FEATURE_NET_EPOCHS epochs on the first
+    The network (`models.SmallGazeNet`, `estimators.fit_estimator`, FEATURE_NET_EPOCHS epochs on the first
     FEATURE_NET_ROWS labeled rows, seeded) costs ~40 CPU-seconds on one core, so `cached` fits it
     once per dataset and seed and keeps it on the node (`feature_cache_dir`).
     """
@@ -85,7 +85,7 @@ class GazeFeatures:
         recipe = EvaluateConfig(gaze_model="small", gaze_epochs=FEATURE_NET_EPOCHS, gaze_batch_size=64,
                                 gaze_val_fraction=0.0, gaze_patience=0)
         with torch.random.fork_rng():  # the caller's RNG streams (a training run's) stay as they were
-            self.model, _ = fit_gaze(images, gaze, recipe, seed=seed, progress=False)
+            self.model, _ = fit_estimator(images, gaze, recipe, seed=seed, progress=False)
 
     @classmethod
     def cached(cls, dataset_key: str, images: np.ndarray, gaze: np.ndarray, seed: int = 0) -> GazeFeatures:

@@ -75,6 +75,36 @@ def test_hand_depth_maps():
     assert palm.min() < images[0].max()  # the hand is nearer than the wall behind it
 
 
+def test_small_hand_crops_are_the_same_scene_through_a_shorter_lens():
+    full, full_labels = render.render_hands(np.random.default_rng(5), 4, "synthetic")
+    small, small_labels = render.render_hands(np.random.default_rng(5), 4, "synthetic", size=64)
+    assert small.shape == (4, 64, 64, 1) and small.dtype == np.uint16
+    np.testing.assert_allclose(small_labels["joints_uvd"][..., :2], full_labels["joints_uvd"][..., :2] * 64 / 224,
+                               atol=1e-3)
+    np.testing.assert_allclose(small_labels["joints_uvd"][..., 2], full_labels["joints_uvd"][..., 2])
+    # the hand covers the same share of the frame
+    share = [(img[..., 0] < img.max((1, 2, 3))[:, None, None] - 200).mean() for img in (full, small)]
+    assert abs(share[0] - share[1]) < 0.02
+
+
+def test_hand_depth_oracle_keeps_rows_and_adds_the_sensor_artifacts():
+    synthetic = simulate.render_rows("hand", "synthetic", 3, 0, 32, hand_size=64)
+    oracle = simulate.render_rows("hand", "synthetic", 3, 0, 32, ("kinect",), hand_size=64)
+    np.testing.assert_array_equal(oracle["id"], synthetic["id"])
+    np.testing.assert_array_equal(oracle["joints_uvd"], synthetic["joints_uvd"])
+    np.testing.assert_array_equal(simulate.render_rows("hand", "synthetic", 3, 0, 32, (), hand_size=64)["image"],
+                                  synthetic["image"])
+    before, after = synthetic["image"][..., 0].astype(float), oracle["image"][..., 0].astype(float)
+    hand = before < np.median(before.reshape(32, -1), axis=1)[:, None, None] - 100  # the wall fills most of it
+    wall = ~hand
+    lost = after == 0
+    assert not (lost & wall).any()  # readings are lost on the hand only: its silhouette band and holes
+    assert 0.2 < lost[hand].mean() < 0.8
+    # the rest is the same surface under a few mm of noise
+    kept = ~lost
+    assert 1.0 < np.abs(after - before)[kept].mean() < 6.0
+
+
 def test_simulate_is_independent_of_shard_size(tmp_path):
     a = simulate.simulate_dataset(str(tmp_path / "a"), 300, 120, 50, seed=3, rows_per_shard=1000)
     simulate.simulate_dataset(str(tmp_path / "b"), 300, 120, 50, seed=3, rows_per_shard=70, parallel=False)
@@ -125,6 +155,12 @@ def test_cli_simulate_hand(tmp_path, capsys):
                      "--real-test", "2", "--preset", "hand"]) == 0
     data = load_numpy(str(tmp_path / "real_test"))
     assert data["image"].dtype == np.uint16 and data["joints_uvd"].shape == (2, 16, 3)
+    assert cli.main(["simulate", "--kind", "hand", "--hand-size", "64", "--out", str(tmp_path / "small"),
+                     "--synthetic", "3", "--real", "2", "--real-test", "2"]) == 0
+    manifest = read_manifest(str(tmp_path / "small" / "synthetic"))
+    assert manifest.layout.image_shape == (64, 64, 1) and manifest.layout.image_dtype == "uint16"
+    with pytest.raises(ValueError, match="--hand-size must be within 32..224"):
+        simulate.simulate_dataset(str(tmp_path / "tiny"), 1, 1, 1, kind="hand", hand_size=16)
 
 
 def test_bad_arguments():
@@ -155,5 +191,3 @@ def test_appearance_oracle_keeps_rows_and_switches_parts():
     assert (patch(deterministic["image"]) - patch(no_glints["image"])).mean() > 50
     with pytest.raises(ValueError, match="unknown appearance parts"):
         simulate.render_rows("eye", "synthetic", 3, 0, 10, ("texture", "sparkle"))
-    with pytest.raises(ValueError, match="eyes only"):
-        simulate.render_rows("hand", "synthetic", 3, 0, 1, ())

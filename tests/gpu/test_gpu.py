@@ -144,15 +144,15 @@ def test_hand_refiner_fits_at_its_refine_batch_size():
 
 def test_gaze_training_on_a_gpu_without_room_for_its_images_keeps_them_on_the_host(monkeypatch):
     from simgan_dist.config import EvaluateConfig
-    from simgan_dist.metrics import gaze
+    from simgan_dist.metrics import estimators as gaze
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (4096, 35, 55, 1), dtype=np.uint8)
     labels = rng.normal(size=(4096, 3)).astype(np.float32)
     recipe = EvaluateConfig(gaze_model="small", gaze_epochs=2, gaze_batch_size=256, gaze_val_fraction=0.1)
-    resident, _ = gaze.fit_gaze(images, labels, recipe, seed=0, progress=False)
+    resident, _ = gaze.fit_estimator(images, labels, recipe, seed=0, progress=False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (images.nbytes, 80 * 2**30))  # no room for 2 copies
-    on_host, info = gaze.fit_gaze(images, labels, recipe, seed=0, progress=False)
+    on_host, info = gaze.fit_estimator(images, labels, recipe, seed=0, progress=False)
     assert info["device"].startswith("cuda")
     a, b = gaze.run_model(resident, images[:512]), gaze.run_model(on_host, images[:512])
     assert gaze.angular_error_deg(a, b).mean() < 2.0  # the same training (up to GPU nondeterminism)

@@ -23,8 +23,11 @@ def eyes(tmp_path_factory):
 
 
 def test_evaluate_uses_the_metrics_modules_not_a_copy():
-    assert evaluate.detect_pupil is drift.detect_pupil
-    assert evaluate.pupil_shift is drift.pupil_shift
+    from simgan_dist.metrics import preservation
+
+    assert preservation.detect_pupil is drift.detect_pupil
+    assert preservation.pupil_shift is drift.pupil_shift
+    assert preservation.silhouette_shift is drift.silhouette_shift
     assert evaluate.realism_score is realism.realism_score
 
 
@@ -197,7 +200,7 @@ def test_the_realism_space_is_fitted_once_per_dataset_and_seed(eyes, tmp_path, m
         raise AssertionError("the realism network was fitted again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(realism, "fit_gaze", no_fitting)
+        patched.setattr(realism, "fit_estimator", no_fitting)
         again = objective.Evaluator.from_config(cfg)
     assert torch.equal(first.reference.features, again.reference.features)
     assert again.realism_synthetic == first.realism_synthetic

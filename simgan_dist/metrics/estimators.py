@@ -1,8 +1,10 @@
-"""Gaze estimators trained on labeled eye images: the downstream check and the objective's realism space.
+"""Estimators trained on labeled images: the downstream checks and the objective's realism space.
 
-`evaluate.train_gaze` trains one per training set (synthetic, refined, real) and tests it on
-real_test; `realism.GazeFeatures` trains one on the synthetic labels and reads its
-penultimate layer. One training loop serves both. Pure PyTorch, no Ray.
+A `Task` says what an estimator learns: `GAZE` (eyes: a 3-D gaze vector, error in degrees) or
+`HAND_POSE` (depth maps: the 16 joints' image positions, error in pixels). `evaluate` trains one
+per training set (synthetic, refined, real) and tests it on real_test; `realism.GazeFeatures`
+trains a gaze one on the synthetic labels and reads its penultimate layer. One training loop
+serves all. Pure PyTorch, no Ray.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import contextlib
 import functools
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,10 +22,10 @@ import torch
 
 from simgan_dist.config import EvaluateConfig
 from simgan_dist.core.imaging import to_host, to_model_input
-from simgan_dist.core.models import GAZE_MODELS
+from simgan_dist.core.models import GAZE_MODELS, SmallPoseNet
 
 PREDICT_CHUNK = 1024
-# fit_gaze holds the training images about twice on its device (the whole set, then the training
+# fit_estimator holds the training images about twice on its device (the whole set, then the training
 # split gathered from it, the validation split inside it), plus the model, its optimizer and a
 # batch's activations: kept under this share of the free memory, or the images stay on the host.
 RESIDENT_COPIES = 2
@@ -39,6 +43,57 @@ def angular_error_deg(pred: np.ndarray | torch.Tensor, target: np.ndarray | torc
     # Rounding can push |cos| a hair above 1, where arccos is NaN.
     cos = np.clip((pred * target).sum(-1), -1.0, 1.0)
     return np.degrees(np.arccos(cos))
+
+
+def joint_distances_px(pred: np.ndarray, joints_uvd: np.ndarray) -> np.ndarray:
+    """N×J image distances (pixels) between predicted (u, v) N×J×2 and labeled joints N×J×(2 or 3)."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(len(pred), -1, 2)
+    return np.linalg.norm(pred - np.asarray(joints_uvd, dtype=np.float64)[..., :2], axis=-1)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a downstream estimator learns from labeled images.
+
+    `targets(labels, (h, w))` are the regression targets (N×K floats, L2 loss), `predictions(outputs,
+    (h, w))` turns the network's outputs back into label units, `errors(predictions, labels)` is one
+    error per image (its mean picks the epoch on the held-out part and is the test figure).
+    """
+
+    name: str
+    label: str
+    unit: str
+    outputs: int
+    targets: Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+    predictions: Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+    errors: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+    def build(self, model: str, channels: int, height: int, width: int) -> torch.nn.Module:
+        if self.label == "gaze":
+            return GAZE_MODELS[model](channels, height, width)
+        return SmallPoseNet(channels, height, width, self.outputs)
+
+
+def _as_float32(labels: np.ndarray, _shape: tuple[int, int]) -> np.ndarray:
+    return np.asarray(labels, dtype=np.float32)
+
+
+def _uv_targets(joints_uvd: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(u, v) of each joint scaled to [-1, 1] over the image, flattened: N×2J (depth is not learned)."""
+    h, w = shape
+    uv = np.asarray(joints_uvd, dtype=np.float32)[..., :2] / np.array([w, h], np.float32) * 2 - 1
+    return uv.reshape(len(uv), -1)
+
+
+def _uv_predictions(outputs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    return (np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1, 2) + 1) / 2 * np.array([w, h])
+
+
+GAZE = Task("gaze", "gaze", "°", 3, _as_float32, lambda out, _shape: out, angular_error_deg)
+HAND_POSE = Task("hand pose", "joints_uvd", "px", 32, _uv_targets, _uv_predictions,
+                 lambda pred, joints: joint_distances_px(pred, joints).mean(1))
+TASKS = {"eye": GAZE, "hand": HAND_POSE}
 
 
 def device() -> torch.device:
@@ -95,33 +150,37 @@ def run_model(model: torch.nn.Module, images: np.ndarray | torch.Tensor, *, embe
             for lo in range(0, len(images), PREDICT_CHUNK)]))
 
 
-def fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: EvaluateConfig, *,
-             name: str = "gaze", seed: int = 0, threads: int | None = None,
-             progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train a gaze estimator to convergence on labeled eye images; returns it and how training went.
+def predict(model: torch.nn.Module, images: np.ndarray | torch.Tensor, task: Task) -> np.ndarray:
+    """The task's predictions in label units (gaze vectors, joint pixels) for N×H×W×C integer images."""
+    return task.predictions(run_model(model, images), tuple(images.shape[1:3]))
 
-    The model is `cfg.gaze_model` (the paper's GazeNet, or a small CPU CNN); L2 on the 3-D
-    gaze vector, Adam, cosine-decayed lr over at most `cfg.gaze_epochs` epochs. A seeded
-    `cfg.gaze_val_fraction` of the training set is held out: after every epoch the mean
-    angular error on it is measured, training stops after `cfg.gaze_patience` epochs
-    without improvement, and the best epoch's weights are kept (no held-out part: all epochs).
 
-    Runs on the GPU when there is one (bf16 autocast, channels-last, the whole uint8 dataset
+def fit_estimator(train_images: np.ndarray, train_labels: np.ndarray, cfg: EvaluateConfig, *,
+                  task: Task = GAZE, name: str = "gaze", seed: int = 0, threads: int | None = None,
+                  progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train an estimator for `task` to convergence on labeled images; returns it and how training went.
+
+    Gaze: `cfg.gaze_model` (the paper's GazeNet, or a small CPU CNN) on the 3-D gaze vector; hand
+    pose: `models.SmallPoseNet` on the joints' image positions. L2 on the task's targets, Adam,
+    cosine-decayed lr over at most `cfg.gaze_epochs` epochs. A seeded `cfg.gaze_val_fraction` of
+    the training set is held out: after every epoch the task's mean error on it is measured,
+    training stops after `cfg.gaze_patience` epochs without improvement, and the best epoch's
+    weights are kept (no held-out part: all epochs).
+
+    Runs on the GPU when there is one (bf16 autocast, channels-last, the whole integer dataset
     resident on the device when it fits beside what is already there: `data_device`); cuDNN's
     autotuner (`cudnn.benchmark`) is on while it trains (not under deterministic algorithms) and set
     back as it was after.
     """
     benchmark = torch.backends.cudnn.benchmark
     try:
-        return _fit_gaze(train_images, train_gaze_labels, cfg, name=name, seed=seed, threads=threads,
-                         progress=progress)
+        return _fit(train_images, train_labels, cfg, task, name=name, seed=seed, threads=threads, progress=progress)
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: EvaluateConfig, *,
-              name: str = "gaze", seed: int = 0, threads: int | None = None,
-              progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _fit(train_images: np.ndarray, train_labels: np.ndarray, cfg: EvaluateConfig, task: Task, *,
+         name: str, seed: int, threads: int | None, progress: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -131,17 +190,17 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
     torch.backends.cudnn.benchmark = on_gpu and not torch.are_deterministic_algorithms_enabled()
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     autocast = _autocast(on_gpu)
+    h, w, c = train_images.shape[1:]
     train_idx, val_idx = validation_split(len(train_images), cfg.gaze_val_fraction, seed)
     held = data_device(train_images.nbytes, where)
     all_images = _on(train_images, held)
-    all_labels = torch.from_numpy(np.asarray(train_gaze_labels, dtype=np.float32)).to(where)
+    all_targets = torch.from_numpy(task.targets(train_labels, (h, w))).to(where)
     train_rows, val_rows = (torch.from_numpy(i).to(held) for i in (train_idx, val_idx))
-    images, labels = all_images[train_rows], all_labels[train_rows.to(where)]
-    val_images, val_gaze = all_images[val_rows], np.asarray(train_gaze_labels, dtype=np.float32)[val_idx]
+    images, targets = all_images[train_rows], all_targets[train_rows.to(where)]
+    val_images, val_labels = all_images[val_rows], np.asarray(train_labels)[val_idx]
     to_input = functools.partial(to_model_input, device=where, channels_last=on_gpu)
 
-    h, w, c = train_images.shape[1:]
-    model = GAZE_MODELS[cfg.gaze_model](c, h, w).to(where, memory_format=memory_format)
+    model = task.build(cfg.gaze_model, c, h, w).to(where, memory_format=memory_format)
     batch = min(cfg.gaze_batch_size, len(images))
     steps_per_epoch = len(images) // batch
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.gaze_lr)
@@ -160,7 +219,7 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
             idx = order[i * batch:(i + 1) * batch]
             with autocast():
                 pred = model(to_input(images[idx]))
-            loss = (pred.float() - labels[idx.to(where)]).square().sum(1).mean()
+            loss = (pred.float() - targets[idx.to(where)]).square().sum(1).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -168,7 +227,7 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
             total += loss.detach()
         losses.append(float(to_host(total)) / steps_per_epoch)  # the epoch's one device→host copy
         if len(val_idx):
-            val_errors.append(float(angular_error_deg(run_model(model, val_images), val_gaze).mean()))
+            val_errors.append(float(task.errors(predict(model, val_images, task), val_labels).mean()))
             if val_errors[-1] <= min(val_errors):
                 best_epoch = epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -176,15 +235,16 @@ def _fit_gaze(train_images: np.ndarray, train_gaze_labels: np.ndarray, cfg: Eval
             best_epoch = epoch + 1
         if progress:
             rate = steps_per_epoch * batch / (time.perf_counter() - t_epoch)
-            val = f" val={val_errors[-1]:.2f}°" if val_errors else ""
-            print(f"[gaze {name} seed {seed}] epoch {epoch + 1}/{cfg.gaze_epochs} loss={losses[-1]:.4f}{val} "
+            val = f" val={val_errors[-1]:.2f}{task.unit}" if val_errors else ""
+            print(f"[{task.name} {name} seed {seed}] epoch {epoch + 1}/{cfg.gaze_epochs} loss={losses[-1]:.4f}{val} "
                   f"({rate:,.0f} img/s)", flush=True)
         if val_errors and cfg.gaze_patience and epoch + 1 - best_epoch >= cfg.gaze_patience:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), {
-        "model": cfg.gaze_model, "seed": seed, "train_rows": int(len(images)), "val_rows": int(len(val_idx)),
-        "epochs_run": len(losses), "best_epoch": best_epoch, "seconds": round(time.perf_counter() - start, 1),
-        "device": str(where), "loss_curve": losses, "val_curve": val_errors,
+        "model": cfg.gaze_model if task.label == GAZE.label else "small-pose", "seed": seed,
+        "train_rows": int(len(images)), "val_rows": int(len(val_idx)), "epochs_run": len(losses),
+        "best_epoch": best_epoch, "seconds": round(time.perf_counter() - start, 1), "device": str(where),
+        "loss_curve": losses, "val_curve": val_errors,
     }
