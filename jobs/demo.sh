@@ -14,7 +14,7 @@ from=${FROM_STEP:-1}
 kind=${KIND:-eye}
 case $kind in
   eye)  recipe=jobs/configs/tiny.yaml; shape=(); things="eyes"; sweep="λ 1 and 2"; check="gaze error on real test images (3 estimator seeds), pupil shift" ;;
-  hand) recipe=jobs/configs/hand-tiny.yaml; shape=(--kind hand --hand-size 64); things="hand depth maps"; sweep="λ 0.1 and 1"
+  hand) recipe=jobs/configs/hand-tiny.yaml; shape=(--kind hand --hand-size 64); things="hand depth maps"; sweep="λ 0.01 and 0.1"
         check="hand joint error on real test depth maps (3 estimator seeds), silhouette shift" ;;
   *) echo "KIND must be eye or hand, got '$kind'" >&2; exit 2 ;;
 esac
