@@ -313,7 +313,9 @@ def evaluate(synthetic: str, refined: str, real_test: str, out: str | Path, *, r
         "realism": realism,
         **({"artifacts": artifacts} if eye else {}),
         "refinement": ({"mean_abs_change_gray_levels": float(np.abs(diff).mean())} if eye else
-                       {"mean_abs_change_mm": float(np.abs(diff[data.synthetic[pick] > 0]).mean())}),
+                       # readings on both sides (a refined map stores its wall as 0)
+                       {"mean_abs_change_mm": float(np.abs(diff[(data.synthetic[pick] > 0)
+                                                                & (data.refined[pick] > 0)]).mean())}),
         "headline": _headline(downstream, preservation, realism, artifacts, eye, len(ev.seeds)),
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -349,7 +349,7 @@ there); ripples show as spectrum power above real's at mid and high frequencies.
 def _samples_section(pictures: dict[str, Any], refinement: dict[str, float]) -> str:
     if "mean_abs_change_mm" in refinement:
         unit, brighter, darker = "mm", "farther", "nearer"
-        change = f"{refinement['mean_abs_change_mm']:.1f} mm on the synthetic maps' readings"
+        change = f"{refinement['mean_abs_change_mm']:.1f} mm where both maps have a reading"
     else:
         unit, brighter, darker = "gray levels", "brighter", "darker"
         change = f"{refinement['mean_abs_change_gray_levels']:.1f} gray levels"
