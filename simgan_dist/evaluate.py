@@ -172,10 +172,11 @@ def paired_improvement(baseline: list[dict[str, Any]], treated: list[dict[str, A
     gain in the share within the task's threshold (7°, or 5 px per joint)."""
     mean_key, _, within_key = _keys(baseline)
     pairs = list(zip(baseline, treated, strict=True))
-    mean, std = _mean_std([(b[mean_key] - t[mean_key]) / b[mean_key] for b, t in pairs])
+    per_seed = [(b[mean_key] - t[mean_key]) / b[mean_key] for b, t in pairs]
+    mean, std = _mean_std(per_seed)
     gain, gain_std = _mean_std([t[within_key] - b[within_key] for b, t in pairs])
-    return {"mean": mean, "std": std, "per_seed": [(b[mean_key] - t[mean_key]) / b[mean_key] for b, t in pairs],
-            "seeds": [b["seed"] for b in baseline], f"{within_key}_gain": gain, f"{within_key}_gain_std": gain_std}
+    return {"mean": mean, "std": std, "per_seed": per_seed, "seeds": [b["seed"] for b in baseline],
+            f"{within_key}_gain": gain, f"{within_key}_gain_std": gain_std}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from simgan_dist.metrics.drift import PUPIL_RADIUS, detect_pupil, drift_toleranc
 PUPIL_FOUND_PX = 1.5  # detector within this of the label → the pupil is visible and found
 
 
-
 def _stats(values: np.ndarray) -> dict[str, float | None]:
     values = np.asarray(values, dtype=np.float64)
     if not len(values):  # None, not NaN: metrics.json stays strict JSON
