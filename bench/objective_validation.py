@@ -1,23 +1,29 @@
-"""Does the label-free objective rank refiners like the downstream gaze task? (issue 9, item 4)
+"""Does the label-free objective rank refiners like the downstream task? (issue 9 item 4, issue 26 item 3)
 
 For each of N trials spanning the sweep's space (K_g, lr, λ) on the demo corpus:
 train with `train --local` and the periodic evaluation on, keeping every scored checkpoint;
 score each of them with the objective as the code now defines it (`objective.Evaluator`, what
 training computes at every `train.eval_every` step, so a trained trial never needs retraining
-when the objective changes); take the best; refine the whole synthetic corpus with it; train
-the gaze estimator on the refined images (`evaluate.train_estimator`, the function
-`simgan-dist evaluate` runs for its "refined" row) for each seed and test it on real_test.
-Then Spearman(objective, mean gaze error) over the trials, and the same along every run
-(`--along`: the gaze error of every `--along`-th checkpoint, seed 0). real_test is read only
-for those final measurements, never by training or checkpoint choice.
+when the objective changes); take the one a sweep would refine with (`objective.choose`: the
+latest within one standard error of the lowest; the eye tables in bench/RESULTS.md took the
+lowest); refine the whole synthetic corpus with it; train the downstream estimator on the
+refined images (`evaluate.train_estimator`, the function `simgan-dist evaluate` runs for its
+"refined" row: gaze for eyes, the 16 joints' positions for hand depth maps) for each seed and
+test it on real_test. Then Spearman(objective, mean
+downstream error) over the trials, and the same along every run (`--along`: the error of every
+`--along`-th checkpoint, seed 0). real_test is read only for those final measurements, never by
+training or checkpoint choice. The kind (eye or hand) is the corpus's: its manifest says.
 
     simgan-dist simulate --out demo_output/data --synthetic 4000 --real 2000 --real-test 1000 --seed 0
-    nice -n 5 python bench/objective_validation.py --data demo_output/data --out bench/objective_validation \
-        --trials 8 --seeds 3
+    nice -n 5 python bench/objective_validation.py --data demo_output/data --out OUT --trials 10 --seeds 3
+    # hands: the hand demo's corpus and recipe (jobs/configs/hand-tiny.yaml)
+    simgan-dist simulate --kind hand --hand-size 64 --out demo_output/hand/data \
+        --synthetic 4000 --real 2000 --real-test 1000 --seed 0
+    python bench/objective_validation.py --data demo_output/hand/data --out OUT --trials 6 --seeds 3
 
-Trained runs stay under OUT/runs/; each gaze measurement is cached in OUT/gaze.jsonl by
+Trained runs stay under OUT/runs/; each downstream measurement is cached in OUT/downstream.jsonl by
 checkpoint, seed and estimator, so a rerun only measures what is new (resumable): the same OUT
-with `--gaze-model gazenet` measures the same chosen checkpoints with the paper's GazeNet.
+with `--gaze-model gazenet` measures the same chosen checkpoints with the paper's GazeNet (eyes).
 """
 
 from __future__ import annotations
@@ -31,35 +37,56 @@ import torch
 from scipy.stats import spearmanr
 
 from simgan_dist.config import load_config
-from simgan_dist.core.imaging import to_model_input, to_storage
-from simgan_dist.data.schema import load_numpy
-from simgan_dist.evaluate import train_estimator
-from simgan_dist.metrics.objective import Evaluator
+from simgan_dist.core.imaging import normalize, to_storage
+from simgan_dist.data.schema import load_numpy, read_manifest
+from simgan_dist.evaluate import SUMMARY_KEYS, train_estimator
+from simgan_dist.evaluate_inputs import TASK_LABELS
+from simgan_dist.metrics.estimators import TASKS
+from simgan_dist.metrics.objective import Evaluator, choose
 from simgan_dist.train.checkpoint import load_refiner
 from simgan_dist.train.local import train_local
 from simgan_dist.tune import apply_params
 
-# Spread over the demo recipe's space (jobs/configs/tiny.yaml: λ weighs the per-pixel mean |R(x) − x|,
-# loss.reg_reduction=mean), around its K_g 2, lr 1e-3, λ 2; fixed order.
-TRIALS = [
-    {"k_g": 1, "lr": 1e-3, "lambda_reg": 0.5},
-    {"k_g": 2, "lr": 3e-4, "lambda_reg": 5.0},
-    {"k_g": 5, "lr": 1e-4, "lambda_reg": 2.0},
-    {"k_g": 2, "lr": 3e-3, "lambda_reg": 2.0},
-    {"k_g": 1, "lr": 3e-4, "lambda_reg": 20.0},
-    {"k_g": 5, "lr": 1e-3, "lambda_reg": 0.2},
-    {"k_g": 2, "lr": 1e-3, "lambda_reg": 2.0},
-    {"k_g": 1, "lr": 3e-3, "lambda_reg": 0.2},
-    {"k_g": 5, "lr": 3e-4, "lambda_reg": 5.0},
-    {"k_g": 2, "lr": 1e-4, "lambda_reg": 0.5},
-]
+# Spread over each demo recipe's space, around its own setting; fixed order.
+TRIALS = {
+    # jobs/configs/tiny.yaml: λ weighs the per-pixel mean |R(x) − x| (loss.reg_reduction=mean); K_g 2, lr 1e-3, λ 2
+    "eye": [
+        {"k_g": 1, "lr": 1e-3, "lambda_reg": 0.5},
+        {"k_g": 2, "lr": 3e-4, "lambda_reg": 5.0},
+        {"k_g": 5, "lr": 1e-4, "lambda_reg": 2.0},
+        {"k_g": 2, "lr": 3e-3, "lambda_reg": 2.0},
+        {"k_g": 1, "lr": 3e-4, "lambda_reg": 20.0},
+        {"k_g": 5, "lr": 1e-3, "lambda_reg": 0.2},
+        {"k_g": 2, "lr": 1e-3, "lambda_reg": 2.0},
+        {"k_g": 1, "lr": 3e-3, "lambda_reg": 0.2},
+        {"k_g": 5, "lr": 3e-4, "lambda_reg": 5.0},
+        {"k_g": 2, "lr": 1e-4, "lambda_reg": 0.5},
+    ],
+    # jobs/configs/hand-tiny.yaml: the same mean reduction, λ 100x smaller (a depth map's band erasure moves
+    # each of its pixels by ~1 unit); K_g 2, lr 1e-3, λ 0.01
+    "hand": [
+        {"k_g": 2, "lr": 1e-3, "lambda_reg": 0.01},
+        {"k_g": 1, "lr": 3e-4, "lambda_reg": 1.0},
+        {"k_g": 2, "lr": 3e-3, "lambda_reg": 0.03},
+        {"k_g": 1, "lr": 1e-4, "lambda_reg": 0.01},
+        {"k_g": 2, "lr": 1e-3, "lambda_reg": 0.1},
+        {"k_g": 5, "lr": 1e-3, "lambda_reg": 0.001},
+        {"k_g": 2, "lr": 3e-4, "lambda_reg": 0.3},
+        {"k_g": 1, "lr": 3e-3, "lambda_reg": 0.003},
+    ],
+}
+SCORE_KEYS = ("objective", "objective_se", "realism", "realism_synthetic", "drift")
+RECIPES = {"eye": ("tiny", "jobs/configs/tiny.yaml"), "hand": ("hand-tiny", "jobs/configs/hand-tiny.yaml")}
 
 
 def refine_array(checkpoint: str, images: np.ndarray) -> np.ndarray:
     refiner, _ = load_refiner(checkpoint)
+    out = []
     with torch.no_grad():
-        return np.concatenate([to_storage(refiner(to_model_input(images[i:i + 512])))
-                               for i in range(0, len(images), 512)])
+        for i in range(0, len(images), 512):
+            x, centres = normalize(images[i:i + 512])  # depth comes back around each map's own hand centre
+            out.append(to_storage(refiner(x), images.dtype, centres))
+    return np.concatenate(out)
 
 
 def score_checkpoints(run: Path, evaluator: Evaluator) -> list[dict]:
@@ -69,7 +96,7 @@ def score_checkpoints(run: Path, evaluator: Evaluator) -> list[dict]:
         refiner, _ = load_refiner(str(folder))
         scores = evaluator(refiner)
         scored.append({"step": int(folder.name.split("_")[1]), "checkpoint": str(folder),
-                       **{k: scores[k] for k in ("objective", "realism", "realism_synthetic", "drift")}})
+                       **{k: scores[k] for k in SCORE_KEYS}})
     return scored
 
 
@@ -77,49 +104,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with synthetic/, real/, real_test/ (simulate)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--config", default="jobs/configs/tiny.yaml")
+    parser.add_argument("--config", help="the recipe (default: the demo's for the corpus's kind)")
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=3, help="gaze estimator seeds per trial")
+    parser.add_argument("--seeds", type=int, default=3, help="downstream estimator seeds per trial")
     parser.add_argument("--along", type=int, default=0,
                         help="also measure every N-th checkpoint of each run (seed 0); 0: only the chosen ones")
-    parser.add_argument("--gaze-epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=15, help="the downstream estimator's epoch cap")
     parser.add_argument("--gaze-model", default="small", choices=("small", "gazenet"),
-                        help="the downstream estimator (gazenet: the paper's, ~10 CPU-minutes a run; a GPU day)")
-    parser.add_argument("--iterations", type=int, default=600)
+                        help="eyes' downstream estimator (gazenet: the paper's, ~10 CPU-minutes a run; a GPU day)")
+    parser.add_argument("--iterations", type=int, help="adversarial iterations per trial (default: the recipe's)")
     parser.add_argument("--eval-every", type=int, default=50)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
-    base = load_config("tiny", args.config, [
+    kind = read_manifest(str(data / "synthetic")).extra["simulator"]
+    label, task = TASK_LABELS[kind], TASKS[kind]
+    unit, error_key = task.unit if task.unit == "°" else f" {task.unit}", SUMMARY_KEYS[label][0]
+    model = args.gaze_model if kind == "eye" else "small-pose"
+    if args.trials > len(TRIALS[kind]):
+        raise SystemExit(f"--trials {args.trials}: {len(TRIALS[kind])} {kind} trials are defined")
+    preset, recipe = RECIPES[kind]
+    base = load_config(preset, args.config or recipe, [
         f"data.synthetic={data / 'synthetic'}", f"data.real={data / 'real'}", "data.real_test=",
-        "data.real_val_fraction=0.1", f"train.iterations={args.iterations}", f"train.eval_every={args.eval_every}",
-        "train.eval_samples=256", "train.keep_best=100000", f"train.storage_path={out / 'runs'}",
-        f"evaluate.gaze_epochs={args.gaze_epochs}", f"evaluate.gaze_model={args.gaze_model}"])
-    synthetic = load_numpy(base.data.synthetic, columns=["image", "gaze"])
-    test = load_numpy(str(data / "real_test"), columns=["image", "gaze"])  # the final measurements only
-    cache_file = out / "gaze.jsonl"
-    cache = {(d["checkpoint"], d["seed"]): d["mean_deg"] for d in
+        "data.real_val_fraction=0.1", *([f"train.iterations={args.iterations}"] if args.iterations else []),
+        f"train.eval_every={args.eval_every}", "train.eval_samples=256", "train.keep_best=100000",
+        f"train.storage_path={out / 'runs'}", f"evaluate.gaze_epochs={args.epochs}",
+        *([f"evaluate.gaze_model={args.gaze_model}"] if kind == "eye" else [])])
+    synthetic = load_numpy(base.data.synthetic, columns=["image", label])
+    test = load_numpy(str(data / "real_test"), columns=["image", label])  # the final measurements only
+    cache_file = out / "downstream.jsonl"
+    cache = {(d["checkpoint"], d["seed"]): d["mean_error"] for d in
              map(json.loads, cache_file.read_text().splitlines() if cache_file.exists() else [])
-             if d.get("model", "small") == args.gaze_model}
+             if d["model"] == model}
 
-    def gaze_errors(checkpoint: str, seeds: range) -> list[float]:
+    def downstream_errors(checkpoint: str, seeds: range) -> list[float]:
         for seed in seeds:
             if (checkpoint, seed) not in cache:
                 images = synthetic["image"] if checkpoint == "synthetic" else refine_array(checkpoint,
                                                                                            synthetic["image"])
-                cache[checkpoint, seed] = train_estimator(images, synthetic["gaze"], test["image"], test["gaze"],
-                                                     base.evaluate, seed=seed, progress=False)["mean_deg"]
+                cache[checkpoint, seed] = train_estimator(images, synthetic[label], test["image"], test[label],
+                                                          base.evaluate, task=task, seed=seed,
+                                                          progress=False)[error_key]
                 with cache_file.open("a") as f:
-                    f.write(json.dumps({"checkpoint": checkpoint, "seed": seed, "model": args.gaze_model,
-                                        "mean_deg": cache[checkpoint, seed]}) + "\n")
+                    f.write(json.dumps({"checkpoint": checkpoint, "seed": seed, "model": model,
+                                        "mean_error": cache[checkpoint, seed]}) + "\n")
         return [cache[checkpoint, seed] for seed in seeds]
 
-    baseline = gaze_errors("synthetic", range(args.seeds))
-    print(f"synthetic: {np.mean(baseline):.2f} ± {np.std(baseline):.2f}°", flush=True)
+    baseline = downstream_errors("synthetic", range(args.seeds))
+    print(f"synthetic: {np.mean(baseline):.2f} ± {np.std(baseline):.2f}{unit} ({task.name})", flush=True)
     evaluator = Evaluator.from_config(base)  # every trial is scored on the same images in the same space
     trials, along = [], []
-    for i, params in enumerate(TRIALS[:args.trials]):
+    for i, params in enumerate(TRIALS[kind][:args.trials]):
         cfg = apply_params(base, params)
         cfg.train.name = f"trial{i}"
         run = Path(cfg.train.storage_path) / cfg.train.name
@@ -127,24 +163,27 @@ def main() -> None:
             train_local(cfg, run, progress=False)
             (run / "_trained").write_text("")
         scored = score_checkpoints(run, evaluator)
-        best = min(scored, key=lambda s: s["objective"])
-        errors = gaze_errors(best["checkpoint"], range(args.seeds))
-        trials.append({"trial": i, **params, **best, "gaze_errors": errors, "gaze_mean": float(np.mean(errors))})
+        best = scored[choose([(s["objective"], s["step"]) for s in scored], [s["objective_se"] for s in scored])]
+        errors = downstream_errors(best["checkpoint"], range(args.seeds))
+        trials.append({"trial": i, **params, **best, "errors": errors, "mean_error": float(np.mean(errors))})
         print(json.dumps(trials[-1]), flush=True)
         if args.along:
-            along += [{**s, "gaze": gaze_errors(s["checkpoint"], range(1))[0]} for s in scored[::args.along]]
-    print("| trial | K_g | lr | λ | objective | realism | drift px | best step | gaze error ° (mean ± std) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+            along += [{**s, "error": downstream_errors(s["checkpoint"], range(1))[0]} for s in scored[::args.along]]
+    print(f"| trial | K_g | lr | λ | objective | realism | drift px | best step | {task.name} error{unit} "
+          f"(mean ± std, {args.seeds} seeds) | vs synthetic |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for d in sorted(trials, key=lambda d: d["objective"]):
+        gain = 100 * (1 - d["mean_error"] / np.mean(baseline))
         print(f"| {d['trial']} | {d['k_g']} | {d['lr']:g} | {d['lambda_reg']:g} | {d['objective']:.3f} | "
-              f"{d['realism']:.4f} | {d['drift']:.2f} | {d['step']} | {d['gaze_mean']:.2f} ± "
-              f"{np.std(d['gaze_errors']):.2f} |")
+              f"{d['realism']:.4f} | {d['drift']:.2f} | {d['step']} | {d['mean_error']:.2f} ± "
+              f"{np.std(d['errors']):.2f} | {gain:+.1f} % |")
     if len(trials) >= 3:
-        rho, p = spearmanr([d["objective"] for d in trials], [d["gaze_mean"] for d in trials])
-        print(f"Spearman(objective, gaze error) over trials = {rho:.3f} (p = {p:.3g}, {len(trials)} trials)")
+        rho, p = spearmanr([d["objective"] for d in trials], [d["mean_error"] for d in trials])
+        print(f"Spearman(objective, {task.name} error) over trials = {rho:.3f} (p = {p:.3g}, {len(trials)} trials)")
     if len(along) >= 3:
-        rho, p = spearmanr([d["objective"] for d in along], [d["gaze"] for d in along])
-        print(f"Spearman(objective, gaze error) along the runs = {rho:.3f} (p = {p:.3g}, {len(along)} checkpoints)")
+        rho, p = spearmanr([d["objective"] for d in along], [d["error"] for d in along])
+        print(f"Spearman(objective, {task.name} error) along the runs = {rho:.3f} (p = {p:.3g}, "
+              f"{len(along)} checkpoints)")
 
 
 if __name__ == "__main__":
