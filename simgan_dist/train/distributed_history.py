@@ -376,6 +376,17 @@ class SharedHistory:
         with self.answered:
             self._wait_answered()
 
+    def pending_sample(self) -> list[tuple[torch.Tensor, int]] | None:
+        """The sample the latest push's replies brought, not drawn yet (call after `flush`). The shards'
+        saved state comes after it: a checkpoint keeps it, or a resumed run would draw another."""
+        return None if self.latest is None else [(codes, size) for codes, size, _ in self.latest]
+
+    def restore_pending_sample(self, replies: list[tuple[torch.Tensor, int]] | None) -> None:
+        """`pending_sample` from a checkpoint: the next `sample` returns it, as the saved run's would have."""
+        if replies is not None:
+            self.latest = [(codes, size, incarnation)
+                           for (codes, size), incarnation in zip(replies, self.incarnations, strict=True)]
+
     def close(self) -> None:
         """End the background client once its pushes are sent."""
         self.outbox.put(None)

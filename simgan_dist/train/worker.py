@@ -40,6 +40,7 @@ from simgan_dist.train.recipe import (
 CHUNK_BATCHES = 8  # batches per Ray Data fetch (ShardStream)
 QUEUED_CHUNKS = 2  # fetched ahead of the training thread, per stream
 _EPOCH_END = object()
+POSITION_FILE = "position_rank{}.pt"  # a rank's place in its data streams and history draws (`_restore`)
 
 
 class ShardStream:
@@ -54,7 +55,9 @@ class ShardStream:
     instead of stalling one. With `shuffle`, each chunk (with the previous chunk's remainder) is
     permuted on the device, in the training thread (its RNG stream): a local shuffle over 8
     batches, where Ray's shuffle buffer held 4. An epoch's last partial batch is dropped, so an
-    unshuffled run sees exactly the local trainer's batches.
+    unshuffled run sees exactly the local trainer's batches. `state_dict` is the position in the
+    epoch (chunks taken, rows left of them): a run resumed from it goes on where it stopped, given
+    the same order of chunks (train.deterministic), instead of at the epoch's start.
     """
 
     def __init__(self, shard, batch_size: int, to_input, shuffle: bool):
@@ -65,6 +68,8 @@ class ShardStream:
         self.wait_s = 0.0
         self.preview: np.ndarray | None = None  # kept on the host: batches arrive on the worker's device
         self.rows: torch.Tensor | None = None  # this epoch's images not served yet
+        self.taken = 0  # this epoch's chunks appended to rows so far
+        self.skip = 0  # chunks a resumed stream passes over: served before its checkpoint
         self.chunks: queue.Queue = queue.Queue(maxsize=QUEUED_CHUNKS)
         self.closed = threading.Event()
         threading.Thread(target=self._fetch, name="shard-stream", daemon=True).start()
@@ -91,15 +96,24 @@ class ShardStream:
                 pass
         return False
 
-    def _refill(self) -> bool:
-        """Append the next chunk; at the end of the epoch drop the remainder instead (returns True)."""
+    def _take(self):
         chunk = self.chunks.get()
-        if chunk is _EPOCH_END:
-            self.rows = None
-            return True
         if isinstance(chunk, BaseException):
             raise chunk
-        rows = chunk if self.rows is None else torch.cat([self.rows, chunk])
+        return chunk
+
+    def _refill(self) -> bool:
+        """Append the next chunk; at the end of the epoch drop the remainder instead (returns True)."""
+        chunk = self._take()
+        while self.skip and chunk is not _EPOCH_END:
+            self.skip -= 1
+            chunk = self._take()
+        self.skip = 0
+        if chunk is _EPOCH_END:
+            self.rows, self.taken = None, 0
+            return True
+        self.taken += 1
+        rows = chunk if self.rows is None else torch.cat([self.rows.to(chunk.device), chunk])
         self.rows = rows[torch.randperm(len(rows), device=rows.device)] if self.shuffle else rows
         return False
 
@@ -115,6 +129,14 @@ class ShardStream:
         if self.preview is None:
             self.preview = to_host(images[:PREVIEW])
         return self.to_input(images)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taken": self.taken, "rows": None if self.rows is None else self.rows.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at a saved position: this epoch's first `taken` chunks are passed over as they come."""
+        self.skip, self.taken = state["taken"], state["taken"]
+        self.rows = state["rows"]
 
     def close(self) -> None:
         """Stop fetching (the thread ends at its next chunk)."""
@@ -218,11 +240,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     real = ShardStream(ray.train.get_dataset_shard("real"), cfg.train.batch_size, precision.to_input,
                        cfg.train.shuffle)
     shards = dh.get_shards(loop_config["history_run"], cfg.train.buffer_shards)
-    counters, history_restored = _restore(ray.train.get_checkpoint(), cfg, rank, engines, ema, shards, device,
-                                          loop_config.get("env"))
+    counters, history_restored, position = _restore(ray.train.get_checkpoint(), cfg, rank, world, engines, ema,
+                                                    shards, device, loop_config.get("env"))
     dist.barrier()  # nobody samples the buffer before rank 0 restored or cleared it
     history = dh.SharedHistory(shards, sample_size=cfg.train.batch_size // 2, device=device,
                                wide=wide_codes(cfg.model), rank_of=(rank, world) if cfg.train.deterministic else None)
+    if position is not None:
+        synthetic.load_state_dict(position["synthetic"])
+        real.load_state_dict(position["real"])
+        history.restore_pending_sample(position["history"])
     algo = build_simgan(cfg, DeepSpeedUpdater(engines[0]), DeepSpeedUpdater(engines[1]), history, synthetic,
                         real, precision, ema)
     if counters is not None:
@@ -285,8 +311,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dist.barrier()  # every rank's pushes have landed before rank 0 reads the buffer
             name = checkpoint_name(step)
             stored = storage.join(cfg.train.storage_path, cfg.train.name, name)
-            folder = _write_checkpoint(cfg, rank, engines, algo, shards, metrics if evaluated else None, stored,
-                                       loop_config.get("env"))
+            position = {"world": world, "synthetic": synthetic.state_dict(), "real": real.state_dict(),
+                        "history": history.pending_sample()}
+            folder = _write_checkpoint(cfg, rank, engines, algo, shards, position, metrics if evaluated else None,
+                                       stored, loop_config.get("env"))
             tracker.save_run(folder)
             tracker.tags({"simgan.checkpoint": stored})
             # Ray Train hears only of checkpoints (every evaluation and the last step are ones): each
@@ -313,11 +341,13 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:09d}"
 
 
-def _restore(checkpoint, cfg: Config, rank: int, engines: tuple, ema, shards: list, device: torch.device,
-             env: list | None) -> tuple[dict[str, int] | None, int]:
+def _restore(checkpoint, cfg: Config, rank: int, world: int, engines: tuple, ema, shards: list,
+             device: torch.device, env: list | None) -> tuple[dict[str, int] | None, int, dict | None]:
     """Load Ray Train's latest checkpoint into this rank's engines, EMA and RNG, and (rank 0) the
     history buffer; a fresh run's rank 0 clears the buffer instead. Returns the schedule counters
-    (None for a fresh run) and how many history images came back."""
+    (None for a fresh run), how many history images came back, and this rank's position in its data
+    streams and its pending history sample (None when fresh, or saved by another number of workers,
+    whose shards of the data were other rows)."""
     from simgan_dist.train import distributed_history as dh
     from simgan_dist.train.checkpoint import REFINER_FILE, STATE_FILE, load_data, set_rng_state
     from simgan_dist.train.engines import load_engines
@@ -325,8 +355,8 @@ def _restore(checkpoint, cfg: Config, rank: int, engines: tuple, ema, shards: li
     if not checkpoint:
         if rank == 0:
             dh.clear_shards(shards)
-        return None, 0
-    history_restored = 0
+        return None, 0, None
+    history_restored, position = 0, None
     with checkpoint.as_directory() as folder:
         load_engines(folder, *engines)
         if ema:
@@ -336,16 +366,21 @@ def _restore(checkpoint, cfg: Config, rank: int, engines: tuple, ema, shards: li
         rank_rng = os.path.join(folder, f"rng_rank{rank}.pt")
         if os.path.exists(rank_rng):
             set_rng_state(load_data(rank_rng, f"checkpoint rng_rank{rank}.pt"))
+        rank_position = os.path.join(folder, POSITION_FILE.format(rank))
+        if os.path.exists(rank_position):
+            position = load_data(rank_position, f"checkpoint {POSITION_FILE.format(rank)}")
+            position = position if position["world"] == world else None
     if rank == 0:  # the shards read their files from storage themselves
         stored = storage.join(cfg.train.storage_path, cfg.train.name, os.path.basename(checkpoint.path))
         history_restored = dh.load_shards(shards, state["history"], stored, cfg.storage, env)
-    return state["algorithm"], history_restored
+    return state["algorithm"], history_restored, position
 
 
-def _write_checkpoint(cfg: Config, rank: int, engines: tuple, algo, shards: list,
+def _write_checkpoint(cfg: Config, rank: int, engines: tuple, algo, shards: list, position: dict[str, Any],
                       scores: dict[str, Any] | None, stored: str, env: list | None) -> str:
-    """This rank's part of a checkpoint, in a local folder Ray uploads in the background to `stored`
-    and then deletes; rank 0 has the history shards write their files straight to `stored`."""
+    """This rank's part of a checkpoint (`position`: see `_restore`), in a local folder Ray uploads in the
+    background to `stored` and then deletes; rank 0 has the history shards write their files straight
+    to `stored`."""
     from simgan_dist.metrics.objective import write_scores
     from simgan_dist.train import distributed_history as dh
     from simgan_dist.train.checkpoint import rng_state, write_checkpoint
@@ -354,6 +389,7 @@ def _write_checkpoint(cfg: Config, rank: int, engines: tuple, algo, shards: list
     folder = tempfile.mkdtemp(prefix="simgan-ckpt-")
     save_engines(folder, *engines)
     torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank}.pt"))
+    torch.save(position, os.path.join(folder, POSITION_FILE.format(rank)))
     if rank == 0:
         write_checkpoint(folder, cfg, refining(algo), engines[1].module, {
             "algorithm": algo.state_dict(), "history": dh.save_shards(shards, stored, cfg.storage, env),

@@ -86,6 +86,29 @@ def test_shard_stream_starts_the_next_epoch_ahead_and_hands_on_read_errors():
         broken()
 
 
+def test_shard_stream_resumed_from_its_state_serves_what_the_saved_one_would():
+    """Mid-epoch (3 chunks of 64 rows an epoch, the second chunk partly served), shuffled: a new stream
+    over the same shard, given the saved state and the same RNG state, serves the same batches on,
+    across the epoch's end; a fresh one starts the epoch over."""
+    import torch
+
+    def stream():
+        return ShardStream(_Shard(200), 8, to_input=lambda images: images, shuffle=True)
+
+    torch.manual_seed(0)
+    saved = stream()
+    _epoch_rows(saved, 11)
+    state, rng = saved.state_dict(), torch.get_rng_state()
+    assert state["taken"] == 2 and len(state["rows"]) == 2 * 64 - 11 * 8
+    expected = _epoch_rows(saved, 20)  # the epoch's 14 batches left, then the next's first 6
+    resumed = stream()
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)
+    assert _epoch_rows(resumed, 20) == expected
+    torch.set_rng_state(rng)
+    assert _epoch_rows(stream(), 20) != expected
+
+
 def _checkpoint_files_are_data(run_uri: str) -> list[str]:
     """Every .pt object under `run_uri` but DeepSpeed's, each loaded by plain torch.load(weights_only=True)."""
     import io
