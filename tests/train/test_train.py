@@ -174,7 +174,8 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_
     assert "metrics.jsonl" in monitor
     assert storage.list_files(f"{s3_bucket}/runs/e2e/monitor/images")
     loaded = _checkpoint_files_are_data(f"{s3_bucket}/runs/e2e")
-    assert any(n.endswith("/state.pt") for n in loaded) and any(n.endswith("/rng_rank1.pt") for n in loaded), loaded
+    for name in ("state.pt", "rng_rank1.pt", "position_rank1.pt"):
+        assert any(n.endswith(f"/{name}") for n in loaded), (name, loaded)
 
     # the same job submitted again with a longer schedule continues the run
     again = fit(_config(*overrides, "train.iterations=8"))
