@@ -15,11 +15,12 @@ downstream error) over the trials, and the same along every run (`--along`: the 
 training or checkpoint choice. The kind (eye or hand) is the corpus's: its manifest says.
 
     simgan-dist simulate --out demo_output/data --synthetic 4000 --real 2000 --real-test 1000 --seed 0
-    nice -n 5 python bench/objective_validation.py --data demo_output/data --out OUT --trials 10 --seeds 3
+    nice -n 5 python bench/objective_validation.py --data demo_output/data --out OUT --trials 10 --seeds 3 \
+        --iterations 600  # bench/RESULTS.md issue 23, 6.
     # hands: the hand demo's corpus and recipe (jobs/configs/hand-tiny.yaml)
     simgan-dist simulate --kind hand --hand-size 64 --out demo_output/hand/data \
         --synthetic 4000 --real 2000 --real-test 1000 --seed 0
-    python bench/objective_validation.py --data demo_output/hand/data --out OUT --trials 6 --seeds 3
+    python bench/objective_validation.py --data demo_output/hand/data --out OUT --trials 8 --seeds 3
 
 Trained runs stay under OUT/runs/; each downstream measurement is cached in OUT/downstream.jsonl by
 checkpoint, seed and estimator, so a rerun only measures what is new (resumable): the same OUT
