@@ -131,7 +131,7 @@ class ShardStream:
         return self.to_input(images)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"taken": self.taken, "rows": None if self.rows is None else self.rows.cpu()}
+        return {"taken": self.taken, "rows": None if self.rows is None else torch.from_numpy(to_host(self.rows))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at a saved position: this epoch's first `taken` chunks are passed over as they come."""
