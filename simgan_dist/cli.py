@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser(
         "tune", help="Ray Tune sweep over K_g, lr and λ, ranked by the label-free objective",
         description="Each trial is a Ray Train run (its own workers and history buffer) scored every "
-        "train.eval_every steps; ASHA stops laggards. Rerunning the same tune.name resumes the sweep. "
+        "train.eval_every steps; at each rung (tune.grace_steps × tune.reduction_factor^k steps) trials whose "
+        "objective lags stop themselves. Rerunning the same tune.name resumes the sweep. "
         "Writes results.csv/.md, best_config.yaml and best_checkpoint.txt under tune.output/tune.name.",
     )
     _add_config_args(tune)

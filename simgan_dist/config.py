@@ -122,8 +122,9 @@ class TrainConfig:
     # True: the same machine, seed, data and worker count give bit-identical weights. Ray Data keeps
     # the stored block order (the shuffle is then seeded within each chunk of batches), torch uses
     # deterministic kernels only, and the history shards take the workers' pushes and samples in
-    # rank order at every D step. A sweep is then reproducible when its trials run one at a time
-    # (ASHA's stops depend on which concurrent trial reports first). Costs: bench/RESULTS.md, issue 23.
+    # rank order at every D step. A sweep's rungs then compare each trial with the trials created
+    # before it only (train/rungs.py): concurrent trials are stopped as in a sweep of one trial at a
+    # time, so a random or grid sweep is reproducible too. Costs: bench/RESULTS.md, issue 23.
     deterministic: bool = False
     # "auto": bf16 autocast on GPU, fp32 on CPU.
     precision: str = "auto"
@@ -197,8 +198,8 @@ class TuneConfig:
     # "random" (Tune's BasicVariantGenerator, seeded by train.seed), "grid" (every combination of
     # the lists, num_samples times; ranges still sampled) or "optuna" (TPE).
     search: str = "random"
-    # ASHA: a trial runs at least grace_steps training steps before it can be stopped; each rung
-    # keeps the best 1/reduction_factor of the trials.
+    # Successive halving (ASHA's rule, train/rungs.py): rungs at grace_steps × reduction_factor^k
+    # steps; at each a trial goes on only if its objective is within the best 1/reduction_factor.
     grace_steps: int = 100
     reduction_factor: int = 2
     # 0: as many as the cluster's CPUs (or GPUs) fit, train.num_workers each.

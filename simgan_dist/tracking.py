@@ -328,8 +328,8 @@ def sweep_experiment(cfg: Config) -> str:
 
 def log_sweep_results(tracker: Tracker, folder: str, rows: list[dict[str, Any]], best: dict[str, Any] | None,
                       storage_cfg=None) -> None:
-    """The results table and best config as the parent's artifacts; each trial's stop reason on its run,
-    and trials ASHA stopped marked KILLED (their processes die before they can say so, or call it FAILED)."""
+    """The results table and best config as the parent's artifacts; each trial's stop reason on its run
+    (`simgan.stop`), and a trial whose process died before it could end its run marked as it ended."""
     from simgan_dist.data import storage
 
     if not tracker.on:
@@ -353,10 +353,8 @@ def log_sweep_results(tracker: Tracker, folder: str, rows: list[dict[str, Any]],
             if stop is None:
                 continue
             tracker.client.set_tag(child.info.run_id, "simgan.stop", stop)
-            status = FAILED if stop.startswith("failed") else KILLED
-            # a stopped trial's process may have ended its run as FAILED on the way out; the sweep knows better
-            if child.info.status == "RUNNING" or (status == KILLED and child.info.status == FAILED):
-                tracker.client.set_terminated(child.info.run_id, status)
+            if child.info.status == "RUNNING":
+                tracker.client.set_terminated(child.info.run_id, FAILED if stop.startswith("failed") else FINISHED)
 
     tracker.submit("trial status", mark_trials)
 

@@ -3,18 +3,19 @@
 Each trial is a whole training run: a Tune function trainable builds and fits a Ray Train
 `TorchTrainer` (`train.fit`) with its own worker group and its own history-buffer actors,
 named after the trial. Ray Train's `TuneReportCallback` forwards every scored report
-(`objective`, `realism`, `drift`, the step and the checkpoint path) to Tune; ASHA stops
-trials whose objective lags at a rung. The history actors go away when a trial ends or
-fails (`train.fit`'s `finally`) or is stopped by ASHA (`TrialCleanup`, on the driver: a
-stopped trial's process is killed, its `finally` may never run), and so does the placement
-group of a stopped trial's worker group, which Ray would otherwise keep until the sweep ends.
-A trial that reaches its last step ends on its own (ASHA's `stop_last_trials` off), so its
-controller shuts its worker group down and its last checkpoint is whole.
+(`objective`, `realism`, `drift`, the step and the checkpoint path) to Tune. Successive halving
+(ASHA's rule, `train/rungs.py`) stops trials whose objective lags at a rung: the trial's workers
+ask the sweep's rung book and end the run themselves there, so a stopped trial's last checkpoint
+is whole and its worker group shuts down as any finished run's does; with `train.deterministic` the
+verdicts do not depend on which trial reports first. The history actors go away when a trial ends
+(`train.fit`'s `finally`; `TrialCleanup` on the driver for a trial whose process died), and so does the
+placement group of a dead trial's worker group, which Ray would otherwise keep until the sweep ends.
 
 Everything goes under `tune.output/tune.name/`: Tune's experiment state (rerunning the same
 sweep resumes it with `Tuner.restore`, finished trials are not rerun), each trial's training
 run in `runs/<trial>/`, and the sweep's results:
 
+    _rungs.json                the rung book: each trial's objective at each rung and the verdicts
     results.csv / results.md   one row per trial: parameters, objective, realism, drift, stop reason
     best_config.yaml           the winner's config: `simgan-dist train --config best_config.yaml`
     best_checkpoint.txt        the winner's best checkpoint (`refine --checkpoint` takes the sweep folder)
@@ -39,6 +40,7 @@ from simgan_dist.config import Config, config_from_dict, load_config
 from simgan_dist.console import failure_line, say, verbose
 from simgan_dist.errors import UserError
 from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
+from simgan_dist.train import rungs
 from simgan_dist.tune_progress import sweep_progress
 
 PARAMS = ("k_g", "lr", "lambda_reg")
@@ -118,6 +120,12 @@ def _scored_report_callback():
     return ScoredReportCallback()
 
 
+def trial_key(cfg: Config, trial_id: str) -> int:
+    """A trial's index in the rung book: its creation index (random and grid search); optuna's
+    trials have none (random ids), and there the book decides as ASHA does, order unseen."""
+    return int(trial_id, 16) if cfg.tune.search == "optuna" else rungs.trial_index(trial_id)
+
+
 def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: dict[str, float] | None = None,
               env: dict[str, str] | None = None, mlflow_parent: str | None = None) -> None:
     """Tune function trainable: one training run with this trial's parameters, its workers sized
@@ -132,14 +140,17 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], worker_resources: di
     from simgan_dist.train.driver import fit
 
     os.environ.update(env or {})  # this trial's own process; fit() hands them on to its workers
-    cfg = trial_config(base, config, ray.tune.get_context().get_trial_id())
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(base, config, trial_id)
     result = fit(cfg, callbacks=[_scored_report_callback()], worker_resources=worker_resources,
-                 mlflow_parent=mlflow_parent)
+                 mlflow_parent=mlflow_parent,
+                 rungs={"book": rungs.book_name(sweep_folder(cfg)), "trial": trial_key(cfg, trial_id)})
     if result.error:
         raise result.error
 
 
 def _trial_cleanup(base: dict[str, Any]):
+    import ray
     from ray.tune import Callback
 
     from simgan_dist.ray_cluster import remove_orphaned_placement_groups
@@ -147,11 +158,12 @@ def _trial_cleanup(base: dict[str, Any]):
     from simgan_dist.train.driver import history_run_id
 
     class TrialCleanup(Callback):
-        """On the driver: what a stopped trial's killed process leaves behind goes away.
+        """On the driver: what a trial's dead process leaves behind goes away, and the rung book hears
+        of trials that end (no later trial waits at a rung for them).
 
-        Its history actors when it completes, fails or is stopped; its worker group's placement
-        group (`remove_orphaned_placement_groups`) once the trial's process is gone, checked
-        every ORPHAN_CHECK_S while the sweep runs (Tune kills the process after its callbacks).
+        Its history actors when it completes or fails; its worker group's placement group
+        (`remove_orphaned_placement_groups`) once the trial's process is gone, checked every
+        ORPHAN_CHECK_S while the sweep runs (Tune kills a failed trial's process after its callbacks).
         """
 
         def __init__(self):
@@ -160,6 +172,9 @@ def _trial_cleanup(base: dict[str, Any]):
         def _remove(self, trial) -> None:
             cfg = trial_config(base, trial.config, trial.trial_id)
             dh.destroy_shards(history_run_id(cfg), cfg.train.buffer_shards)
+            # By name (this callback is pickled with the sweep's state; a handle would outlive its actor)
+            book = ray.get_actor(rungs.book_name(sweep_folder(cfg)))
+            ray.get(book.end.remote(trial_key(cfg, trial.trial_id)))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._remove(trial)
@@ -262,7 +277,6 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     `mlflow_parent`: the sweep's MLflow run, which the trials' runs nest under.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from simgan_dist import tracking
     from simgan_dist.data import storage
@@ -291,9 +305,6 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         searcher, limit = BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=concurrency), None
-    # A trial at max_t ends on its own: stopping it there would kill it amid its last checkpoint.
-    scheduler = ASHAScheduler(time_attr="step", max_t=_total_steps(cfg), grace_period=cfg.tune.grace_steps,
-                              reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
     if not verbose():  # Tune's own status table and banners, and its traceback of each failed trial
         # (our line says why and what happens next): --verbose. The legacy reporter is silent at 0.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -304,7 +315,7 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=cfg.tune.num_samples,
-                                    scheduler=scheduler, search_alg=searcher, max_concurrent_trials=limit),
+                                    search_alg=searcher, max_concurrent_trials=limit),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=storage_path, storage_filesystem=filesystem,
                                   callbacks=[_trial_cleanup(base), sweep_progress(cfg.train.max_failures)],
                                   failure_config=trial_failure_config(cfg),
@@ -328,7 +339,7 @@ def _row(result, cfg: Config) -> dict[str, Any]:
     if result.error:
         row["stop"] = f"failed: {failure_line(result.error)[:160]}"
     elif row["last_step"] < _total_steps(apply_params(cfg, params)):
-        row["stop"] = "stopped early (ASHA)"
+        row["stop"] = "stopped at a rung"
     else:
         row["stop"] = "completed"
     run = trial_config(cfg.to_dict(), params, row["trial"])
@@ -376,6 +387,8 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
 
 def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run (or resume) the sweep; returns the table's rows and the winning row."""
+    import ray
+
     from simgan_dist import console, ray_cluster, tracking
     from simgan_dist.data import storage
     from simgan_dist.train import resources
@@ -398,13 +411,16 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     folder = sweep_folder(cfg)
     with tracking.sweep_run(cfg, folder) as parent:
         parent.save_run(folder, cfg.storage)  # a resumed sweep goes on with the same parent run
+        book = rungs.start_book(folder, cfg.storage, cfg.tune.reduction_factor,
+                                ordered=cfg.train.deterministic and cfg.tune.search != "optuna")
         try:
             concurrency, worker_resources = sweep_resources(cfg)
             console.say(f"tune: each trial {resources.describe(worker_resources, cfg)}")
             grid = make_tuner(cfg, concurrency, worker_resources, parent.run_id).fit()
         finally:  # the autoscaler request sweep_resources may have made: the sweep's nodes are not kept after it
             resources.clear_resource_request()
-        ray_cluster.remove_orphaned_placement_groups()  # the last trial ASHA stopped: its process is gone now
+            ray.kill(book)  # its state is in the sweep folder
+        ray_cluster.remove_orphaned_placement_groups()  # a trial that failed last: its process is gone now
         rows = [_row(result, cfg) for result in grid]
         best = write_results(cfg, rows)
         tracking.log_sweep_results(parent, folder, rows, best, cfg.storage)

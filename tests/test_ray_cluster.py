@@ -117,7 +117,7 @@ def test_a_run_too_big_for_the_cluster_fails_at_once():
 
 @pytest.mark.slow
 def test_placement_groups_of_dead_actors_are_removed_and_no_others(ray_local):
-    """What ASHA leaves when it kills a trial with its Train controller: a group whose creator actor died."""
+    """What a trial killed with its Train controller leaves: a group whose creator actor died."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 

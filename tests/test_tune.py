@@ -1,4 +1,4 @@
-"""A real Ray Tune sweep on CPU: ASHA, results, the winner's config, resume, history actors."""
+"""A real Ray Tune sweep on CPU: successive halving at rungs, results, the winner's config, resume, history actors."""
 
 import json
 
@@ -20,7 +20,9 @@ def _trial_reports(folder) -> dict[str, int]:
 @pytest.mark.slow
 def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, mlflow_server, tmp_path, monkeypatch,
                                                               capsys):
-    """Also: with fake credentials in the config, no file the sweep writes (best_config.yaml,
+    """The two trials run at once, yet the bad one (the second) is always stopped at the first rung, as in a
+    sweep of one trial at a time (train.deterministic; ASHA itself let it go on whenever it got there first).
+    Also: with fake credentials in the config, no file the sweep writes (best_config.yaml,
     results, Tune's trial files, the trials' training runs) nor the Ray session's logs nor the
     console nor the MLflow store holds them; the trials get their config's secrets through the object
     store. In MLflow the sweep is one parent run (continued when resumed) with the trials nested."""
@@ -37,20 +39,21 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, mlflow
         "train.checkpoint_every=10", "train.storage_path=runs", "tune.name=t", "tune.output=sweeps",
         "tune.search=grid", "tune.num_samples=1",
         "tune.k_g=[1]",
-        "tune.lr=[1.0e-4, 5.0]",  # lr 5 wrecks the refiner in its first steps: ASHA must stop that trial
-        # (one at a time, in grid order: the good trial sets the rung's bar first)
-        "tune.lambda_reg=[1.0e-4]", "tune.grace_steps=2", "tune.max_concurrent_trials=1",
+        "tune.lr=[1.0e-4, 5.0]",  # lr 5 wrecks the refiner in its first steps: the rung at step 2 must stop it
+        "tune.lambda_reg=[1.0e-4]", "tune.grace_steps=2", "tune.max_concurrent_trials=2",
         f"tracking.mlflow_uri={mlflow_server.uri}", f"tracking.experiment=sweep-{tmp_path.name}"])
     held_before = _placement_groups_holding_resources()
     rows, best = sweep(cfg)
     by_lr = {r["lr"]: r for r in rows}
     assert set(by_lr) == {1e-4, 5.0}, rows
-    assert by_lr[5.0]["stop"] == "stopped early (ASHA)" and by_lr[5.0]["last_step"] < 10
+    assert by_lr[5.0]["stop"] == "stopped at a rung" and by_lr[5.0]["last_step"] == 2
     assert by_lr[1e-4]["stop"] == "completed"
     assert best["lr"] == 1e-4 and best["objective"] < by_lr[5.0]["objective"]
 
     folder = tmp_path / "sweeps" / "t"
-    assert "stopped early (ASHA)" in (folder / "results.md").read_text()
+    assert "stopped at a rung" in (folder / "results.md").read_text()
+    book = json.loads((folder / "_rungs.json").read_text())
+    assert book["ordered"] and book["verdicts"] == {"0@2": True, "1@2": False, "0@4": True, "0@8": True}, book
     assert len((folder / "results.csv").read_text().splitlines()) == 3
     checkpoint = (folder / "best_checkpoint.txt").read_text().strip()
     assert json.loads(open(f"{checkpoint}/scores.json").read())["objective"] == pytest.approx(best["objective"])
@@ -58,8 +61,8 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, mlflow
 
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("simgan-history/")], "a trial's history actors outlived it"
-    # ASHA killed the bad trial with its Train controller: its worker group's placement group must not
-    # hold CPUs until the session ends (Ray Train's own cleaner needs the dashboard, absent here)
+    # no trial's worker group placement group holds CPUs until the session ends (Ray Train's own cleaner
+    # needs the dashboard, absent here)
     assert _placement_groups_holding_resources() <= held_before
 
     assert set(json.loads(next(folder.glob("run_trial_*/params.json")).read_text())) == {"k_g", "lr", "lambda_reg"}
@@ -85,7 +88,7 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, mlflow
     trials = {float(r.data.params["train.lr"]): r for r in runs
               if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(trials) == {1e-4, 5.0}  # both nested (the winner's retraining above is a run of its own)
-    assert trials[5.0].data.tags["simgan.stop"] == "stopped early (ASHA)" and trials[5.0].info.status == "KILLED"
+    assert trials[5.0].data.tags["simgan.stop"] == "stopped at a rung" and trials[5.0].info.status == "FINISHED"
     assert trials[1e-4].info.status == "FINISHED" and client.get_metric_history(trials[1e-4].info.run_id, "objective")
     assert parent.data.tags["simgan.best_checkpoint"] == checkpoint
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.md", "best_config.yaml"}

@@ -30,7 +30,8 @@ def history_run_id(cfg: Config) -> str:
 
 
 def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
-        worker_resources: dict[str, float] | None = None, mlflow_parent: str | None = None):
+        worker_resources: dict[str, float] | None = None, mlflow_parent: str | None = None,
+        rungs: dict[str, Any] | None = None):
     """Train on the connected Ray cluster (or a local one); returns the ray.train.Result.
 
     `datasets` ({"synthetic", "real"} Ray Datasets with a uint8 N×H×W×C `image` column)
@@ -40,12 +41,13 @@ def fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | N
     connected cluster (and fails at once when the run cannot fit). The run's history-buffer
     actors are removed when it ends, however it ends, and so is the autoscaler request
     `resources.training_resources` made for it (`resources.clear_resource_request`). `mlflow_parent`:
-    the MLflow run of the sweep this run is a trial of (tracking.py).
+    the MLflow run of the sweep this run is a trial of (tracking.py). `rungs`: a sweep's trial stops at
+    its rungs for the verdict of the sweep's rung book (`rungs.RungStop.attach`).
     """
     from simgan_dist.train import resources
 
     try:
-        return _fit(cfg, datasets, callbacks, worker_resources, mlflow_parent)
+        return _fit(cfg, datasets, callbacks, worker_resources, mlflow_parent, rungs)
     finally:
         resources.clear_resource_request()
 
@@ -66,7 +68,8 @@ def _absolute_local_paths(cfg: Config) -> Config:
 
 
 def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | None = None,
-         worker_resources: dict[str, float] | None = None, mlflow_parent: str | None = None):
+         worker_resources: dict[str, float] | None = None, mlflow_parent: str | None = None,
+         rungs: dict[str, Any] | None = None):
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -129,7 +132,7 @@ def _fit(cfg: Config, datasets: dict[str, Any] | None = None, callbacks: list | 
         train_loop_per_worker,
         # The loop config is redacted (Config.to_dict); credentials reach the workers' environment.
         train_loop_config={"config": cfg.to_dict(), "history_run": run, "progress": progress,
-                           "mlflow_run": tracker.run_id,
+                           "mlflow_run": tracker.run_id, "rungs": rungs,
                            "env": share_env({**storage.worker_env(cfg.storage), **tracking.worker_env()})},
         # Ray's default placement (PACK), also for CPU workers: spread over nodes, they can leave no
         # node a whole free CPU, which Ray's rebuild of corpus blocks lost with a node needs (the

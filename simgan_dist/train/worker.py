@@ -36,6 +36,7 @@ from simgan_dist.train.recipe import (
     refining,
     use_deterministic_kernels,
 )
+from simgan_dist.train.rungs import RungStop
 
 CHUNK_BATCHES = 8  # batches per Ray Data fetch (ShardStream)
 QUEUED_CHUNKS = 2  # fetched ahead of the training thread, per stream
@@ -257,6 +258,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and restored_from:
         say(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
             f"with {history_restored} history images")
+    # A sweep's trial stops at its rungs for the verdict; resumed at one, it asks again (recorded before).
+    rungs = RungStop.attach(loop_config.get("rungs"), cfg)
+    stopped = bool(rungs and restored_from and not rungs.goes_on(restored_from, say if rank == 0 else None))
 
     # Rank 0 alone logs to the MLflow run its driver made (none when untracked).
     tracker = tracking.Tracker.attach(tracking.tracking_uri(cfg), loop_config.get("mlflow_run"), say) \
@@ -264,7 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sink = MonitorSink(cfg, tracker) if rank == 0 else None
     cadence, averager, throughput = Cadence.of(cfg.train), MetricAverager(), Throughput(cfg.train)
     wait_mark, saved_at, restarts_said = 0.0, time.monotonic(), 0
-    while not algo.done:
+    while not (algo.done or stopped):
         phase = algo.phase
         averager.add(algo.advance())
         throughput.add(phase)
@@ -289,6 +293,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if evaluator is not None and evaluated:
             metrics.update(evaluate(evaluator, refining(algo), precision))
+            if rungs:  # before the checkpoint: a trial resumed from it finds its value recorded
+                rungs.record(step, metrics["objective"])
         elif evaluator is not None and save:
             # Ray Train ranks every checkpoint by "objective" and would rank a missing one first;
             # NaN ranks last (kept only while it is the latest).
@@ -324,6 +330,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name,
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             saved_at = time.monotonic()
+        if rungs and evaluated and not rungs.goes_on(step, say if rank == 0 else None):
+            stopped = True
+            if rank == 0:
+                say(f"[{cfg.train.name}] stopped at step {step}/{algo.total_steps}: its objective is not among "
+                    f"the best 1/{cfg.tune.reduction_factor} of the sweep's trials at this rung")
         throughput.restart()  # the next rate leaves out this report's and checkpoint's time
         wait_mark = wait
     synthetic.close()
