@@ -58,19 +58,24 @@ class Precision:
         return to_model_input(images, self.device, channels_last=self.channels_last)
 
 
-def use_deterministic_kernels(train: TrainConfig) -> tuple[bool, bool, bool] | None:
+def use_deterministic_kernels(train: TrainConfig) -> tuple[bool, bool, bool, bool] | None:
     """With train.deterministic, only kernels that give the same bits on every run: no cuDNN
     autotuning, and cuBLAS with a fixed workspace (read when its first handle is made, so call this
     before any matmul: before the evaluator fits its realism network). These are process-wide;
-    returns the settings replaced (None when off) for `deterministic_kernels` to put back."""
+    returns the settings replaced (None when off) for `deterministic_kernels` to put back.
+
+    torch's deterministic mode also fills every new uninitialised tensor (torch.empty) with NaN, a
+    debugging aid that reproducible bits do not need: it made each step of a 2-worker ZeRO-2 run
+    take seconds (DeepSpeed allocates its flat gradient buckets anew each step), so it is off."""
     if not train.deterministic:
         return None
     previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-                torch.backends.cudnn.deterministic)
+                torch.backends.cudnn.deterministic, torch.utils.deterministic.fill_uninitialized_memory)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     return previous
 
 
@@ -82,8 +87,9 @@ def deterministic_kernels(train: TrainConfig) -> Iterator[None]:
         yield
     finally:
         if previous is not None:
-            algorithms, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous
+            algorithms, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, fill = previous
             torch.use_deterministic_algorithms(algorithms)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def build_networks(cfg: Config, device: torch.device,

@@ -73,3 +73,18 @@ def test_ema_checkpoint_holds_the_average_and_resumes(tmp_path):
     b, _ = load_refiner(str(tmp_path / "straight" / "checkpoint"))
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_deterministic_kernels_leave_new_tensors_unfilled_and_put_every_setting_back():
+    """torch's deterministic mode NaN-fills each torch.empty by default: DeepSpeed's per-step buckets then
+    made a 2-worker ZeRO-2 step take seconds (bench/RESULTS.md issue 23, 4.). Reproducible bits do not need it."""
+    import torch
+
+    from simgan_dist.config import load_config
+    from simgan_dist.train.recipe import deterministic_kernels
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    with deterministic_kernels(load_config("tiny", overrides=["train.deterministic=true"]).train):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+    assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before

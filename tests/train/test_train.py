@@ -148,8 +148,7 @@ def test_two_workers_end_to_end_on_s3_then_resubmitted(ray_local, s3_server, s3_
 
     data = f"{s3_bucket}/eyes"
     simulate_dataset(data, synthetic=384, real=192, real_test=0, seed=1, rows_per_shard=100)
-    # train.deterministic off, as a production run has it (the tiny preset turns it on: on this test's
-    # 2-worker S3 run it cost 35-60 s more; bench/RESULTS.md issue 23)
+    # train.deterministic off, as a production run has it (the tiny preset turns it on)
     overrides = ["train.num_workers=2", "train.checkpoint_every=7", "train.zero_stage=2", "train.buffer_size=128",
                  "train.deterministic=false",
                  f"data.synthetic={data}/synthetic", f"data.real={data}/real", "data.real_val_fraction=0.2",
