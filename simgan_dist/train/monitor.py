@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -216,3 +217,5 @@ class MonitorSink:
         self.log.close()
         if self.mirror:
             self.mirror.close()
+            # everything is in storage now; the local copy would stay in the node's /tmp for good
+            shutil.rmtree(self.mirror.folder, ignore_errors=True)

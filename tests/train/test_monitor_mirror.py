@@ -65,6 +65,7 @@ def test_tensorboard_flushes_on_the_mirror_thread_not_the_training_thread(s3_buc
     sink.sync()  # what the training thread calls at a report
     sink.close()
     assert flushed_on and set(flushed_on) == {"monitor-sync"}
+    assert not sink.mirror.folder.exists()  # the local copy goes once everything is uploaded
     tensorboard = f"{s3_bucket}/runs/sink/monitor/tensorboard"
     events = storage.list_files(tensorboard)
     assert events and b"loss_of_r" in storage.read_bytes(f"{tensorboard}/{events[0]}")
