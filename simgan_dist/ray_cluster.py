@@ -138,9 +138,9 @@ def _cluster(ray, address: str | None) -> Cluster:
 def remove_orphaned_placement_groups() -> list[dict[str, float]]:
     """Remove the placement groups whose creating actor is dead; returns their bundles' resources.
 
-    Ray Train's controller creates its worker group's placement group. When Tune stops a trial
-    early (ASHA), it kills the trial's process and with it the controller, before the
-    controller removes the group; Ray keeps a group until its creator actor *and* job are gone,
+    Ray Train's controller creates its worker group's placement group. When Tune kills a trial's
+    process (a trial that failed, an interrupted sweep), the controller goes with it before it
+    removes the group; Ray keeps a group until its creator actor *and* job are gone,
     so it would hold its CPUs until the sweep ends. Ray Train's own detached cleaner asks the
     State API whether the controller lives, and never gets an answer without the dashboard, or
     with two Ray instances on one machine (it fails with "Found multiple active Ray

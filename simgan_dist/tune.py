@@ -110,7 +110,7 @@ def _scored_report_callback():
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ScoredReportCallback(TuneReportCallback):
-        """Forward to Tune only the reports that carry a fresh evaluation (ASHA compares objectives)."""
+        """Forward to Tune only the reports that carry a fresh evaluation (the results table ranks their objectives)."""
 
         def after_report(self, run_context, metrics, checkpoint):
             objective = metrics[0].get("objective")
