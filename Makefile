@@ -10,12 +10,12 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# torch first, pinned: the CPU build on these machines' disk (a bare `torch` pulls CUDA).
+# torch first, pinned: the CPU build on these machines' disk (a bare `torch` pulls CUDA). DeepSpeed compiles
+# its CPU shared-memory collective on first use, into ~/.cache/torch_extensions: here, once, rather than
+# inside a niced Ray worker of the first test or demo run (minutes under load).
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# DeepSpeed compiles its CPU shared-memory collective on first use, into ~/.cache/torch_extensions:
-	# here, once, rather than inside a niced Ray worker of the first test or demo run (minutes under load).
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null
 	touch $(STAMP)
 
