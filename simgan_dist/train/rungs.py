@@ -174,15 +174,14 @@ class RungStop:
     steps: dict[int, int]  # evaluated step -> milestone
 
     @classmethod
-    def attach(cls, rungs: dict[str, Any] | None, cfg) -> RungStop | None:
+    def attach(cls, rungs: dict[str, Any] | None, cfg, total_steps: int) -> RungStop | None:
         """`rungs`: {"book": the actor's name, "trial": this trial's index}, given to sweeps' trials only."""
         if not rungs:
             return None
         import ray
 
-        total = cfg.train.pretrain_refiner_steps + cfg.train.pretrain_disc_steps + cfg.train.iterations
         return cls(ray.get_actor(rungs["book"]), rungs["trial"],
-                   rung_steps(cfg.tune.grace_steps, cfg.tune.reduction_factor, total, cfg.train.eval_every))
+                   rung_steps(cfg.tune.grace_steps, cfg.tune.reduction_factor, total_steps, cfg.train.eval_every))
 
     def record(self, step: int, objective: float) -> None:
         import ray

@@ -259,7 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         say(f"[{cfg.train.name}] resumed at step {restored_from}/{algo.total_steps} "
             f"with {history_restored} history images")
     # A sweep's trial stops at its rungs for the verdict; resumed at one, it asks again (recorded before).
-    rungs = RungStop.attach(loop_config.get("rungs"), cfg)
+    rungs = RungStop.attach(loop_config.get("rungs"), cfg, algo.total_steps)
     stopped = bool(rungs and restored_from and not rungs.goes_on(restored_from, say if rank == 0 else None))
 
     # Rank 0 alone logs to the MLflow run its driver made (none when untracked).
