@@ -11,12 +11,16 @@ refined images (`evaluate.train_estimator`, the function `simgan-dist evaluate` 
 "refined" row: gaze for eyes, the 16 joints' positions for hand depth maps) for each seed and
 test it on real_test. Then Spearman(objective, mean
 downstream error) over the trials, and the same along every run (`--along`: the error of every
-`--along`-th checkpoint, seed 0). real_test is read only for those final measurements, never by
-training or checkpoint choice. The kind (eye or hand) is the corpus's: its manifest says.
+`--along`-th checkpoint, seed 0). For eyes also the sweep's judge of completed trials
+(`tune_judge.judge_checkpoint`, the spread of a gaze estimator trained on the refined eyes, as `tune`
+computes it) and Spearman(judge, error): on the chosen checkpoints, and with `--extra-step S` on
+each run's step-S checkpoint too (checkpoints the judge was not developed on). real_test is read only
+for those final measurements, never by training, checkpoint choice or the judge. The kind (eye or
+hand) is the corpus's: its manifest says.
 
     simgan-dist simulate --out demo_output/data --synthetic 4000 --real 2000 --real-test 1000 --seed 0
     nice -n 5 python bench/objective_validation.py --data demo_output/data --out OUT --trials 10 --seeds 3 \
-        --iterations 600  # bench/RESULTS.md issue 23, 6.
+        --iterations 600 --extra-step 700  # bench/RESULTS.md issue 23, 6.
     # hands: the hand demo's corpus and recipe (jobs/configs/hand-tiny.yaml)
     simgan-dist simulate --kind hand --hand-size 64 --out demo_output/hand/data \
         --synthetic 4000 --real 2000 --real-test 1000 --seed 0
@@ -34,11 +38,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 
 from simgan_dist.config import load_config
-from simgan_dist.core.imaging import normalize, to_storage
+from simgan_dist.core.imaging import refine_images
 from simgan_dist.data.schema import load_numpy, read_manifest
 from simgan_dist.evaluate import SUMMARY_KEYS, train_estimator
 from simgan_dist.evaluate_inputs import TASK_LABELS
@@ -47,6 +50,7 @@ from simgan_dist.metrics.objective import Evaluator, choose
 from simgan_dist.train.checkpoint import load_refiner
 from simgan_dist.train.local import train_local
 from simgan_dist.tune import apply_params
+from simgan_dist.tune_judge import judge_checkpoint
 
 # Spread over each demo recipe's space, around its own setting; fixed order.
 TRIALS = {
@@ -81,13 +85,7 @@ RECIPES = {"eye": ("tiny", "jobs/configs/tiny.yaml"), "hand": ("hand-tiny", "job
 
 
 def refine_array(checkpoint: str, images: np.ndarray) -> np.ndarray:
-    refiner, _ = load_refiner(checkpoint)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), 512):
-            x, centres = normalize(images[i:i + 512])  # depth comes back around each map's own hand centre
-            out.append(to_storage(refiner(x), images.dtype, centres))
-    return np.concatenate(out)
+    return refine_images(load_refiner(checkpoint)[0], images, batch_size=512)
 
 
 def score_checkpoints(run: Path, evaluator: Evaluator) -> list[dict]:
@@ -115,6 +113,8 @@ def main() -> None:
                         help="eyes' downstream estimator (gazenet: the paper's, ~10 CPU-minutes a run; a GPU day)")
     parser.add_argument("--iterations", type=int, help="adversarial iterations per trial (default: the recipe's)")
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--extra-step", type=int, action="append", default=[],
+                        help="eyes: also judge and measure each run's checkpoint at this step (repeatable)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def main() -> None:
     baseline = downstream_errors("synthetic", range(args.seeds))
     print(f"synthetic: {np.mean(baseline):.2f} ± {np.std(baseline):.2f}{unit} ({task.name})", flush=True)
     evaluator = Evaluator.from_config(base)  # every trial is scored on the same images in the same space
-    trials, along = [], []
+    trials, along, extra = [], [], []
     for i, params in enumerate(TRIALS[kind][:args.trials]):
         cfg = apply_params(base, params)
         cfg.train.name = f"trial{i}"
@@ -166,8 +166,16 @@ def main() -> None:
         scored = score_checkpoints(run, evaluator)
         best = scored[choose([(s["objective"], s["step"]) for s in scored], [s["objective_se"] for s in scored])]
         errors = downstream_errors(best["checkpoint"], range(args.seeds))
-        trials.append({"trial": i, **params, **best, "errors": errors, "mean_error": float(np.mean(errors))})
+        judge = judge_checkpoint(base, best["checkpoint"]) if kind == "eye" else {}
+        trials.append({"trial": i, **params, **best, **judge, "errors": errors, "mean_error": float(np.mean(errors))})
         print(json.dumps(trials[-1]), flush=True)
+        for step in args.extra_step:
+            checkpoint = str(run / "best" / f"step_{step:07d}")
+            if kind == "eye" and Path(checkpoint).is_dir():
+                errors = downstream_errors(checkpoint, range(args.seeds))
+                extra.append({"trial": i, "step": step, **judge_checkpoint(base, checkpoint),
+                              "mean_error": float(np.mean(errors)), "errors": errors})
+                print(json.dumps(extra[-1]), flush=True)
         if args.along:
             along += [{**s, "error": downstream_errors(s["checkpoint"], range(1))[0]} for s in scored[::args.along]]
     print(f"| trial | K_g | lr | λ | objective | realism | drift px | best step | {task.name} error{unit} "
@@ -181,6 +189,20 @@ def main() -> None:
     if len(trials) >= 3:
         rho, p = spearmanr([d["objective"] for d in trials], [d["mean_error"] for d in trials])
         print(f"Spearman(objective, {task.name} error) over trials = {rho:.3f} (p = {p:.3g}, {len(trials)} trials)")
+    for name, rows in (("the chosen checkpoints", trials), (f"the step {args.extra_step} checkpoints", extra)):
+        if kind != "eye" or len(rows) < 3:
+            continue
+        print(f"\nThe judge on {name} (spread: the estimator's scatter on held-out real eyes, ratio: over its "
+              f"scatter on its own; lower = better)\n")
+        print(f"| trial | step | spread ° | spread ratio | {task.name} error{unit} (mean ± std) |")
+        print("|---|---|---|---|---|")
+        for d in sorted(rows, key=lambda d: d["spread_ratio"]):
+            print(f"| {d['trial']} | {d['step']} | {d['spread']:.2f} | {d['spread_ratio']:.3f} | "
+                  f"{d['mean_error']:.2f} ± {np.std(d['errors']):.2f} |")
+        for key in ("spread_ratio", "spread"):
+            rho, p = spearmanr([d[key] for d in rows], [d["mean_error"] for d in rows])
+            print(f"Spearman({key}, {task.name} error) on {name} = {rho:.3f} (p = {p:.3g}, {len(rows)})")
+        print(f"judge cost: {np.mean([d['spread_s'] for d in rows]):.1f} s per checkpoint")
     if len(along) >= 3:
         rho, p = spearmanr([d["objective"] for d in along], [d["error"] for d in along])
         print(f"Spearman(objective, {task.name} error) along the runs = {rho:.3f} (p = {p:.3g}, "

@@ -133,10 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler="simgan_dist.train.driver:cli_train")
 
     tune = commands.add_parser(
-        "tune", help="Ray Tune sweep over K_g, lr and λ, ranked by the label-free objective",
+        "tune", help="Ray Tune sweep over K_g, lr and λ, ranked without real labels",
         description="Each trial is a Ray Train run (its own workers and history buffer) scored every "
-        "train.eval_every steps; at each rung (tune.grace_steps × tune.reduction_factor^k steps) trials whose "
-        "objective lags stop themselves. Rerunning the same tune.name resumes the sweep. "
+        "train.eval_every steps by the label-free objective; at each rung (tune.grace_steps × "
+        "tune.reduction_factor^k steps) trials whose objective lags stop themselves. Then each completed eye "
+        "trial is judged once: a gaze estimator trained on its refined eyes, its scatter on held-out real eyes "
+        "(lower = better); completed trials rank by it, the rest by objective. "
+        "Rerunning the same tune.name resumes the sweep. "
         "Writes results.csv/.md, best_config.yaml and best_checkpoint.txt under tune.output/tune.name.",
     )
     _add_config_args(tune)

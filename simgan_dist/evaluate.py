@@ -123,17 +123,10 @@ def run_variants(variants: dict[str, tuple[np.ndarray, np.ndarray]], test_images
     else:
         import ray
 
-        from simgan_dist.ray_cluster import connect
+        from simgan_dist.ray_cluster import connect, estimator_task_options
 
         connect()  # the job's cluster under `ray job submit`, a registered one, or a local instance
-        resources = ray.cluster_resources()
-        if resources.get("GPU", 0) >= 1:
-            options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-            threads = None
-        else:
-            node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=1)
-            threads = int(max(1, min(resources.get("CPU", 1) // len(jobs), node_cpus)))
-            options = {"num_cpus": threads}
+        options, threads = estimator_task_options(len(jobs))
         remote = ray.remote(train_estimator).options(**options, max_retries=1)
         test_ref, test_labels_ref = ray.put(test_images), ray.put(test_labels)
         data_refs = {name: (ray.put(x), ray.put(y)) for name, (x, y) in variants.items()}

@@ -196,3 +196,17 @@ def require_shared_storage(paths: dict[str, str], command: str) -> None:
     raise UserError(f"{command}: {named} {'is a local path' if len(local) == 1 else 'are local paths'} but the Ray "
                     f"cluster has {nodes} nodes, each with its own disk: use an s3:// URI (e.g. "
                     f"{key}=s3://bucket/prefix) that every node reaches")
+
+
+def estimator_task_options(tasks: int) -> tuple[dict[str, float], int | None]:
+    """Ray options for `tasks` estimator fits at once, and the torch threads each may use: a whole GPU each
+    when the cluster has GPUs; on CPUs an even share of the cores (at least one, at most a node's), so the
+    tasks queue instead of thrashing."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) >= 1:
+        return {"num_gpus": 1, "num_cpus": 1}, None
+    node_cpus = max((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]), default=1)
+    threads = int(max(1, min(resources.get("CPU", 1) // max(1, tasks), node_cpus)))
+    return {"num_cpus": threads}, threads

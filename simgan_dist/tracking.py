@@ -341,7 +341,7 @@ def log_sweep_results(tracker: Tracker, folder: str, rows: list[dict[str, Any]],
             continue
     if best is not None:
         tracker.tags({"simgan.best_trial": best["trial"], "simgan.best_checkpoint": best["checkpoint"]})
-        tracker.metrics(None, {"best_objective": best["objective"]})
+        tracker.metrics(None, {"best_objective": best["objective"], "best_spread_ratio": best.get("spread_ratio")})
     stops = {str(row["trial"]): row["stop"] for row in rows}
 
     def mark_trials() -> None:

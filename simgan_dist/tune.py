@@ -1,4 +1,4 @@
-"""`simgan-dist tune`: a Ray Tune sweep over K_g, learning rate and λ, ranked by the label-free objective.
+"""`simgan-dist tune`: a Ray Tune sweep over K_g, learning rate and λ, ranked without real labels.
 
 Each trial is a whole training run: a Tune function trainable builds and fits a Ray Train
 `TorchTrainer` (`train.fit`) with its own worker group and its own history-buffer actors,
@@ -7,16 +7,19 @@ named after the trial. Ray Train's `TuneReportCallback` forwards every scored re
 (ASHA's rule, `train/rungs.py`) stops trials whose objective lags at a rung: the trial's workers
 ask the sweep's rung book and end the run themselves there, so a stopped trial's last checkpoint
 is whole and its worker group shuts down as any finished run's does; with `train.deterministic` the
-verdicts do not depend on which trial reports first. The history actors go away when a trial ends
-(`train.fit`'s `finally`; `TrialCleanup` on the driver for a trial whose process died), and so does the
-placement group of a dead trial's worker group, which Ray would otherwise keep until the sweep ends.
+verdicts do not depend on which trial reports first. When the trials are done, each completed eye
+trial's chosen checkpoint is judged once by the spread of a gaze estimator trained on its refined eyes
+(`tune_judge.py`), which ranks trials like the downstream error where the objective does not.
+The history actors go away when a trial ends (`train.fit`'s `finally`; `TrialCleanup` on the driver
+for a trial whose process died), and so does the placement group of a dead trial's worker group, which
+Ray would otherwise keep until the sweep ends.
 
 Everything goes under `tune.output/tune.name/`: Tune's experiment state (rerunning the same
 sweep resumes it with `Tuner.restore`, finished trials are not rerun), each trial's training
 run in `runs/<trial>/`, and the sweep's results:
 
     _rungs.json                the rung book: each trial's objective at each rung and the verdicts
-    results.csv / results.md   one row per trial: parameters, objective, realism, drift, stop reason
+    results.csv / results.md   one row per trial, best first: parameters, spread judge, objective, realism, drift, stop
     best_config.yaml           the winner's config: `simgan-dist train --config best_config.yaml`
     best_checkpoint.txt        the winner's best checkpoint (`refine --checkpoint` takes the sweep folder)
 
@@ -41,6 +44,7 @@ from simgan_dist.console import failure_line, say, verbose
 from simgan_dist.errors import UserError
 from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
 from simgan_dist.train import rungs
+from simgan_dist.tune_judge import JUDGE_KEYS, judge_trials, rank_key
 from simgan_dist.tune_progress import sweep_progress
 
 PARAMS = ("k_g", "lr", "lambda_reg")
@@ -358,8 +362,8 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
     from simgan_dist.data import storage
 
     folder = sweep_folder(cfg)
-    rows = sorted(rows, key=lambda r: (math.isnan(r["objective"]), r["objective"]))
-    columns = ["trial", *PARAMS, *SCORE_KEYS, "best_step", "last_step", "stop", "checkpoint"]
+    rows = sorted(rows, key=rank_key)
+    columns = ["trial", *PARAMS, *JUDGE_KEYS, *SCORE_KEYS, "best_step", "last_step", "stop", "checkpoint"]
     text = io.StringIO()
     writer = csv.DictWriter(text, columns)
     writer.writeheader()
@@ -369,8 +373,10 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    lines = [f"# Sweep {cfg.tune.name}", "", "Ranked by the label-free objective (lower = better; "
-             "realism / realism(synthetic) + drift beyond the tolerance, see simgan_dist/metrics/objective.py).", "",
+    lines = [f"# Sweep {cfg.tune.name}", "", "Completed eye trials ranked by spread_ratio (lower = better: a gaze "
+             "estimator trained on the trial's refined eyes, its scatter on held-out real eyes over its scatter on its "
+             "own; simgan_dist/tune_judge.py), then the rest by the label-free objective (lower = better; realism / "
+             "realism(synthetic) + drift beyond the tolerance, simgan_dist/metrics/objective.py).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     storage.write_bytes_atomic(storage.join(folder, "results.md"), ("\n".join(lines) + "\n").encode(), cfg.storage)
@@ -422,6 +428,7 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             ray.kill(book)  # its state is in the sweep folder
         ray_cluster.remove_orphaned_placement_groups()  # a trial that failed last: its process is gone now
         rows = [_row(result, cfg) for result in grid]
+        judge_trials(cfg, rows)
         best = write_results(cfg, rows)
         tracking.log_sweep_results(parent, folder, rows, best, cfg.storage)
     return rows, best
@@ -431,8 +438,9 @@ def cli_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
     rows, best = sweep(cfg)
     folder = sweep_folder(cfg)
-    for r in sorted(rows, key=lambda r: (math.isnan(r["objective"]), r["objective"])):
-        print(f"  trial {r['trial']}: k_g={r['k_g']} lr={r['lr']:.3g} λ={r['lambda_reg']:.3g} → "
+    for r in sorted(rows, key=rank_key):
+        judged = "" if math.isnan(r["spread_ratio"]) else f"spread ratio {r['spread_ratio']:.3f}, "
+        print(f"  trial {r['trial']}: k_g={r['k_g']} lr={r['lr']:.3g} λ={r['lambda_reg']:.3g} → {judged}"
               f"objective {r['objective']:.4g} (realism {r['realism']:.4g}, drift {r['drift']:.3g} px) [{r['stop']}]")
     print(f"results: {folder}/results.md")
     if best is None:

@@ -1,6 +1,7 @@
 """A real Ray Tune sweep on CPU: successive halving at rungs, results, the winner's config, resume, history actors."""
 
 import json
+import math
 
 import pytest
 import yaml
@@ -49,9 +50,12 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, mlflow
     assert by_lr[5.0]["stop"] == "stopped at a rung" and by_lr[5.0]["last_step"] == 2
     assert by_lr[1e-4]["stop"] == "completed"
     assert best["lr"] == 1e-4 and best["objective"] < by_lr[5.0]["objective"]
+    # the completed trial is judged once (a gaze estimator on its refined eyes); the stopped one is not
+    assert best["spread_ratio"] > 0 and best["spread"] > 0 and math.isnan(by_lr[5.0]["spread_ratio"])
 
     folder = tmp_path / "sweeps" / "t"
     assert "stopped at a rung" in (folder / "results.md").read_text()
+    assert "Completed eye trials ranked by spread_ratio" in (folder / "results.md").read_text()
     book = json.loads((folder / "_rungs.json").read_text())
     assert book["ordered"] and book["verdicts"] == {"0@2": True, "1@2": False, "0@4": True, "0@8": True}, book
     assert len((folder / "results.csv").read_text().splitlines()) == 3
@@ -81,6 +85,7 @@ def test_sweep_stops_a_bad_trial_writes_the_winner_and_resumes(ray_local, mlflow
     rows_again, best_again = sweep(cfg)
     assert _trial_reports(folder) == before
     assert best_again["objective"] == best["objective"]
+    assert best_again["spread_ratio"] == pytest.approx(best["spread_ratio"], rel=1e-6)  # judged with the sweep's seed
 
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs([client.get_experiment_by_name(f"sweep-{tmp_path.name}").experiment_id])
@@ -149,3 +154,15 @@ def test_trial_count_multiplies_grid_lists():
     assert trial_count(grid) == 4
     grid.tune.search = "random"
     assert trial_count(grid) == 2
+
+
+def test_judged_trials_rank_first_by_their_spread_ratio_then_the_rest_by_objective():
+    from simgan_dist.tune_judge import rank_key
+
+    nan = math.nan
+    rows = [{"trial": "a", "objective": 0.5, "spread_ratio": 0.9},
+            {"trial": "b", "objective": 0.7, "spread_ratio": 0.8},
+            {"trial": "c", "objective": 0.1, "spread_ratio": nan},
+            {"trial": "d", "objective": nan, "spread_ratio": nan},
+            {"trial": "e", "objective": 0.3}]
+    assert [r["trial"] for r in sorted(rows, key=rank_key)] == ["b", "a", "c", "e", "d"]

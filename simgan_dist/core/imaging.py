@@ -16,6 +16,7 @@ run in bf16, but the self-regularisation loss compares against exact depths.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,18 @@ def to_storage(x: torch.Tensor, dtype: np.dtype = np.uint8, centres: torch.Tenso
     else:
         y = ((x + 1.0) * 127.5).round().to(torch.uint8)
     return to_host(y.permute(0, 2, 3, 1)).astype(dtype, copy=False)
+
+
+@torch.no_grad()
+def refine_images(refine: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 256,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Storage-form images through `refine` (model form in → model form out, e.g. a refiner) in batches,
+    back in storage form (depth around each image's own hand centre)."""
+    out = []
+    for lo in range(0, len(images), batch_size):
+        x, centres = normalize(images[lo:lo + batch_size], device=device, dtype=dtype)
+        out.append(to_storage(refine(x), images.dtype, centres))
+    return np.concatenate(out)
 
 
 def wide_codes(model) -> bool:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from simgan_dist.config import Config, StorageConfig
-from simgan_dist.core.imaging import normalize, to_storage
+from simgan_dist.core.imaging import refine_images
 from simgan_dist.data.splits import load_real_val
 from simgan_dist.errors import UserError
 from simgan_dist.metrics.drift import detect_pupil, drift_tolerance_px, label_drift
@@ -124,12 +124,7 @@ class Evaluator:
                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """Scores of `refine` (model form in → model form out, e.g. the bare refiner module)."""
         start = time.perf_counter()
-        out = []
-        for lo in range(0, len(self.synthetic), self.batch_size):
-            # depth comes back to millimetres around each image's own hand centre
-            x, centres = normalize(self.synthetic[lo:lo + self.batch_size], device=device, dtype=dtype)
-            out.append(to_storage(refine(x), self.synthetic.dtype, centres))  # the device→host copy (to_host)
-        refined = np.concatenate(out)
+        refined = refine_images(refine, self.synthetic, self.batch_size, device, dtype)  # to_host's device→host copy
         scores = label_free_scores(self.synthetic, refined, self.reference, kind=self.kind, seed=self.seed,
                                    pupil_xy=self.anchors, realism_synthetic=self.realism_synthetic)
         return {**scores, "eval_s": time.perf_counter() - start}
