@@ -189,7 +189,8 @@ def main() -> None:
     if len(trials) >= 3:
         rho, p = spearmanr([d["objective"] for d in trials], [d["mean_error"] for d in trials])
         print(f"Spearman(objective, {task.name} error) over trials = {rho:.3f} (p = {p:.3g}, {len(trials)} trials)")
-    for name, rows in (("the chosen checkpoints", trials), (f"the step {args.extra_step} checkpoints", extra)):
+    steps = "/".join(map(str, args.extra_step))
+    for name, rows in (("the chosen checkpoints", trials), (f"the step-{steps} checkpoints", extra)):
         if kind != "eye" or len(rows) < 3:
             continue
         print(f"\nThe judge on {name} (spread: the estimator's scatter on held-out real eyes, ratio: over its "

@@ -35,11 +35,11 @@ simgan-dist simulate --out "$data" --synthetic 4000 --real 2000 --real-test 1000
     "${shape[@]}" "${config[@]}"  # a rerun renders the same rows
 fi
 if (( from <= 2 )); then
-step "2/4 tune: 2 trials ($sweep), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; a rung on the label-free objective"
+step "2/4 tune: 2 trials ($sweep), each a Ray Train run (1 worker, DeepSpeed) with its own history buffer; a rung on the label-free objective, completed trials judged"
 simgan-dist tune "${config[@]}" --set train.num_workers=1 | tee "$out/tune.log"
 fi
 
-step "3/4 refine: the whole synthetic corpus with the sweep's best checkpoint by the label-free objective"
+step "3/4 refine: the whole synthetic corpus with the winning trial's chosen checkpoint"
 simgan-dist refine --checkpoint "$out/sweeps/demo" --input "$data/synthetic" --out "$data/refined" "${config[@]}"
 
 step "4/4 evaluate: $check, realism"
