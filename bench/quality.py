@@ -123,18 +123,19 @@ def main() -> None:
         oracle = rows.get(oracle_row, {}).get("vs_synthetic", {}).get("mean")
         print(f"\n{model} estimator, seeds {args.seeds}, at most {cfg.gaze_epochs} epochs, "
               f"{cfg.gaze_val_fraction:.0%} held out, patience {cfg.gaze_patience}:\n")
-        curve = "" if kind == "eye" else f" % of joints within {', '.join(map(str, CURVE_POINTS))} px |"
+        curve = " within 7° (the paper's curve) |" if kind == "eye" else \
+            f" % of joints within {', '.join(map(str, CURVE_POINTS))} px |"
         print("| training images | mean error on real_test | lower than synthetic (paired) | per seed | "
               f"epochs kept |{curve}")
-        print("|---|---|---|---|---|" + ("" if kind == "eye" else "---|"))
+        print("|---|---|---|---|---|---|")
         for name, row in rows.items():
             s, p = row["summary"], row["vs_synthetic"]
             share = (f" ({p['mean'] / oracle:.0%} of the {oracle_row})"
                      if oracle and name in args.refined else "")
             per_seed = ", ".join(f"{100 * g:+.1f}%" for g in p["per_seed"])
             epochs = ", ".join(str(r["best_epoch"]) for r in s["per_seed"])
-            curve = ("" if kind == "eye" else " | " + " ".join(f"{100 * s['within_px_curve'][d]:.0f}"
-                                                                for d in CURVE_POINTS))
+            curve = (f" | {100 * s['within_7deg']:.1f} ± {100 * s['within_7deg_std']:.1f}%" if kind == "eye" else
+                     " | " + " ".join(f"{100 * s['within_px_curve'][d]:.0f}" for d in CURVE_POINTS))
             print(f"| {name} | {s[mean_key]:.2f} ± {s[f'{mean_key}_std']:.2f}{unit} | "
                   f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}%{share} | {per_seed} | {epochs}{curve} |")
     print(f"\n({time.perf_counter() - start:.0f} s)")
