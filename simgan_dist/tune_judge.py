@@ -3,11 +3,11 @@
 The objective (realism + drift) is cheap enough for every evaluation: it picks each trial's checkpoint
 and stops lagging trials at rungs. It does not rank finished trials like the downstream gaze error
 (Spearman 0.37 over 10 trials); the spread of a gaze estimator trained on a trial's refined eyes does
-(bench/RESULTS.md, issue 23 6.), but it fits an estimator, so it runs once per completed trial, after the
+(bench/RESULTS.md, issue 23 6b.), but it fits an estimator, so it runs once per completed trial, after the
 trials, as Ray tasks (a GPU each on a GPU cluster). All trials are judged with the sweep's seed: the
 estimator's initialisation is the same for every candidate. Trials stopped at a rung or failed are not
-judged and rank after the judged ones, by objective; hand depth maps (no validated judge yet) and eyes
-without gaze labels rank by objective alone.
+judged and rank after the judged ones, by objective, and so does a trial whose judging failed (a warning
+says why); hand depth maps (no validated judge yet) and eyes without gaze labels rank by objective alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from simgan_dist.config import Config
-from simgan_dist.console import say
+from simgan_dist.console import failure_line, say
 
 JUDGE_KEYS = ("spread", "spread_ratio")
 JUDGED = "spread_ratio"  # the judge's score: the estimator's scatter on real eyes over its scatter on its own
@@ -69,7 +69,12 @@ def judge_trials(cfg: Config, rows: list[dict[str, Any]]) -> None:
     shared = ray.put(cfg)  # the storage credentials travel in the object store, as the trials' do
     refs = [remote.remote(shared, row["checkpoint"], threads) for row in todo]
     for row, ref in zip(todo, refs, strict=True):
-        scores = ray.get(ref)
+        try:
+            scores = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the trials' results stand: this one ranks by objective
+            say(f"tune: warning: trial {row['trial']} could not be judged ({failure_line(exc)[:200]}); it ranks "
+                f"after the judged trials, by objective")
+            continue
         row.update({key: scores[key] for key in JUDGE_KEYS})
         say(f"tune: trial {row['trial']}: spread {scores['spread']:.2f}° on real eyes, "
             f"{scores['spread_ratio']:.3f} of its own ({scores['spread_s']:.0f} s)")

@@ -166,3 +166,21 @@ def test_judged_trials_rank_first_by_their_spread_ratio_then_the_rest_by_objecti
             {"trial": "d", "objective": nan, "spread_ratio": nan},
             {"trial": "e", "objective": 0.3}]
     assert [r["trial"] for r in sorted(rows, key=rank_key)] == ["b", "a", "c", "e", "d"]
+
+
+@pytest.mark.slow
+def test_a_trial_that_cannot_be_judged_keeps_its_row_and_says_why(ray_local, tmp_path, capsys):
+    """The judge runs after every trial has finished: one failing (here its checkpoint is gone) must not
+    lose the sweep's results; that trial ranks by objective, after the judged ones."""
+    from simgan_dist.tune_judge import judge_trials
+
+    simulate_dataset(str(tmp_path / "data"), synthetic=32, real=40, real_test=0, seed=3, rows_per_shard=40)
+    cfg = load_config("tiny", overrides=[f"data.synthetic={tmp_path / 'data' / 'synthetic'}",
+                                         f"data.real={tmp_path / 'data' / 'real'}", "data.real_val_fraction=0.5"])
+    rows = [{"trial": "gone", "stop": "completed", "checkpoint": str(tmp_path / "no-such-checkpoint"),
+             "objective": 0.4},
+            {"trial": "stopped", "stop": "stopped at a rung", "checkpoint": "", "objective": 0.3}]
+    judge_trials(cfg, rows)
+    assert all(math.isnan(r["spread_ratio"]) and math.isnan(r["spread"]) for r in rows)
+    out = capsys.readouterr().out
+    assert "trial gone could not be judged" in out and "no-such-checkpoint" in out, out

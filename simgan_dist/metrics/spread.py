@@ -10,7 +10,7 @@ scatter little without being right: an estimator that could not learn from the r
 predicts nearly the same gaze everywhere, on real eyes and on its training eyes alike.
 
 It ranks refiners like the downstream gaze error where the realism term does not (bench/RESULTS.md,
-issue 23 6.), but costs one estimator fit (~10 CPU-seconds, well under one on a GPU): the sweep
+issue 23 6b.), but costs one estimator fit (~10 CPU-seconds, well under one on a GPU): the sweep
 scores each trial's chosen checkpoint once, not every evaluation. Pure numpy/torch, no Ray.
 """
 
