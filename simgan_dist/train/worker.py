@@ -340,9 +340,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     synthetic.close()
     real.close()
     history.close()
+    tracker.close()  # first: its queued image uploads read files in the sink's local folder, removed by sink.close
     if sink:
         sink.close()
-    tracker.close()
     console.close()
 
 
