@@ -357,6 +357,10 @@ def _row(result, cfg: Config) -> dict[str, Any]:
     return row
 
 
+def _missing(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """results.csv, results.md, best_config.yaml and best_checkpoint.txt under the sweep folder."""
     from simgan_dist.data import storage
@@ -367,11 +371,12 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
     text = io.StringIO()
     writer = csv.DictWriter(text, columns)
     writer.writeheader()
-    writer.writerows(rows)
+    # a score a trial lacks is an empty cell, the null that pandas, pyarrow, DuckDB and Spark read by default
+    writer.writerows([{c: "" if _missing(r[c]) else r[c] for c in columns} for r in rows])
     storage.write_bytes_atomic(storage.join(folder, "results.csv"), text.getvalue().encode(), cfg.storage)
 
     def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+        return "–" if _missing(value) else f"{value:.4g}" if isinstance(value, float) else str(value)
 
     lines = [f"# Sweep {cfg.tune.name}", "", "Completed eye trials ranked by spread_ratio (lower = better: a gaze "
              "estimator trained on the trial's refined eyes, its scatter on held-out real eyes over its scatter on its "
