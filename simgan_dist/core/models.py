@@ -148,7 +148,9 @@ class SmallGazeNet(nn.Module):
 
     Each image is standardised to zero mean and unit variance first (global brightness and
     contrast carry no gaze), then conv3x3 16, pool, conv3x3 32, pool, conv3x3 64, adaptive
-    pool to 2x3, FC 64, FC 3. `bench/quality.py` checks it ranks training sets like GazeNet.
+    pool to 2x3, FC 64, FC 3. Its synthetic-to-real gap is larger than GazeNet's, and so are the gains it
+    measures: both rank the appearance oracle above synthetic, but the demo's refined eyes gain under it and
+    not under GazeNet (`bench/quality.py`, bench/RESULTS.md issue 23 7.).
     """
 
     def __init__(self, channels_in: int = 1, height: int = 35, width: int = 55):
