@@ -363,7 +363,7 @@ def test_refine_with_a_node_lost_mid_job_is_exact(cluster, corpora, tmp_path):
 
 
 # What `ray job submit ... jobs/tune.py` runs (README, "Try the cluster path on one machine"), here
-# joining the multi-node cluster (its grid cut to one trial: the loss concerns one; a second only adds run time).
+# joining the multi-node cluster (its grid cut to one trial: a second adds a minute and nothing the loss tests).
 TUNE_SMOKE = ("jobs/tune.py", "--config", "jobs/configs/tune-smoke.yaml")
 
 
@@ -381,14 +381,14 @@ def test_a_sweep_whose_nodes_are_lost_resumes_the_trial_from_its_checkpoint(clus
                    "--set", "train.eval_every=6", "--set", "tune.grace_steps=24", "--set", "tune.k_g=[1]",
                    script=TUNE_SMOKE[0])
 
-    def trial_checkpoint():
+    def first_trial_checkpoint():
         runs = {key.split("/")[3] for key in _keys(bucket, f"{sweep}/runs/") if key.count("/") >= 4}
         for run in runs:
             if registered_checkpoints(bucket, f"{sweep}/runs/{run}"):
                 return run, freeze(node_processes(cluster, "ray::RayTrainWorker"))
         return None
 
-    run, frozen = wait_for(trial_checkpoint, proc, what="trial checkpoint")
+    run, frozen = wait_for(first_trial_checkpoint, proc, what="trial checkpoint")
     lose_nodes(cluster, frozen, lost=[0, 1], replacements=2)
     # what the checkpoints registered by the loss hold (one more may have come before the freeze)
     saved = dict(saved_state(bucket, c, f"{sweep}/runs/{run}") for c in registered_checkpoints(
