@@ -19,8 +19,7 @@ sweep resumes it with `Tuner.restore`, finished trials are not rerun), each tria
 run in `runs/<trial>/`, and the sweep's results:
 
     _rungs.json                the rung book: each trial's objective at each rung and the verdicts
-    results.csv / results.md   one row per trial, best first (`tune_results.py`): parameters, spread judge, objective,
-                               realism, drift, stop
+    results.csv / results.md   one row per trial, best first: parameters, spread judge, objective, realism, drift, stop
     best_config.yaml           the winner's config: `simgan-dist train --config best_config.yaml`
     best_checkpoint.txt        the winner's best checkpoint (`refine --checkpoint` takes the sweep folder)
 
@@ -33,16 +32,19 @@ credentials on to its workers (`share_env`).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import math
 import os
 import time
 from typing import Any
 
 from simgan_dist.config import Config, config_from_dict, load_config
-from simgan_dist.console import say, verbose
+from simgan_dist.console import failure_line, say, verbose
 from simgan_dist.errors import UserError
+from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
 from simgan_dist.train import rungs
-from simgan_dist.tune_judge import judge_trials, rank_key
+from simgan_dist.tune_judge import JUDGE_KEYS, judge_trials, rank_key
 from simgan_dist.tune_progress import sweep_progress
 
 PARAMS = ("k_g", "lr", "lambda_reg")
@@ -243,16 +245,16 @@ def _check(cfg: Config) -> None:
     for key in ("synthetic", "real"):
         if not getattr(cfg.data, key):
             raise TuneError(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
-    if cfg.tune.grace_steps > total_steps(cfg):
+    if cfg.tune.grace_steps > _total_steps(cfg):
         raise TuneError(f"tune.grace_steps={cfg.tune.grace_steps} is longer than a trial "
-                        f"({total_steps(cfg)} steps): lower it or raise train.iterations")
+                        f"({_total_steps(cfg)} steps): lower it or raise train.iterations")
 
 
-def total_steps(cfg: Config) -> int:
+def _total_steps(cfg: Config) -> int:
     return cfg.train.pretrain_refiner_steps + cfg.train.pretrain_disc_steps + cfg.train.iterations
 
 
-def redacted(cfg: Config) -> Config:
+def _redacted(cfg: Config) -> Config:
     """A copy without the storage secrets (SECRET_KEYS): what may be written or handed to Tune."""
     return config_from_dict(cfg.to_dict())
 
@@ -286,7 +288,7 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     filesystem, storage_path = storage.resolve(cfg.tune.output, cfg.storage)
     if not storage.is_s3(cfg.tune.output):
         filesystem = None
-    base = redacted(cfg).to_dict()
+    base = _redacted(cfg).to_dict()
     # The trial only drives its worker group, which holds the CPUs/GPUs. Credentials go by
     # reference through the object store, not in the (written) param space.
     trainable = tune.with_resources(
@@ -325,6 +327,75 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     )
 
 
+def _row(result, cfg: Config) -> dict[str, Any]:
+    """One trial's line of the results table, with its best scored checkpoint."""
+    params = {key: result.config[key] for key in PARAMS}
+    trial_id = os.path.basename(result.path).split("_")[-3] if result.path else ""
+    history = result.metrics_dataframe
+    row: dict[str, Any] = {"trial": result.metrics.get("trial_id", trial_id), **params}
+    scored = history[history["objective"].notna()] if history is not None and "objective" in history else None
+    if scored is not None and len(scored):
+        best = scored.loc[scored["objective"].idxmin()]
+        row.update({key: float(best[key]) for key in SCORE_KEYS}, best_step=int(best["step"]),
+                   last_step=int(scored["step"].max()))
+    else:
+        row.update({key: math.nan for key in SCORE_KEYS}, best_step=-1, last_step=-1)
+    if result.error:
+        row["stop"] = f"failed: {failure_line(result.error)[:160]}"
+    elif row["last_step"] < _total_steps(apply_params(cfg, params)):
+        row["stop"] = "stopped at a rung"
+    else:
+        row["stop"] = "completed"
+    run = trial_config(cfg.to_dict(), params, row["trial"])
+    from simgan_dist.data import storage
+
+    found = best_checkpoint(storage.join(run.train.storage_path, run.train.name), cfg.storage) \
+        if not math.isnan(row["objective"]) else None
+    row["checkpoint"] = found[0] if found else ""
+    if found:  # the trial's scores are those of the checkpoint refine would take (objective.choose)
+        row.update({key: float(found[1][key]) for key in SCORE_KEYS if key in found[1]}, best_step=found[1]["step"])
+    return row
+
+
+def _missing(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """results.csv, results.md, best_config.yaml and best_checkpoint.txt under the sweep folder."""
+    from simgan_dist.data import storage
+
+    folder = sweep_folder(cfg)
+    rows = sorted(rows, key=rank_key)
+    columns = ["trial", *PARAMS, *JUDGE_KEYS, *SCORE_KEYS, "best_step", "last_step", "stop", "checkpoint"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    # a score a trial lacks is an empty cell, the null that pandas, pyarrow, DuckDB and Spark read by default
+    writer.writerows([{c: "" if _missing(r[c]) else r[c] for c in columns} for r in rows])
+    storage.write_bytes_atomic(storage.join(folder, "results.csv"), text.getvalue().encode(), cfg.storage)
+
+    def cell(value: Any) -> str:
+        return "–" if _missing(value) else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [f"# Sweep {cfg.tune.name}", "", "Completed eye trials ranked by spread_ratio (lower = better: a gaze "
+             "estimator trained on the trial's refined eyes, its scatter on held-out real eyes over its scatter on its "
+             "own; simgan_dist/tune_judge.py), then the rest by the label-free objective (lower = better; realism / "
+             "realism(synthetic) + drift beyond the tolerance, simgan_dist/metrics/objective.py).", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    storage.write_bytes_atomic(storage.join(folder, "results.md"), ("\n".join(lines) + "\n").encode(), cfg.storage)
+    best = next((r for r in rows if r["checkpoint"]), None)
+    if best is None:
+        return None
+    winner = _redacted(apply_params(cfg, best))
+    winner.train.name = f"{cfg.tune.name}-best"
+    storage.write_bytes_atomic(storage.join(folder, "best_config.yaml"), winner.to_yaml().encode(), cfg.storage)
+    storage.write_bytes_atomic(storage.join(folder, BEST_CHECKPOINT_FILE), (best["checkpoint"] + "\n").encode(),
+                               cfg.storage)
+    return best
+
+
 def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run (or resume) the sweep; returns the table's rows and the winning row."""
     import ray
@@ -332,7 +403,6 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     from simgan_dist import console, ray_cluster, tracking
     from simgan_dist.data import storage
     from simgan_dist.train import resources
-    from simgan_dist.tune_results import result_row, write_results
 
     _check(cfg)
     # Trial processes run in their trial folders: local paths must not depend on this one's.
@@ -362,7 +432,7 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             resources.clear_resource_request()
             ray.kill(book)  # its state is in the sweep folder
         ray_cluster.remove_orphaned_placement_groups()  # a trial that failed last: its process is gone now
-        rows = [result_row(result, cfg) for result in grid]
+        rows = [_row(result, cfg) for result in grid]
         judge_trials(cfg, rows)
         best = write_results(cfg, rows)
         tracking.log_sweep_results(parent, folder, rows, best, cfg.storage)

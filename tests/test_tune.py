@@ -141,7 +141,7 @@ def test_a_sweep_too_wide_for_the_cluster_fails_before_its_first_trial(monkeypat
 
 
 def test_a_failed_trial_is_summed_up_by_its_exception_line():
-    from simgan_dist.console import failure_line
+    from simgan_dist.tune import failure_line
 
     error = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, repr=run_trial)\n  File \"x.py\", line 3\n"
                          "TypeError: run_trial() missing 1 required positional argument: 'base'\n")
