@@ -32,22 +32,20 @@ credentials on to its workers (`share_env`).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import time
 from typing import Any
 
 from simgan_dist.config import Config, config_from_dict, load_config
-from simgan_dist.console import failure_line, say, verbose
+from simgan_dist.console import say, verbose
 from simgan_dist.errors import UserError
-from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
 from simgan_dist.train import rungs
-from simgan_dist.tune_judge import JUDGE_KEYS, judge_trials, rank_key
+from simgan_dist.tune_judge import judge_trials, rank_key
 from simgan_dist.tune_progress import sweep_progress
+from simgan_dist.tune_results import trial_row, write_results
+from simgan_dist.tune_space import redacted, search_space, sweep_folder, total_steps, trial_config, trial_count
 
-PARAMS = ("k_g", "lr", "lambda_reg")
 # What a trial's own process holds: it only drives its worker group (Tune refuses an empty request).
 TRIAL_CPUS = 0.01
 ORPHAN_CHECK_S = 5.0  # how often the driver looks for a stopped trial's placement group
@@ -55,59 +53,6 @@ ORPHAN_CHECK_S = 5.0  # how often the driver looks for a stopped trial's placeme
 
 class TuneError(UserError, ValueError):
     """A sweep that cannot run as configured; the message names the key."""
-
-
-def search_space(cfg: Config) -> dict[str, Any]:
-    """tune.k_g / tune.lr / tune.lambda_reg → Tune domains: a list is a choice (every value, with
-    `tune.search: grid`), {min, max} log-uniform."""
-    from ray import tune
-
-    space = {}
-    for key in PARAMS:
-        value = getattr(cfg.tune, key)
-        if isinstance(value, list):
-            space[key] = tune.grid_search(value) if cfg.tune.search == "grid" else tune.choice(value)
-        elif key == "k_g":
-            space[key] = tune.lograndint(int(value["min"]), int(value["max"]) + 1)  # upper bound exclusive
-        else:
-            space[key] = tune.loguniform(value["min"], value["max"])
-    return space
-
-
-def trial_count(cfg: Config) -> int:
-    """How many trials the sweep runs: num_samples, times every combination of the lists with `search: grid`."""
-    if cfg.tune.search != "grid":
-        return cfg.tune.num_samples
-    return cfg.tune.num_samples * math.prod(len(v) for v in (getattr(cfg.tune, k) for k in PARAMS)
-                                            if isinstance(v, list))
-
-
-def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
-    """A copy of `cfg` (secrets redacted) with a trial's K_g, lr and λ; D's learning rate keeps its ratio to R's."""
-    out = config_from_dict(cfg.to_dict())
-    out.train.k_g = int(params["k_g"])
-    lr_disc = getattr(out.train, "lr_disc", None)
-    if lr_disc:
-        out.train.lr_disc = lr_disc * float(params["lr"]) / out.train.lr
-    out.train.lr = float(params["lr"])
-    out.loss.lambda_reg = float(params["lambda_reg"])
-    return out
-
-
-def sweep_folder(cfg: Config) -> str:
-    from simgan_dist.data import storage
-
-    return storage.join(cfg.tune.output, cfg.tune.name)
-
-
-def trial_config(base: dict[str, Any], params: dict[str, Any], trial_id: str) -> Config:
-    """The training config of one trial: its own run name (hence its own history actors) in the sweep."""
-    from simgan_dist.data import storage
-
-    cfg = apply_params(config_from_dict(base), params)
-    cfg.train.name = f"{cfg.tune.name}-{trial_id}"
-    cfg.train.storage_path = storage.join(sweep_folder(cfg), "runs")
-    return cfg
 
 
 def _scored_report_callback():
@@ -245,18 +190,9 @@ def _check(cfg: Config) -> None:
     for key in ("synthetic", "real"):
         if not getattr(cfg.data, key):
             raise TuneError(f"data.{key} is not set: pass --set data.{key}=URI (made by simulate or ingest)")
-    if cfg.tune.grace_steps > _total_steps(cfg):
+    if cfg.tune.grace_steps > total_steps(cfg):
         raise TuneError(f"tune.grace_steps={cfg.tune.grace_steps} is longer than a trial "
-                        f"({_total_steps(cfg)} steps): lower it or raise train.iterations")
-
-
-def _total_steps(cfg: Config) -> int:
-    return cfg.train.pretrain_refiner_steps + cfg.train.pretrain_disc_steps + cfg.train.iterations
-
-
-def _redacted(cfg: Config) -> Config:
-    """A copy without the storage secrets (SECRET_KEYS): what may be written or handed to Tune."""
-    return config_from_dict(cfg.to_dict())
+                        f"({total_steps(cfg)} steps): lower it or raise train.iterations")
 
 
 def trial_failure_config(cfg: Config):
@@ -288,7 +224,7 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     filesystem, storage_path = storage.resolve(cfg.tune.output, cfg.storage)
     if not storage.is_s3(cfg.tune.output):
         filesystem = None
-    base = _redacted(cfg).to_dict()
+    base = redacted(cfg).to_dict()
     # The trial only drives its worker group, which holds the CPUs/GPUs. Credentials go by
     # reference through the object store, not in the (written) param space.
     trainable = tune.with_resources(
@@ -327,75 +263,6 @@ def make_tuner(cfg: Config, concurrency: int, worker_resources: dict[str, float]
     )
 
 
-def _row(result, cfg: Config) -> dict[str, Any]:
-    """One trial's line of the results table, with its best scored checkpoint."""
-    params = {key: result.config[key] for key in PARAMS}
-    trial_id = os.path.basename(result.path).split("_")[-3] if result.path else ""
-    history = result.metrics_dataframe
-    row: dict[str, Any] = {"trial": result.metrics.get("trial_id", trial_id), **params}
-    scored = history[history["objective"].notna()] if history is not None and "objective" in history else None
-    if scored is not None and len(scored):
-        best = scored.loc[scored["objective"].idxmin()]
-        row.update({key: float(best[key]) for key in SCORE_KEYS}, best_step=int(best["step"]),
-                   last_step=int(scored["step"].max()))
-    else:
-        row.update({key: math.nan for key in SCORE_KEYS}, best_step=-1, last_step=-1)
-    if result.error:
-        row["stop"] = f"failed: {failure_line(result.error)[:160]}"
-    elif row["last_step"] < _total_steps(apply_params(cfg, params)):
-        row["stop"] = "stopped at a rung"
-    else:
-        row["stop"] = "completed"
-    run = trial_config(cfg.to_dict(), params, row["trial"])
-    from simgan_dist.data import storage
-
-    found = best_checkpoint(storage.join(run.train.storage_path, run.train.name), cfg.storage) \
-        if not math.isnan(row["objective"]) else None
-    row["checkpoint"] = found[0] if found else ""
-    if found:  # the trial's scores are those of the checkpoint refine would take (objective.choose)
-        row.update({key: float(found[1][key]) for key in SCORE_KEYS if key in found[1]}, best_step=found[1]["step"])
-    return row
-
-
-def _missing(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """results.csv, results.md, best_config.yaml and best_checkpoint.txt under the sweep folder."""
-    from simgan_dist.data import storage
-
-    folder = sweep_folder(cfg)
-    rows = sorted(rows, key=rank_key)
-    columns = ["trial", *PARAMS, *JUDGE_KEYS, *SCORE_KEYS, "best_step", "last_step", "stop", "checkpoint"]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns)
-    writer.writeheader()
-    # a score a trial lacks is an empty cell, the null that pandas, pyarrow, DuckDB and Spark read by default
-    writer.writerows([{c: "" if _missing(r[c]) else r[c] for c in columns} for r in rows])
-    storage.write_bytes_atomic(storage.join(folder, "results.csv"), text.getvalue().encode(), cfg.storage)
-
-    def cell(value: Any) -> str:
-        return "–" if _missing(value) else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = [f"# Sweep {cfg.tune.name}", "", "Completed eye trials ranked by spread_ratio (lower = better: a gaze "
-             "estimator trained on the trial's refined eyes, its scatter on held-out real eyes over its scatter on its "
-             "own; simgan_dist/tune_judge.py), then the rest by the label-free objective (lower = better; realism / "
-             "realism(synthetic) + drift beyond the tolerance, simgan_dist/metrics/objective.py).", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    storage.write_bytes_atomic(storage.join(folder, "results.md"), ("\n".join(lines) + "\n").encode(), cfg.storage)
-    best = next((r for r in rows if r["checkpoint"]), None)
-    if best is None:
-        return None
-    winner = _redacted(apply_params(cfg, best))
-    winner.train.name = f"{cfg.tune.name}-best"
-    storage.write_bytes_atomic(storage.join(folder, "best_config.yaml"), winner.to_yaml().encode(), cfg.storage)
-    storage.write_bytes_atomic(storage.join(folder, BEST_CHECKPOINT_FILE), (best["checkpoint"] + "\n").encode(),
-                               cfg.storage)
-    return best
-
-
 def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run (or resume) the sweep; returns the table's rows and the winning row."""
     import ray
@@ -432,7 +299,7 @@ def sweep(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             resources.clear_resource_request()
             ray.kill(book)  # its state is in the sweep folder
         ray_cluster.remove_orphaned_placement_groups()  # a trial that failed last: its process is gone now
-        rows = [_row(result, cfg) for result in grid]
+        rows = [trial_row(result, cfg) for result in grid]
         judge_trials(cfg, rows)
         best = write_results(cfg, rows)
         tracking.log_sweep_results(parent, folder, rows, best, cfg.storage)

@@ -12,7 +12,8 @@ from simgan_dist.config import load_config
 from simgan_dist.data.simulate import simulate_dataset
 from simgan_dist.train.driver import history_run_id
 from simgan_dist.train.local import train_local
-from simgan_dist.tune import TuneError, default_concurrency, sweep, sweep_resources, trial_config
+from simgan_dist.tune import TuneError, default_concurrency, sweep, sweep_resources
+from simgan_dist.tune_space import trial_config, trial_count
 
 
 def _trial_reports(folder) -> dict[str, int]:
@@ -141,7 +142,7 @@ def test_a_sweep_too_wide_for_the_cluster_fails_before_its_first_trial(monkeypat
 
 
 def test_a_failed_trial_is_summed_up_by_its_exception_line():
-    from simgan_dist.tune import failure_line
+    from simgan_dist.console import failure_line
 
     error = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, repr=run_trial)\n  File \"x.py\", line 3\n"
                          "TypeError: run_trial() missing 1 required positional argument: 'base'\n")
@@ -150,8 +151,6 @@ def test_a_failed_trial_is_summed_up_by_its_exception_line():
 
 
 def test_trial_count_multiplies_grid_lists():
-    from simgan_dist.tune import trial_count
-
     grid = load_config("tiny", overrides=["tune.search=grid", "tune.num_samples=2", "tune.k_g=[1, 2]",
                                           "tune.lr=[1.0e-3]", "tune.lambda_reg={min: 1.0e-4, max: 1.0e-2}"])
     assert trial_count(grid) == 4
