@@ -77,8 +77,7 @@ class StorageConfig:
     session_token: str = ""
 
 
-# Never written anywhere (config.yaml of checkpoints, Tune results, reports, logs): the
-# serialised forms carry "" (= "use the environment") and workers get them as AWS_* variables.
+# Never written (checkpoints, Tune results, reports, logs): serialised as "" (= the AWS_* environment).
 SECRET_KEYS = ("storage.access_key_id", "storage.secret_access_key", "storage.session_token")
 
 
@@ -97,8 +96,10 @@ class TrainConfig:
     lr_disc: float = 0.0
     # > 0: refine with an exponential moving average of R's weights (decay per R step).
     ema_decay: float = 0.0
-    # Std of Gaussian instance noise on D's inputs (model units), fading to 0 over the iterations.
+    # Std of Gaussian instance noise on D's inputs (model units): it hides fine texture and sensor noise,
+    # so R need not paint ripples to fake them. It fades linearly to 0 unless disc_noise_fade is false.
     disc_noise: float = 0.0
+    disc_noise_fade: bool = True
     k_g: int = 50
     k_d: int = 1
     pretrain_refiner_steps: int = 1000

@@ -146,7 +146,7 @@ class SimGAN:
     def __init__(self, refiner: Updater, disc: Updater, loss: RefinerLoss, history: History,
                  schedule: Schedule, next_synthetic: Batch, next_real: Batch,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 ema: EmaWeights | None = None, disc_noise: float = 0.0):
+                 ema: EmaWeights | None = None, disc_noise: float = 0.0, disc_noise_fade: bool = True):
         self.refiner = refiner
         self.disc = disc
         self.loss = loss
@@ -157,6 +157,7 @@ class SimGAN:
         self.autocast = autocast
         self.ema = ema
         self.disc_noise = disc_noise
+        self.disc_noise_fade = disc_noise_fade
         self.refiner_pretrain_done = 0
         self.disc_pretrain_done = 0
         self.iterations_done = 0
@@ -175,10 +176,13 @@ class SimGAN:
         return {"refiner/reg_loss": reg.detach()}
 
     def _noisy(self, images: torch.Tensor) -> torch.Tensor:
-        """D's input with instance noise (std `disc_noise`, fading linearly to 0 over the iterations)."""
+        """D's input with instance noise: std `disc_noise`, fading linearly to 0 over the iterations
+        with `disc_noise_fade`."""
         if not self.disc_noise:
             return images
-        std = self.disc_noise * max(0.0, 1.0 - self.iterations_done / max(1, self.schedule.iterations))
+        std = self.disc_noise
+        if self.disc_noise_fade:
+            std *= max(0.0, 1.0 - self.iterations_done / max(1, self.schedule.iterations))
         return images + std * torch.randn_like(images)
 
     def refiner_step(self) -> Metrics:

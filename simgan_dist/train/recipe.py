@@ -116,7 +116,8 @@ def build_simgan(cfg: Config, refiner: Updater, disc: Updater, history: History,
                  next_real: Batch, precision: Precision, ema: EmaWeights | None) -> SimGAN:
     """Algorithm 1 over the trainer's updaters, history buffer and batches."""
     return SimGAN(refiner, disc, RefinerLoss(cfg.loss), history, make_schedule(cfg.train), next_synthetic,
-                  next_real, precision.autocast, ema=ema, disc_noise=cfg.train.disc_noise)
+                  next_real, precision.autocast, ema=ema, disc_noise=cfg.train.disc_noise,
+                  disc_noise_fade=cfg.train.disc_noise_fade)
 
 
 def refining(algo: SimGAN) -> nn.Module:

@@ -160,13 +160,15 @@ def test_ema_copies_r_in_pretraining_then_averages():
     assert not any(p.requires_grad for p in algo.ema.module.parameters())
 
 
-def test_disc_instance_noise_fades_over_the_iterations():
+def test_disc_instance_noise_fades_over_the_iterations_unless_told_to_stay():
     algo, *_ = make_simgan(Schedule(0, 0, 4, k_g=1, k_d=1))
     algo.disc_noise = 0.2
     x = torch.zeros(512, 1, 35, 55)
     assert algo._noisy(x).std().item() == pytest.approx(0.2, rel=0.05)
     algo.iterations_done = 3
     assert algo._noisy(x).std().item() == pytest.approx(0.05, rel=0.05)
+    algo.disc_noise_fade = False  # the recipe's: D never sees the fine texture R would have to fake
+    assert algo._noisy(x).std().item() == pytest.approx(0.2, rel=0.05)
     algo.disc_noise = 0.0
     assert algo._noisy(x) is x
 
