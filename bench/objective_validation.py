@@ -49,8 +49,8 @@ from simgan_dist.metrics.estimators import TASKS
 from simgan_dist.metrics.objective import Evaluator, choose
 from simgan_dist.train.checkpoint import load_refiner
 from simgan_dist.train.local import train_local
-from simgan_dist.tune_space import apply_params
 from simgan_dist.tune_judge import judge_checkpoint
+from simgan_dist.tune_space import apply_params
 
 # Spread over each demo recipe's space, around its own setting; fixed order.
 TRIALS = {
