@@ -167,7 +167,7 @@ def test_disc_instance_noise_fades_over_the_iterations_unless_told_to_stay():
     assert algo._noisy(x).std().item() == pytest.approx(0.2, rel=0.05)
     algo.iterations_done = 3
     assert algo._noisy(x).std().item() == pytest.approx(0.05, rel=0.05)
-    algo.disc_noise_fade = False  # the recipe's: D never sees the fine texture R would have to fake
+    algo.disc_noise_fade = False  # kept: D never sees the fine texture R would otherwise fake
     assert algo._noisy(x).std().item() == pytest.approx(0.2, rel=0.05)
     algo.disc_noise = 0.0
     assert algo._noisy(x) is x
