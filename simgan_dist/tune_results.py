@@ -16,7 +16,7 @@ from simgan_dist.config import Config
 from simgan_dist.console import failure_line
 from simgan_dist.metrics.objective import BEST_CHECKPOINT_FILE, SCORE_KEYS, best_checkpoint
 from simgan_dist.tune_judge import JUDGE_KEYS, rank_key
-from simgan_dist.tune_space import PARAMS, apply_params, redacted, sweep_folder, total_steps, trial_config
+from simgan_dist.tune_space import PARAMS, apply_params, sweep_folder, total_steps, trial_config
 
 
 def trial_row(result, cfg: Config) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def write_results(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | N
     best = next((r for r in rows if r["checkpoint"]), None)
     if best is None:
         return None
-    winner = redacted(apply_params(cfg, best))
+    winner = apply_params(cfg, best)  # a redacted copy
     winner.train.name = f"{cfg.tune.name}-best"
     storage.write_bytes_atomic(storage.join(folder, "best_config.yaml"), winner.to_yaml().encode(), cfg.storage)
     storage.write_bytes_atomic(storage.join(folder, BEST_CHECKPOINT_FILE), (best["checkpoint"] + "\n").encode(),
